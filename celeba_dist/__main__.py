@@ -1,0 +1,3 @@
+from celeba_dist.cli import main
+
+raise SystemExit(main())
