@@ -1,0 +1,117 @@
+"""Checkpoints that survive kills: one self-contained file each, written atomically.
+
+A checkpoint holds the model, optimizer, scheduler and grad-scaler states, the RNG states of
+every rank, the training position (epoch, global step, batches done in the epoch), the best
+validation result so far and the resolved config. Rank 0 writes it to a temporary name, flushes
+it to disk and renames it: a kill at any moment leaves either the old set of checkpoints or the
+new one, never half a file under a checkpoint's name. ``best.pt`` is a hard link to the best
+step's file (or a copy where links are not supported).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+STEP_RE = re.compile(r"^step-(\d{9})\.pt$")
+BEST = "best.pt"
+
+
+def step_path(ckpt_dir: Path, step: int) -> Path:
+    return ckpt_dir / f"step-{step:09d}.pt"
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Step checkpoints, newest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := STEP_RE.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def link_best(ckpt_dir: Path, source: Path) -> None:
+    """Point best.pt at ``source`` atomically (hard link, or a copy where links fail)."""
+    tmp = ckpt_dir / f".{BEST}.tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, ckpt_dir / BEST)
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` step checkpoints (best.pt is a separate link)."""
+    for old in list_checkpoints(ckpt_dir)[max(1, keep_last):]:
+        old.unlink(missing_ok=True)
+        log.debug("removed old checkpoint %s", old)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint file on the CPU; raises with the file name when it is unreadable."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise RuntimeError(f"checkpoint {path} is unreadable (truncated or corrupt?): {exc}") from exc
+    missing = {"model", "state", "config"} - set(ckpt)
+    if missing:
+        raise RuntimeError(f"checkpoint {path} lacks {sorted(missing)}")
+    return ckpt
+
+
+def load_newest_valid(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest step checkpoint that loads; broken ones are reported and skipped."""
+    for path in list_checkpoints(ckpt_dir):
+        try:
+            return path, load_checkpoint(path)
+        except RuntimeError as exc:
+            log.error("%s; falling back to the previous checkpoint", exc)
+    return None

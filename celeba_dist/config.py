@@ -1,0 +1,415 @@
+"""Typed, validated configuration: defaults ← recipe ← command line, merged in one place.
+
+``recipes/default.yaml`` holds every key with its default. A recipe (a shipped
+``recipes/NAME.yaml`` or any YAML file) holds only what it changes; ``--set a.b=v``
+overrides come last. :func:`load_config` merges the three, rejects unknown keys and wrong
+types with a message that names the key and lists the valid choices, and returns a frozen
+:class:`Config`. Runtime state (rank, device, step) never lives here.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and the valid choices."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "shards"
+    attributes: Any = "all"  # "all", "drawn", or a list of names
+    batch_size: int = 64  # per process
+    eval_batch_size: int = 0  # 0: same as batch_size
+    num_workers: int = 2
+    transform: str = "crop178_resize"
+    image_size: tuple[int, int] = (64, 64)  # (H, W) fed to the model
+    normalize: str = "unit"  # unit (x/255) | imagenet
+    shuffle_buffer: int = 1000
+    train_subset: int = 0  # 0: every training sample; N: a fixed subset of N samples
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "simple_cnn"
+    pretrained: str = "none"  # "none", "imagenet" or a path to a weights file
+    options: dict = field(default_factory=dict)  # the model's own keys, written as model.<key>
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str = "bce"  # bce | mse_pm1
+    pos_weight: bool = False  # BCE positive weights from the manifest's training positive rates
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass(frozen=True)
+class SchedConfig:
+    name: str = "constant"  # constant | step | cosine | onecycle | cyclic
+    warmup_steps: int = 0
+    step_size_epochs: int = 10  # step: decay every N epochs
+    gamma: float = 0.1
+    min_lr: float = 0.0  # cosine floor
+    base_lr: float = 1e-4  # cyclic: lower bound; optim.lr is the upper bound
+    cycle_epochs: float = 2.0  # cyclic: a full up-and-down cycle, in epochs
+    cyclic_mode: str = "triangular"
+    pct_start: float = 0.3  # onecycle
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    max_steps: int = 0  # 0: no limit; N: stop after N optimizer steps (smoke runs)
+    precision: str = "no"  # bf16 | fp16 | no
+    seed: int = 0
+    deterministic: bool = False
+    grad_accum_steps: int = 1
+    clip_grad_norm: float = 0.0  # 0: no clipping
+    channels_last: bool = False
+    compile: bool = False
+    log_every_steps: int = 50
+    sync_every_steps: int = 10  # how often ranks agree on stop requests and a finite loss
+    checkpoint_every_steps: int = 500  # 0: only at epoch ends
+    keep_last: int = 2
+    select_metric: str = "accuracy"  # mean validation metric that picks the best epoch
+    tune_thresholds: bool = False  # per-attribute thresholds tuned on val, applied to test
+    eval_splits: tuple[str, ...] = ("val", "test")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    image_grid_size: int = 16  # validation images drawn with their labels each epoch; 0: none
+    progress_bar: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = ""  # "": runs/<name>
+    name: str = "run"
+    resume: str = "auto"  # auto | none | path to a checkpoint folder
+    max_requeues: int = 3  # SLURM: how often a preempted or timed-out job requeues itself
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+# Choices checked here, so a typo fails before any model or data is touched.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "train.precision": ("no", "bf16", "fp16"),
+    "run.resume": (),  # free-form: auto | none | path
+    "sched.cyclic_mode": ("triangular", "triangular2", "exp_range"),
+    "data.normalize": ("unit", "imagenet"),
+}
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists, recursively, so the config dumps as plain YAML."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes
+
+
+def recipes_dir() -> Path:
+    return Path(str(resources.files("celeba_dist") / "recipes"))
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml") if p.stem != "default")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def resolve_recipe(name_or_file: str) -> Path:
+    """A shipped recipe name, or a path to a YAML file."""
+    path = Path(name_or_file)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        return path
+    shipped = recipes_dir() / f"{name_or_file}.yaml"
+    if name_or_file == "default" or not shipped.is_file():
+        raise ConfigError(f"unknown recipe {name_or_file!r}; shipped recipes: {shipped_recipes()} (or pass a .yaml file)")
+    return shipped
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging and validation
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.lr=3e-4"`` → (["optim", "lr"], 3e-4). Values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override {text!r}: the key must be dotted, e.g. optim.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def _set_dotted(tree: dict[str, Any], parts: list[str], value: Any, source: str) -> None:
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: {'.'.join(parts)}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge of nested mappings; values of ``update`` win."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against a field's type hint, converting where YAML is ambiguous."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(hint):
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} does not match {hint}")
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if hint is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _build_section(name: str, cls: type, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in known:
+            if cls is ModelConfig:  # model.<key> are the model's own options, checked by the registry
+                extra[key] = value
+                continue
+            raise ConfigError(f"unknown key {name}.{key}; valid keys in {name}: {known}")
+        kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
+        choices = CHOICES.get(f"{name}.{key}")
+        if choices and kwargs[key] not in choices:
+            raise ConfigError(f"{name}.{key}: {kwargs[key]!r} is not one of {list(choices)}")
+    if cls is ModelConfig:
+        kwargs["options"] = {**kwargs.get("options", {}), **extra}
+    return cls(**kwargs)
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    """Validate a nested mapping into a :class:`Config` (every section optional)."""
+    unknown = sorted(set(tree) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; valid sections: {list(SECTIONS)}")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        values = tree.get(name) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"section {name} must be a mapping, got {values!r}")
+        sections[name] = _build_section(name, cls, values)
+    config = Config(**sections)
+    validate_choices(config)
+    return config
+
+
+def validate_choices(config: Config) -> None:
+    """Check names that live in registries (model, loss, optimizer, scheduler, transform, attributes)."""
+    from celeba_dist import losses, optim, transforms
+    from celeba_dist.attributes import resolve_attributes
+    from celeba_dist.models import list_models, model_spec
+
+    def check(key: str, value: str, valid: list[str]) -> None:
+        if value not in valid:
+            raise ConfigError(f"{key}: unknown choice {value!r}; valid: {valid}")
+
+    check("loss.name", config.loss.name, sorted(losses.LOSSES))
+    check("optim.name", config.optim.name, sorted(optim.OPTIMIZERS))
+    check("sched.name", config.sched.name, sorted(optim.SCHEDULERS))
+    check("data.transform", config.data.transform, sorted(transforms.PRESETS))
+    if not config.model.name.startswith("torchvision:"):
+        check("model.name", config.model.name, list_models() + ["torchvision:<name>"])
+    try:
+        spec = model_spec(config.model.name)
+    except ValueError as exc:
+        raise ConfigError(f"model.name: {exc}") from exc
+    unknown = sorted(set(config.model.options) - set(spec.options))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {['model.' + k for k in unknown]} for model {config.model.name}; "
+                          f"valid: {['model.' + k for k in ('name', 'pretrained', *spec.options)]}")
+    try:
+        resolve_attributes(config.data.attributes)
+    except ValueError as exc:
+        raise ConfigError(f"data.attributes: {exc}") from exc
+    for key in ("data.batch_size", "data.num_workers", "train.epochs", "train.grad_accum_steps"):
+        section, name = key.split(".")
+        minimum = 0 if name == "num_workers" else 1
+        if getattr(getattr(config, section), name) < minimum:
+            raise ConfigError(f"{key} must be >= {minimum}")
+    bad = [s for s in config.train.eval_splits if s not in ("val", "test")]
+    if bad:
+        raise ConfigError(f"train.eval_splits: {bad} not in ['val', 'test']")
+
+
+def load_config(
+    config: str = "default",
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    data_dir: str | None = None,
+    run_dir: str | None = None,
+) -> Config:
+    """Defaults ← recipe ``config`` ← ``--data``/``--run-dir`` ← dotted ``overrides``."""
+    tree = _read_yaml(recipes_dir() / "default.yaml")
+    if config != "default":
+        recipe_path = resolve_recipe(config)
+        recipe = _read_yaml(recipe_path)
+        tree = merge(tree, recipe)
+        tree.setdefault("run", {}).setdefault("name", recipe_path.stem)
+        if "name" not in recipe.get("run", {}):
+            tree["run"]["name"] = recipe_path.stem
+    if data_dir is not None:
+        tree.setdefault("data", {})["root"] = str(data_dir)
+    if run_dir is not None:
+        tree.setdefault("run", {})["dir"] = str(run_dir)
+    for text in overrides:
+        parts, value = parse_override(text)
+        _set_dotted(tree, parts, value, f"--set {text}")
+    return from_dict(tree)
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    tmp.replace(path)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments every entry point that builds a config shares."""
+    parser.add_argument("--config", default="default", help="a shipped recipe name (celeba-dist recipes) or a YAML file")
+    parser.add_argument("--data", default=None, help="the packed shards folder (with manifest.json)")
+    parser.add_argument("--run-dir", default=None, help="the run directory (default runs/<recipe>)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=3e-4")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.set, data_dir=args.data, run_dir=args.run_dir)
+
+
+def recipes_main(argv: list[str] | None = None) -> int:
+    """``celeba-dist recipes``: the shipped recipes with their model and a one-line summary."""
+    parser = argparse.ArgumentParser(prog="celeba-dist recipes", description="List the shipped recipes.")
+    parser.add_argument("--show", metavar="NAME", help="print one recipe's resolved config")
+    args = parser.parse_args(argv)
+    if args.show:
+        print(yaml.safe_dump(load_config(args.show).to_dict(), sort_keys=False))
+        return 0
+    for name in shipped_recipes():
+        cfg = load_config(name)
+        first = (recipes_dir() / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+        print(f"{name:<26} model={cfg.model.name:<20} {first}")
+    return 0

@@ -1,0 +1,274 @@
+"""Streaming the packed shards into batches, with exact sample accounting across ranks and workers.
+
+The unit of work is a *slot*: one loader worker of one rank (``rank * workers + worker``).
+The manifest's shards are dealt to slots; when there are fewer shards than slots, several slots
+share a shard and each keeps every ``stride``-th sample of it, so every sample still belongs to
+exactly one slot, whatever the shard count, world size and worker count.
+
+Evaluation reads each slot's share once: every sample of the split is seen exactly once across
+all ranks and workers (no padding, no duplicates).
+
+Training gives every slot the same fixed quota of batches per epoch, so every rank steps the
+same number of times and DDP never waits on a rank that ran dry (the classic WebDataset + DDP
+hang). A slot that exhausts its share before its quota starts over on it, reshuffled. The shard
+order is shuffled with the same (seed, epoch) on every rank *before* it is dealt, so ranks never
+overlap within a pass. Samples are shuffled in a seeded buffer, and the random augmentations of
+each sample are seeded by (seed, epoch, sample id): an epoch's batches are a pure function of
+(seed, epoch, world size, workers), which is what makes mid-epoch resumption exact.
+
+The pipeline stages are webdataset's own (``tarfile_samples``, ``shuffle``); the loader is kept
+out of ``accelerator.prepare()`` on purpose: Accelerate would re-shard an already split stream.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import random
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from celeba_dist.manifest import load_manifest, split_shards
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardPart:
+    """The samples of one shard that one slot reads: indices ``offset, offset+stride, …`` below ``limit``."""
+
+    path: str
+    stride: int = 1
+    offset: int = 0
+    limit: int = -1  # -1: to the end of the shard
+
+    def count(self, shard_samples: int) -> int:
+        n = shard_samples if self.limit < 0 else min(self.limit, shard_samples)
+        return max(0, math.ceil((n - self.offset) / self.stride))
+
+
+def deal_shards(shards: list[tuple[str, int]], num_slots: int, slot: int) -> list[ShardPart]:
+    """The parts of ``shards`` that ``slot`` of ``num_slots`` reads; over all slots, a partition."""
+    if not 0 <= slot < num_slots:
+        raise ValueError(f"slot {slot} not in [0, {num_slots})")
+    if not shards:
+        return []
+    if len(shards) >= num_slots:
+        return [ShardPart(path, limit=n) for i, (path, n) in enumerate(shards) if i % num_slots == slot]
+    # Fewer shards than slots: shard j is shared by the slots i with i % len(shards) == j.
+    j = slot % len(shards)
+    sharing = len(range(j, num_slots, len(shards)))
+    return [ShardPart(shards[j][0], stride=sharing, offset=slot // len(shards), limit=shards[j][1])]
+
+
+def subset_shards(shards: list[tuple[str, int]], limit: int) -> list[tuple[str, int]]:
+    """The first shards (in manifest order) holding ``limit`` samples; the last one is read only in part."""
+    out, total = [], 0
+    for path, n in shards:
+        if total >= limit:
+            break
+        take = min(n, limit - total)
+        out.append((path, take))
+        total += take
+    return out
+
+
+def read_part(part: ShardPart) -> Iterator[dict]:
+    """Raw samples (``__key__``, ``jpg``, ``attr.json`` bytes, …) of one shard part, via webdataset."""
+    for index, sample in enumerate(wds.tarfile_samples([{"url": part.path}])):
+        if 0 <= part.limit <= index:
+            return
+        if index % part.stride == part.offset:
+            yield sample
+
+
+def sample_seed(seed: int, epoch: int, key: str) -> int:
+    return zlib.crc32(f"{seed}:{epoch}:{key}".encode())
+
+
+def _mix(*numbers: int) -> int:
+    return zlib.crc32(":".join(map(str, numbers)).encode())
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """Raw sample → (uint8 image (3, H, W), float labels (A,), key). Picklable for workers."""
+
+    transform: Callable[[bytes], torch.Tensor]
+    label_index: tuple[int, ...]  # positions of the selected attributes in the manifest's order
+
+    def __call__(self, sample: dict, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
+        key = sample["__key__"]
+        if seed is not None:
+            torch.manual_seed(seed)
+        try:
+            image = self.transform(sample["jpg"])
+            attrs = json.loads(sample["attr.json"])
+        except Exception as exc:  # name the sample and shard: the user has to find it
+            raise RuntimeError(f"cannot decode sample {key} of {sample.get('__url__')}: {exc}") from exc
+        labels = torch.tensor([attrs[i] for i in self.label_index], dtype=torch.float32)
+        return image, labels, key
+
+
+def _collate(items: list[tuple[torch.Tensor, torch.Tensor, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    images, labels, keys = zip(*items)
+    return torch.stack(images), torch.stack(labels), list(keys)
+
+
+def _batches(samples: Iterator, batch_size: int) -> Iterator:
+    batch = []
+    for item in samples:
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield _collate(batch)
+            batch = []
+    if batch:
+        yield _collate(batch)
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class EvalStream(IterableDataset):
+    """Every sample of a split exactly once across ranks × workers, in batches (the last may be short)."""
+
+    def __init__(self, shards: list[tuple[str, int]], decoder: Decoder, *, batch_size: int, rank: int, world_size: int):
+        super().__init__()
+        self.shards, self.decoder, self.batch_size = shards, decoder, batch_size
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator:
+        worker, workers = _worker()
+        parts = deal_shards(self.shards, self.world_size * workers, self.rank * workers + worker)
+        samples = (self.decoder(s) for part in parts for s in read_part(part))
+        return _batches(samples, self.batch_size)
+
+
+class TrainStream(IterableDataset):
+    """A fixed number of shuffled, augmented batches per rank per epoch (see the module docstring).
+
+    Set :attr:`epoch` and :attr:`skip_batches` before creating each epoch's iterator: the
+    DataLoader copies the dataset into its workers when the iterator starts.
+    """
+
+    def __init__(self, shards: list[tuple[str, int]], decoder: Decoder, *, batch_size: int, rank: int,
+                 world_size: int, num_workers: int, steps_per_epoch: int, seed: int, shuffle_buffer: int):
+        super().__init__()
+        self.shards, self.decoder, self.batch_size = shards, decoder, batch_size
+        self.rank, self.world_size, self.workers = rank, world_size, max(1, num_workers)
+        self.steps_per_epoch, self.seed, self.shuffle_buffer = steps_per_epoch, seed, shuffle_buffer
+        self.epoch, self.skip_batches = 0, 0
+
+    def quota(self, logical_worker: int, skip: int = 0) -> tuple[int, int]:
+        """(batches to skip, batches to deliver) for one logical worker: batch b is worker b % W's."""
+        mine = len(range(logical_worker, self.steps_per_epoch, self.workers))
+        skipped = len(range(logical_worker, min(skip, self.steps_per_epoch), self.workers))
+        return skipped, mine - skipped
+
+    def _slot_samples(self, slot: int) -> Iterator[dict]:
+        """The slot's share of the epoch's shard order, over and over, reshuffled each pass."""
+        order = list(self.shards)
+        random.Random(_mix(self.seed, self.epoch)).shuffle(order)  # same on every rank
+        parts = deal_shards(order, self.world_size * self.workers, slot)
+        for repeat in range(1_000_000):
+            if repeat:
+                random.Random(_mix(self.seed, self.epoch, slot, repeat)).shuffle(parts)
+            empty = True
+            for part in parts:
+                for sample in read_part(part):
+                    empty = False
+                    yield sample
+            if empty:
+                return
+
+    def __iter__(self) -> Iterator:
+        worker, _ = _worker()
+        # Rotate workers so the first batch after a mid-epoch resume comes from the right one:
+        # the DataLoader always asks worker 0 first.
+        logical = (worker + self.skip_batches) % self.workers
+        skip, deliver = self.quota(logical, self.skip_batches)
+        slot = self.rank * self.workers + logical
+        stream = wds.shuffle(bufsize=self.shuffle_buffer, initial=min(self.shuffle_buffer, 100),
+                             rng=random.Random(_mix(self.seed, self.epoch, slot)))(self._slot_samples(slot))
+        # Skipped samples (a mid-epoch resume) are read but never decoded.
+        stream = itertools.islice(stream, skip * self.batch_size, (skip + deliver) * self.batch_size)
+        decoded = (self.decoder(s, sample_seed(self.seed, self.epoch, s["__key__"])) for s in stream)
+        produced = 0
+        for batch in _batches(decoded, self.batch_size):
+            if len(batch[2]) < self.batch_size:
+                raise RuntimeError(f"slot {slot} ran out of samples: its shards are empty")
+            produced += 1
+            yield batch
+        if produced != deliver:
+            raise RuntimeError(f"slot {slot} delivered {produced} batches instead of {deliver}")
+
+
+@dataclass
+class SplitInfo:
+    num_samples: int
+    shards: list[tuple[str, int]]
+
+
+class ShardData:
+    """The packed shards of one folder, read through its manifest."""
+
+    def __init__(self, root: str, attributes: list[str] | str = "all"):
+        from celeba_dist.attributes import resolve_attributes
+
+        self.root = root
+        self.manifest = load_manifest(root)
+        available = self.manifest["attributes"]
+        self.attributes = resolve_attributes(attributes, available)
+        self.label_index = tuple(available.index(a) for a in self.attributes)
+
+    def split(self, name: str) -> SplitInfo:
+        if name not in self.manifest["splits"]:
+            raise ValueError(f"{self.root}: manifest has no split {name!r}; it has {sorted(self.manifest['splits'])}")
+        shards = split_shards(self.manifest, self.root, name)
+        return SplitInfo(sum(n for _, n in shards), shards)
+
+    def positive_rates(self, split: str = "train") -> list[float]:
+        rates = self.manifest["splits"][split]["positive_rates"]
+        return [float(rates[a]) for a in self.attributes]
+
+    def decoder(self, transform: Callable[[bytes], torch.Tensor]) -> Decoder:
+        return Decoder(transform, self.label_index)
+
+
+def steps_per_epoch(num_samples: int, *, batch_size: int, world_size: int) -> int:
+    """Optimizer-free count of batches each rank takes per epoch: every sample about once."""
+    steps = num_samples // (batch_size * world_size)
+    if steps < 1:
+        raise ValueError(f"{num_samples} training samples cannot fill one batch of {batch_size} "
+                         f"on each of {world_size} processes; lower data.batch_size")
+    return steps
+
+
+def make_loader(dataset: IterableDataset, *, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over a stream that batches itself (batch_size=None)."""
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      persistent_workers=False, prefetch_factor=4 if num_workers else None)
+
+
+def train_stream(data: ShardData, transform: Callable[[bytes], torch.Tensor], *, batch_size: int, rank: int,
+                 world_size: int, num_workers: int, seed: int, shuffle_buffer: int, subset: int = 0) -> TrainStream:
+    info = data.split("train")
+    shards = subset_shards(info.shards, subset) if subset else info.shards
+    total = min(subset, info.num_samples) if subset else info.num_samples
+    steps = steps_per_epoch(total, batch_size=batch_size, world_size=world_size)
+    return TrainStream(shards, data.decoder(transform), batch_size=batch_size, rank=rank, world_size=world_size,
+                       num_workers=num_workers, steps_per_epoch=steps, seed=seed, shuffle_buffer=shuffle_buffer)
+
+
+def eval_stream(data: ShardData, split: str, transform: Callable[[bytes], torch.Tensor], *, batch_size: int,
+                rank: int, world_size: int) -> EvalStream:
+    return EvalStream(data.split(split).shards, data.decoder(transform), batch_size=batch_size, rank=rank,
+                      world_size=world_size)

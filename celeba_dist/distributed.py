@@ -1,0 +1,50 @@
+"""Accelerate set-up and the few collectives the engine needs, in one place."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from celeba_dist.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    """An Accelerator for whatever launched us: one process, accelerate launch, torchrun or SLURM.
+
+    Without CUDA, ``cpu=True`` is what makes a multi-process launch real DDP over gloo; without
+    it each process would silently train alone. Gradient accumulation is done by the engine
+    (see ``engine.train_one_epoch``), so Accelerate's own counter stays at 1.
+    """
+    cpu = not torch.cuda.is_available()
+    precision = cfg.train.precision
+    if cpu and precision == "fp16":
+        raise ValueError("train.precision=fp16 needs a GPU; use bf16 or no on the CPU")
+    return Accelerator(cpu=cpu, mixed_precision=precision, step_scheduler_with_optimizer=False)
+
+
+def gather_rows(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate each rank's (n_i, ...) rows in rank order, without padding or duplicates."""
+    if accelerator.num_processes == 1:
+        return tensor
+    sizes = accelerator.gather(torch.tensor([tensor.shape[0]], device=accelerator.device)).tolist()
+    padded = accelerator.pad_across_processes(tensor.to(accelerator.device), dim=0)
+    stacked = accelerator.gather(padded).cpu()
+    width = padded.shape[0]
+    return torch.cat([stacked[r * width: r * width + n] for r, n in enumerate(sizes)])
+
+
+def gather_list(accelerator: Accelerator, items: list) -> list:
+    """Concatenate each rank's Python list in rank order."""
+    return items if accelerator.num_processes == 1 else gather_object(items)
+
+
+def all_sum(accelerator: Accelerator, values: list[float]) -> list[float]:
+    """Sum a few numbers over ranks (one collective)."""
+    t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        t = accelerator.reduce(t, reduction="sum")
+    return t.tolist()

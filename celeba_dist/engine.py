@@ -1,0 +1,234 @@
+"""The steps: ``train_one_epoch`` and ``evaluate``. Everything else is composed in ``train.main``."""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from celeba_dist import signals
+from celeba_dist.board import Board
+from celeba_dist.config import Config
+from celeba_dist.distributed import all_sum, gather_list, gather_rows
+from celeba_dist.transforms import normalize_batch
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops without checkpointing the bad weights."""
+
+
+@dataclass
+class TrainState:
+    """Where training is. Saved in every checkpoint; the config never changes at run time."""
+
+    epoch: int = 0
+    global_step: int = 0  # optimizer steps
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already trained on
+    best_metric: float | None = None
+    best_epoch: int = -1
+    best_step: int = -1
+    history: list[dict] = field(default_factory=list)  # one entry per finished epoch
+    samples_seen: int = 0  # by this rank, over the whole run
+    world_size: int = 1
+    batch_size: int = 0
+
+
+@dataclass
+class Trainer:
+    """What the training steps need, built once by ``train.main``."""
+
+    cfg: Config
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: torch.nn.Module
+    board: Board
+    steps_per_epoch: int  # micro-batches per epoch, the same on every rank
+    total_steps: int  # optimizer steps of the whole run
+    save: Callable[[TrainState], None]  # collective: every rank calls it at the same step
+
+
+def prepare_batch(images: torch.Tensor, labels: torch.Tensor, *, device: torch.device, normalize: str,
+                  channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (B, 3, H, W) on the host → normalised float on the device."""
+    x = normalize_batch(images.to(device, non_blocking=True), normalize)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, labels.to(device, non_blocking=True)
+
+
+@dataclass
+class _Meter:
+    """Loss and timing since the last log line, kept on the device to avoid a sync per step."""
+
+    device: torch.device
+    loss_sum: torch.Tensor = None
+    first_bad: torch.Tensor = None
+    count: int = 0
+    images: int = 0
+    wait: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.first_bad = torch.full((), -1, device=self.device, dtype=torch.int64)
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        loss = loss.detach().double()
+        self.loss_sum += loss
+        bad = (~torch.isfinite(loss)) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
+        self.count += 1
+
+
+def _agree(trainer: Trainer, meter: _Meter) -> tuple[float, bool]:
+    """One collective: mean loss since the last check, and whether any rank was asked to stop.
+
+    Raises :class:`NonFiniteLossError` (on every rank) naming the first bad step.
+    """
+    loss_sum, count, bad, stop = all_sum(trainer.accelerator, [
+        float(meter.loss_sum), meter.count, float(meter.first_bad >= 0), float(signals.stop_requested())])
+    if bad:
+        steps = gather_list(trainer.accelerator, [int(meter.first_bad)])
+        step = min(s for s in steps if s >= 0)
+        raise NonFiniteLossError(f"non-finite loss at optimizer step {step}; stopping without saving these "
+                                 f"weights (the last good checkpoint stays in {trainer.cfg.run_dir / 'checkpoints'})")
+    return loss_sum / max(count, 1), stop > 0
+
+
+def _log_step(trainer: Trainer, state: TrainState, meter: _Meter, mean_loss: float, bar: tqdm) -> None:
+    elapsed = max(time.perf_counter() - meter.start, 1e-9)
+    world = trainer.accelerator.num_processes
+    values = {
+        "train/loss": mean_loss,
+        "train/lr": trainer.optimizer.param_groups[0]["lr"],
+        "train/images_per_s": meter.images * world / elapsed,
+        "train/data_wait_fraction": meter.wait / elapsed,
+        "train/epoch": state.epoch + state.batch_in_epoch / trainer.steps_per_epoch,
+    }
+    if torch.cuda.is_available():
+        values["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    trainer.board.scalars(values, state.global_step)
+    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{values['train/lr']:.2e}", img_s=f"{values['train/images_per_s']:.0f}")
+
+
+def train_one_epoch(trainer: Trainer, loader: Iterable, state: TrainState) -> str:
+    """Train until the epoch's quota of batches is done; returns "done", "stopped" or "max_steps".
+
+    Gradient accumulation groups ``grad_accum_steps`` micro-batches (the last group of an epoch
+    may be shorter); gradients are synchronised only on a group's last micro-batch. Checkpoints,
+    stop requests and loss checks happen only at optimizer-step boundaries.
+    """
+    cfg, acc, model = trainer.cfg, trainer.accelerator, trainer.model
+    accum, n = cfg.train.grad_accum_steps, trainer.steps_per_epoch
+    model.train()
+    meter = _Meter(acc.device)
+    bar = tqdm(total=n, initial=state.batch_in_epoch, desc=f"epoch {state.epoch}", dynamic_ncols=True,
+               disable=not (acc.is_main_process and cfg.log.progress_bar), leave=False)
+    fetched = time.perf_counter()
+    for images, labels, _ in loader:
+        meter.wait += time.perf_counter() - fetched
+        group_start = state.batch_in_epoch - state.batch_in_epoch % accum
+        group_size = min(accum, n - group_start)
+        sync = state.batch_in_epoch + 1 == group_start + group_size
+        x, y = prepare_batch(images, labels, device=acc.device, normalize=cfg.data.normalize,
+                             channels_last=cfg.train.channels_last)
+        with contextlib.nullcontext() if sync else acc.no_sync(model):
+            with acc.autocast():
+                out = model(x)
+            loss = trainer.loss_fn(out.float(), y)  # (B, A) logits → scalar, in float32
+            acc.backward(loss / group_size)
+        state.batch_in_epoch += 1
+        state.samples_seen += y.shape[0]
+        meter.images += y.shape[0]
+        bar.update(1)
+        if sync:
+            status = _optimizer_step(trainer, state, meter, loss, bar)
+            if status != "continue":
+                bar.close()
+                return status
+        fetched = time.perf_counter()
+    bar.close()
+    if state.batch_in_epoch != n:
+        raise RuntimeError(f"epoch {state.epoch}: the loader gave {state.batch_in_epoch} batches, expected {n}")
+    _agree(trainer, meter)  # a last loss check before the epoch-end checkpoint
+    return "done"
+
+
+def _optimizer_step(trainer: Trainer, state: TrainState, meter: _Meter, loss: torch.Tensor, bar: tqdm) -> str:
+    cfg, acc = trainer.cfg, trainer.accelerator
+    if cfg.train.clip_grad_norm > 0:
+        acc.clip_grad_norm_(trainer.model.parameters(), cfg.train.clip_grad_norm)
+    trainer.optimizer.step()
+    trainer.scheduler.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    state.global_step += 1
+    meter.add(loss, state.global_step)
+    step = state.global_step
+    every = cfg.train.checkpoint_every_steps
+    save_due = every > 0 and step % every == 0 and state.batch_in_epoch < trainer.steps_per_epoch
+    last = cfg.train.max_steps > 0 and step >= cfg.train.max_steps
+    if step % cfg.train.log_every_steps == 0 or step % cfg.train.sync_every_steps == 0 or save_due or last:
+        mean_loss, stop = _agree(trainer, meter)
+        if step % cfg.train.log_every_steps == 0:
+            _log_step(trainer, state, meter, mean_loss, bar)
+            meter.__init__(acc.device)
+        if stop:
+            log.warning("stop requested (signal %s): checkpointing at step %d", signals.received_signals() or "flag", step)
+            trainer.save(state)
+            return "stopped"
+        if save_due:
+            trainer.save(state)
+    return "max_steps" if last else "continue"
+
+
+@dataclass
+class Predictions:
+    probs: torch.Tensor  # (N, A) scores in [0, 1]
+    targets: torch.Tensor  # (N, A) 0/1
+    keys: list[str]
+
+
+@torch.no_grad()
+def evaluate(trainer_model: torch.nn.Module, loader: Iterable, *, accelerator: Accelerator, cfg: Config,
+             to_prob: Callable[[torch.Tensor], torch.Tensor], expected: int, split: str,
+             num_attributes: int) -> Predictions:
+    """Scores of every sample of a split, gathered from all ranks, each sample exactly once.
+
+    Raises if the samples seen across ranks are not exactly the manifest's (a duplicate or a
+    drop would bias every metric silently).
+    """
+    model = accelerator.unwrap_model(trainer_model)
+    was_training = model.training
+    model.eval()
+    probs, targets, keys = [], [], []
+    for images, labels, batch_keys in loader:
+        x, y = prepare_batch(images, labels, device=accelerator.device, normalize=cfg.data.normalize,
+                             channels_last=cfg.train.channels_last)
+        with accelerator.autocast():
+            out = model(x)
+        probs.append(to_prob(out.float()).cpu())
+        targets.append(y.cpu())
+        keys.extend(batch_keys)
+    model.train(was_training)
+    local_p = torch.cat(probs) if probs else torch.zeros(0, num_attributes)  # a rank may get no shard
+    local_t = torch.cat(targets) if targets else torch.zeros(0, num_attributes)
+    all_p, all_t = gather_rows(accelerator, local_p), gather_rows(accelerator, local_t)
+    all_keys = gather_list(accelerator, keys)
+    if len(all_keys) != expected or len(set(all_keys)) != expected:
+        raise RuntimeError(f"evaluation on {split} saw {len(all_keys)} samples ({len(set(all_keys))} distinct) "
+                           f"across {accelerator.num_processes} processes; the manifest has {expected}")
+    return Predictions(all_p, all_t, all_keys)
+
+
+def supports_attention(model: torch.nn.Module) -> bool:
+    return "return_attention" in inspect.signature(model.forward).parameters

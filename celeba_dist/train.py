@@ -1,0 +1,386 @@
+"""``main(config)``: compose the run from ``build_*`` helpers, then epochs of train → validate → checkpoint.
+
+The same ``main`` serves every launcher: a plain process, ``accelerate launch``, ``torchrun`` and
+the SLURM tasks of ``celeba_dist.launch``. ``python -m celeba_dist.train`` and
+``celeba-dist train`` take ``--config NAME_OR_FILE --data SHARDS --run-dir DIR [--set k=v ...]``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from celeba_dist import __version__, signals
+from celeba_dist.board import Board, accuracy_bars, attention_overlay, prediction_grid
+from celeba_dist.checkpoint import (BEST, atomic_save, link_best, load_checkpoint, load_newest_valid, prune,
+                                    rng_state, set_rng_state, step_path)
+from celeba_dist.config import Config, ConfigError, add_config_arguments, config_from_args, save_config
+from celeba_dist.data import ShardData, eval_stream, make_loader, train_stream
+from celeba_dist.distributed import build_accelerator, gather_list
+from celeba_dist.engine import (NonFiniteLossError, Predictions, TrainState, Trainer, evaluate, prepare_batch,
+                                supports_attention, train_one_epoch)
+from celeba_dist.logs import setup_logging
+from celeba_dist.manifest import ManifestError
+from celeba_dist.losses import LOSSES, build_loss, positive_weights
+from celeba_dist.metrics import balanced_thresholds, compute_metrics, format_table, write_attribute_csv
+from celeba_dist.models import build_model
+from celeba_dist.optim import build_optimizer, build_scheduler
+from celeba_dist.transforms import build_transform
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders
+
+
+def seed_everything(cfg: Config) -> None:
+    """Per-rank seeds (dropout differs across ranks; DDP broadcasts rank 0's initial weights)."""
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    set_seed(cfg.train.seed, device_specific=True)
+
+
+def build_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
+    run_dir = cfg.run_dir
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        _write_json(run_dir / "env.json", environment(accelerator))
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def environment(accelerator: Accelerator) -> dict[str, Any]:
+    """Versions, world and devices, git commit: what someone needs to reproduce the run."""
+    import accelerate
+    import torchvision
+    import webdataset
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "celeba_dist": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+        "torchvision": torchvision.__version__, "accelerate": accelerate.__version__,
+        "webdataset": webdataset.__version__, "platform": platform.platform(), "host": platform.node(),
+        "world_size": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
+        "device": str(accelerator.device),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "mixed_precision": accelerator.mixed_precision, "git_commit": commit,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def build_model_for(cfg: Config, num_attributes: int) -> torch.nn.Module:
+    model = build_model(cfg.model.name, num_attributes=num_attributes, pretrained=cfg.model.pretrained,
+                        **cfg.model.options)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def eval_loader(cfg: Config, data: ShardData, split: str, accelerator: Accelerator):
+    transform = build_transform(cfg.data.transform, image_size=cfg.data.image_size, train=False)
+    stream = eval_stream(data, split, transform, batch_size=cfg.data.eval_batch_size or cfg.data.batch_size,
+                         rank=accelerator.process_index, world_size=accelerator.num_processes)
+    return make_loader(stream, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def make_saver(cfg: Config, accelerator: Accelerator, model, optimizer, scheduler, attributes: list[str]):
+    """A collective save: every rank contributes its RNG state, rank 0 writes the file."""
+    ckpt_dir = cfg.run_dir / "checkpoints"
+
+    def save(state: TrainState, *, best: bool = False, thresholds: list[float] | None = None) -> Path:
+        rngs = gather_list(accelerator, [rng_state()])
+        seen = gather_list(accelerator, [state.samples_seen])
+        path = step_path(ckpt_dir, state.global_step)
+        if accelerator.is_main_process:
+            scaler = accelerator.scaler
+            atomic_save({
+                "model": accelerator.unwrap_model(model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": rngs,
+                "samples_seen": seen,
+                "state": dataclasses.asdict(state),
+                "config": cfg.to_dict(),
+                "attributes": attributes,
+                "thresholds": thresholds,
+            }, path)
+            if best:
+                link_best(ckpt_dir, path)
+            prune(ckpt_dir, cfg.train.keep_last)
+            log.info("checkpoint %s (epoch %d, step %d)%s", path.name, state.epoch, state.global_step,
+                     " = best" if best else "")
+        accelerator.wait_for_everyone()
+        return path
+
+    return save
+
+
+def resume(cfg: Config, accelerator: Accelerator, model, optimizer, scheduler) -> tuple[TrainState, Any]:
+    """Restore the newest valid checkpoint (``run.resume=auto``) or a given one; else a fresh state."""
+    fresh = TrainState(world_size=accelerator.num_processes, batch_size=cfg.data.batch_size)
+    if cfg.run.resume == "none":
+        return fresh, None
+    if cfg.run.resume == "auto":
+        found = load_newest_valid(cfg.run_dir / "checkpoints")
+        if found is None:
+            return fresh, None
+        path, ckpt = found
+    else:
+        path = Path(cfg.run.resume)
+        ckpt = load_checkpoint(path)
+    accelerator.unwrap_model(model).load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler") and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(ckpt["scaler"])
+    state = TrainState(**ckpt["state"])
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if len(ckpt["rng"]) == world and state.batch_size == cfg.data.batch_size:
+        set_rng_state(ckpt["rng"][rank])
+        state.samples_seen = ckpt["samples_seen"][rank]
+    else:  # a different world or batch size: same epoch, nearest equivalent position
+        old_global = state.world_size * state.batch_size
+        state.batch_in_epoch = state.batch_in_epoch * old_global // (world * cfg.data.batch_size)
+        log.warning("resuming a run saved with %d processes × batch %d on %d × %d: RNG states reseeded, "
+                    "epoch %d continues at batch %d", state.world_size, state.batch_size, world,
+                    cfg.data.batch_size, state.epoch, state.batch_in_epoch)
+        state.samples_seen = 0
+    state.world_size, state.batch_size = world, cfg.data.batch_size
+    log.info("resumed from %s: epoch %d, batch %d of the epoch, step %d", path, state.epoch,
+             state.batch_in_epoch, state.global_step)
+    return state, ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation and reporting
+
+
+def validate(trainer: Trainer, data: ShardData, split: str, state: TrainState, *,
+             thresholds: list[float] | None = None) -> tuple[dict, Predictions]:
+    cfg, acc = trainer.cfg, trainer.accelerator
+    preds = evaluate(trainer.model, eval_loader(cfg, data, split, acc), accelerator=acc, cfg=cfg,
+                     to_prob=LOSSES[cfg.loss.name].to_prob, expected=data.split(split).num_samples, split=split,
+                     num_attributes=len(data.attributes))
+    metrics = compute_metrics(preds.probs, preds.targets, data.attributes,
+                              torch.tensor(thresholds) if thresholds else 0.5)
+    trainer.board.split_metrics(split, metrics, state.global_step)
+    return metrics, preds
+
+
+def draw_validation(trainer: Trainer, data: ShardData, metrics: dict, step: int) -> None:
+    """Rank 0 only: a labelled image grid, the attention heat map and the accuracy bars."""
+    cfg, acc = trainer.cfg, trainer.accelerator
+    if not acc.is_main_process or cfg.log.image_grid_size <= 0:
+        return
+    trainer.board.image("val/attribute_accuracy", accuracy_bars(metrics), step)
+    transform = build_transform(cfg.data.transform, image_size=cfg.data.image_size, train=False)
+    stream = eval_stream(data, "val", transform, batch_size=cfg.log.image_grid_size, rank=0, world_size=1)
+    images, labels, _ = next(iter(stream))
+    model = acc.unwrap_model(trainer.model)
+    was_training = model.training
+    model.eval()
+    x, _ = prepare_batch(images, labels, device=acc.device, normalize=cfg.data.normalize,
+                         channels_last=cfg.train.channels_last)
+    with torch.no_grad(), acc.autocast():
+        if supports_attention(model):
+            out, attn = model(x, return_attention=True)
+            trainer.board.image("val/attention", attention_overlay(images, attn.float().cpu()), step)
+        else:
+            out = model(x)
+    model.train(was_training)
+    probs = LOSSES[cfg.loss.name].to_prob(out.float()).cpu()
+    trainer.board.image("val/predictions", prediction_grid(images, probs, labels, data.attributes), step)
+
+
+def select_value(metrics: dict, name: str) -> float:
+    value = metrics["mean"].get(name)
+    if value is None:
+        raise KeyError(f"train.select_metric={name!r} is not a mean metric; valid: {sorted(metrics['mean'])}")
+    return value
+
+
+def write_results(run_dir: Path, results: dict[str, dict], state: TrainState, thresholds: list[float] | None,
+                  attributes: list[str]) -> None:
+    out = {**results, "best_epoch": state.best_epoch, "best_step": state.best_step,
+           "select_metric_value": state.best_metric, "history": state.history,
+           "thresholds": dict(zip(attributes, thresholds)) if thresholds else None}
+    _write_json(run_dir / "metrics.json", out)
+    write_attribute_csv(results, run_dir / "metrics_per_attribute.csv")
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    """Train ``cfg`` on every rank; returns {"status", "run_dir", "global_step", "best", "metrics"}."""
+    accelerator = build_accelerator(cfg)
+    setup_logging(rank=accelerator.process_index, is_main=accelerator.is_main_process,
+                  log_dir=cfg.run_dir / "logs")
+    run_dir = build_run_dir(cfg, accelerator)
+    seed_everything(cfg)
+    data = ShardData(cfg.data.root, cfg.data.attributes)
+    model = build_model_for(cfg, len(data.attributes))
+    train_ds = train_stream(
+        data, build_transform(cfg.data.transform, image_size=cfg.data.image_size, train=True),
+        batch_size=cfg.data.batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes,
+        num_workers=cfg.data.num_workers, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+        subset=cfg.data.train_subset)
+    steps_per_epoch = train_ds.steps_per_epoch
+    optimizer_steps = math.ceil(steps_per_epoch / cfg.train.grad_accum_steps)
+    total_steps = optimizer_steps * cfg.train.epochs
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.sched, cfg.optim, steps_per_epoch=optimizer_steps,
+                                total_steps=total_steps)
+    pos_weight = positive_weights(data.positive_rates("train")) if cfg.loss.pos_weight else None
+    loss_fn = build_loss(cfg.loss.name, pos_weight=pos_weight).to(accelerator.device)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state, ckpt = resume(cfg, accelerator, model, optimizer, scheduler)
+    thresholds = ckpt.get("thresholds") if ckpt else None
+    board = Board(run_dir, enabled=accelerator.is_main_process, purge_step=state.global_step if ckpt else None)
+    save = make_saver(cfg, accelerator, model, optimizer, scheduler, data.attributes)
+    trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, loss_fn, board, steps_per_epoch,
+                      total_steps, save)
+    log.info("run %s: %s on %d process(es), %d attributes, %d batches/epoch/process, %d optimizer steps",
+             run_dir, cfg.model.name, accelerator.num_processes, len(data.attributes), steps_per_epoch, total_steps)
+    signals.install_stop_handlers()
+    try:
+        status = _fit(trainer, data, train_ds, state, thresholds)
+        if status == "stopped":
+            return _result("preempted", cfg, state, {})
+        results = _final_test(trainer, data, state)
+        return _result("completed", cfg, state, results)
+    finally:
+        signals.restore_handlers()
+        board.close()
+        _write_rank_stats(run_dir, accelerator.process_index, state)
+
+
+def _fit(trainer: Trainer, data: ShardData, train_ds, state: TrainState, thresholds) -> str:
+    cfg, acc = trainer.cfg, trainer.accelerator
+    while state.epoch < cfg.train.epochs and not (cfg.train.max_steps and state.global_step >= cfg.train.max_steps):
+        train_ds.epoch, train_ds.skip_batches = state.epoch, state.batch_in_epoch
+        loader = make_loader(train_ds, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
+        started = time.perf_counter()
+        status = train_one_epoch(trainer, loader, state)
+        if status == "stopped":
+            return status
+        if status == "done":
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        _end_of_epoch(trainer, data, state, time.perf_counter() - started)
+    return "done"
+
+
+def _end_of_epoch(trainer: Trainer, data: ShardData, state: TrainState, seconds: float) -> None:
+    """Validate, keep the best, checkpoint. ``state.epoch`` already counts the finished epoch."""
+    cfg = trainer.cfg
+    entry: dict[str, Any] = {"epoch": state.epoch - 1 if state.batch_in_epoch == 0 else state.epoch,
+                             "step": state.global_step, "seconds": round(seconds, 2)}
+    improved, thresholds = True, None
+    if "val" in cfg.train.eval_splits:
+        metrics, preds = validate(trainer, data, "val", state)
+        if cfg.train.tune_thresholds:
+            thresholds = balanced_thresholds(preds.probs, preds.targets).tolist()
+        value = select_value(metrics, cfg.train.select_metric)
+        entry["val"] = metrics["mean"]
+        improved = state.best_metric is None or value > state.best_metric
+        if improved:
+            state.best_metric, state.best_epoch, state.best_step = value, entry["epoch"], state.global_step
+        draw_validation(trainer, data, metrics, state.global_step)
+        log.info("epoch %d: val %s = %.4f (best %.4f at epoch %d), %.0fs", entry["epoch"], cfg.train.select_metric,
+                 value, state.best_metric, state.best_epoch, seconds)
+    else:
+        state.best_epoch, state.best_step = entry["epoch"], state.global_step
+    state.history.append(entry)
+    trainer.save(state, best=improved, thresholds=thresholds)
+
+
+def _final_test(trainer: Trainer, data: ShardData, state: TrainState) -> dict[str, dict]:
+    """Evaluate val and test with the best checkpoint's weights and thresholds."""
+    cfg, acc = trainer.cfg, trainer.accelerator
+    best = load_checkpoint(cfg.run_dir / "checkpoints" / BEST)
+    acc.unwrap_model(trainer.model).load_state_dict(best["model"])
+    thresholds = best.get("thresholds")
+    results = {}
+    for split in cfg.train.eval_splits:
+        metrics, _ = validate(trainer, data, split, state, thresholds=thresholds)
+        results[split] = metrics
+        if acc.is_main_process:
+            log.info("%s", format_table(metrics, title=f"{split} (best epoch {state.best_epoch})"))
+    if acc.is_main_process:
+        write_results(cfg.run_dir, results, state, thresholds, data.attributes)
+        final = {f"{s}_{m}": results[s]["mean"][m] for s in results for m in ("accuracy", "balanced_accuracy", "f1", "auroc")}
+        trainer.board.hparams(cfg, final)
+    acc.wait_for_everyone()
+    return results
+
+
+def _result(status: str, cfg: Config, state: TrainState, results: dict) -> dict[str, Any]:
+    return {"status": status, "run_dir": str(cfg.run_dir), "global_step": state.global_step,
+            "epoch": state.epoch, "best": {"epoch": state.best_epoch, "metric": cfg.train.select_metric,
+                                           "value": state.best_metric}, "metrics": results}
+
+
+def _write_rank_stats(run_dir: Path, rank: int, state: TrainState) -> None:
+    """What this rank trained on (no collective: it also runs when a peer has died)."""
+    folder = run_dir / "rank_stats"
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json(folder / f"rank{rank}.json", {"rank": rank, "host": platform.node(), "pid": os.getpid(),
+                                              "samples_seen": state.samples_seen, "global_step": state.global_step,
+                                              "epoch": state.epoch})
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="celeba-dist train", description=__doc__.splitlines()[0])
+    add_config_arguments(parser)
+    parser.add_argument("--resume", default=None, help="auto (default), none, or a checkpoint file")
+    args = parser.parse_args(argv)
+    if args.resume:
+        args.set = [*args.set, f"run.resume={args.resume}"]
+    try:
+        result = main(config_from_args(args))
+    except (ConfigError, ManifestError, NonFiniteLossError, FileNotFoundError) as exc:
+        logging.getLogger("celeba_dist").error("%s", exc)
+        print(f"celeba-dist train: error: {exc}", file=sys.stderr)
+        return 1
+    return 0 if result["status"] in ("completed", "preempted") else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_main())

@@ -1,0 +1,145 @@
+"""Decode + per-recipe image transforms, in one place.
+
+Every preset turns the JPEG bytes of one sample into a ``uint8`` tensor (3, H, W). Conversion
+to float and normalisation happen later on whole batches, on the training device
+(:func:`normalize_batch`): a uint8 batch is a quarter of the bytes through the loader queues and
+the host-to-device copy.
+
+Decoding never runs at full size when the preset needs less: PIL's ``draft`` asks libjpeg for a
+DCT-domain downscale (1/2, 1/4, 1/8), the largest one that still covers the target, before
+cropping and resizing. Random choices use torch's global generator, which the loader seeds per
+sample (see ``celeba_dist.data``), so augmentations are reproducible whatever the worker layout.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+Transform = Callable[[bytes], torch.Tensor]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),  # x / 255
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+}
+
+
+def open_jpeg(data: bytes, *, min_size: tuple[int, int] | None = None) -> Image.Image:
+    """Open JPEG bytes as RGB, decoding at the smallest DCT scale that is >= ``min_size`` (W, H)."""
+    img = Image.open(io.BytesIO(data))
+    if min_size is not None and img.format == "JPEG":
+        img.draft("RGB", min_size)
+    return img.convert("RGB")
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB → uint8 tensor (3, H, W)."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def _maybe_flip(img: Image.Image, train: bool) -> Image.Image:
+    if train and torch.rand(()) < 0.5:
+        return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return img
+
+
+def crop178_resize(*, image_size: tuple[int, int], train: bool) -> Transform:
+    """CenterCrop 178 → Resize → flip (train): the smiling CNN's input.
+
+    On aligned CelebA (178×218) the 178 crop is the central square of the full width; the
+    same rule (a central width×width square) makes shards pre-packed with ``--resize 64x78``
+    give the same tensors without any resize at load time.
+    """
+    out_h, out_w = image_size
+
+    def apply(data: bytes) -> torch.Tensor:
+        img = Image.open(io.BytesIO(data))
+        width, height = img.size
+        if img.format == "JPEG":
+            scale = max(out_w, out_h) / width  # the square crop's side becomes the output side
+            img.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+        img = img.convert("RGB")
+        side = img.width
+        top = (img.height - side) // 2
+        img = img.crop((0, top, side, top + side))
+        if img.size != (out_w, out_h):
+            img = img.resize((out_w, out_h), Image.Resampling.BILINEAR)
+        return to_tensor(_maybe_flip(img, train))
+
+    return apply
+
+
+def resize_crop(*, image_size: tuple[int, int], train: bool, resize_to: tuple[int, int] = (270, 220)) -> Transform:
+    """Resize to 220×270 (W×H) → crop 178×218 (random for training, central otherwise) → flip.
+
+    The ResNeXt-50 source's input pipeline; ``image_size`` is the crop (H, W).
+    """
+    crop_h, crop_w = image_size
+    big_h, big_w = resize_to
+    if crop_h > big_h or crop_w > big_w:
+        raise ValueError(f"crop {image_size} larger than the resize {resize_to}")
+
+    def apply(data: bytes) -> torch.Tensor:
+        img = open_jpeg(data, min_size=(big_w, big_h)).resize((big_w, big_h), Image.Resampling.BILINEAR)
+        if train:
+            top = int(torch.randint(0, big_h - crop_h + 1, ()))
+            left = int(torch.randint(0, big_w - crop_w + 1, ()))
+        else:
+            top, left = (big_h - crop_h) // 2, (big_w - crop_w) // 2
+        img = img.crop((left, top, left + crop_w, top + crop_h))
+        return to_tensor(_maybe_flip(img, train))
+
+    return apply
+
+
+def resize(*, image_size: tuple[int, int], train: bool) -> Transform:
+    """Resize the whole image to ``image_size`` (H, W) → flip (train): the 224×224 ImageNet input."""
+    out_h, out_w = image_size
+
+    def apply(data: bytes) -> torch.Tensor:
+        img = open_jpeg(data, min_size=(out_w, out_h))
+        if img.size != (out_w, out_h):
+            img = img.resize((out_w, out_h), Image.Resampling.BILINEAR)
+        return to_tensor(_maybe_flip(img, train))
+
+    return apply
+
+
+@dataclass(frozen=True)
+class Preset:
+    build: Callable[..., Transform]
+    description: str
+
+
+PRESETS: dict[str, Preset] = {
+    "crop178_resize": Preset(crop178_resize, "CenterCrop 178 -> Resize (64x64) -> flip"),
+    "resize_crop": Preset(resize_crop, "Resize 220x270 -> crop 178x218 (random in training) -> flip"),
+    "imagenet": Preset(resize, "Resize (224x224) -> flip; use with data.normalize=imagenet"),
+}
+
+
+def build_transform(name: str, *, image_size: tuple[int, int], train: bool) -> Transform:
+    """The transform preset ``name`` (see :data:`PRESETS`) for training or evaluation."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown transform {name!r}; valid: {sorted(PRESETS)}")
+    return PRESETS[name].build(image_size=tuple(image_size), train=train)
+
+
+def normalize_batch(images: torch.Tensor, name: str) -> torch.Tensor:
+    """uint8 (B, 3, H, W) → float32, scaled to [0, 1] and normalised with ``name``'s mean/std."""
+    if name not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {name!r}; valid: {sorted(NORMALIZATIONS)}")
+    mean, std = NORMALIZATIONS[name]
+    x = images.float().div_(255.0)
+    if name != "unit":
+        m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+        s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+        x = x.sub_(m).div_(s)
+    return x

@@ -1,0 +1,182 @@
+"""Models: shapes and gradients, freezing, attention, the registry, pretrained weights, the CLI table."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from urllib.error import URLError
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from celeba_dist.models import (
+    MODELS, build_model, count_parameters, list_main, list_models, model_spec, trainable_parameters,
+)
+from celeba_dist.models.pretrained import WeightsUnavailableError, cached_weights_path, imagenet_weights
+
+N = 40
+FORWARD_MODELS = [
+    "simple_cnn", "celeb_cnn", "resnext50_32x4d", "resnet18_lstm_attn",
+    "torchvision:resnet18", "torchvision:efficientnet_b0", "torchvision:squeezenet1_0", "torchvision:mobilenet_v3_small",
+]
+FROZEN_PREFIXES = ("conv1.", "bn1.", "layer1.", "layer2.")
+RESNET18_FILE = "resnet18-f37072fd.pth"  # torchvision's ResNet18_Weights.IMAGENET1K_V1 (the DEFAULT)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets an empty torch hub cache and offline mode: nothing may download."""
+    torch_home = tmp_path / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    monkeypatch.setenv("CELEBA_DIST_OFFLINE", "1")
+    torch.manual_seed(0)
+    return torch_home
+
+
+def _images(name: str, batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, *model_spec(name).input_size)
+
+
+@pytest.mark.parametrize("name", FORWARD_MODELS)
+def test_forward_backward_at_default_size(name: str) -> None:
+    model = build_model(name, num_attributes=N)
+    logits = model(_images(name))
+    assert logits.shape == (2, N)
+    assert torch.isfinite(logits).all()
+    nn.functional.binary_cross_entropy_with_logits(logits, torch.rand(2, N).round()).backward()
+    grads = [p.grad for p in trainable_parameters(model)]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_celeb_cnn_runs_on_full_celeba_frames() -> None:
+    model = build_model("celeb_cnn", num_attributes=N).eval()
+    assert model(torch.randn(2, 3, 218, 178)).shape == (2, N)
+
+
+def test_resnext_freezing_survives_an_optimizer_step() -> None:
+    model = build_model("resnext50_32x4d", num_attributes=N, freeze_children=6)
+    model.eval().train()  # a round trip must not wake the frozen BatchNorm layers
+    named = dict(model.named_parameters())
+    frozen = {n: p.detach().clone() for n, p in named.items() if not p.requires_grad}
+    assert frozen and all(n.startswith(FROZEN_PREFIXES) for n in frozen)
+    assert all(p.requires_grad == (not n.startswith(FROZEN_PREFIXES)) for n, p in named.items())
+    frozen_buffers = {n: b.clone() for n, b in model.named_buffers() if n.startswith(FROZEN_PREFIXES)}
+    live_buffer = model.layer3[0].bn1.running_mean.clone()
+    trainable = {n: p.detach().clone() for n, p in named.items() if p.requires_grad}
+    total, n_trainable = count_parameters(model)
+    assert n_trainable == sum(p.numel() for p in trainable.values()) < total
+
+    optimizer = torch.optim.Adamax(trainable_parameters(model), lr=1e-2)
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert not in_optimizer & {id(named[n]) for n in frozen}
+    assert not model.bn1.training and not model.layer2[0].bn1.training and model.layer3[0].bn1.training
+    logits = model(_images("resnext50_32x4d"))
+    nn.functional.binary_cross_entropy_with_logits(logits, torch.rand(2, N).round()).backward()
+    optimizer.step()
+
+    assert all(torch.equal(named[n], before) for n, before in frozen.items())
+    assert all(named[n].grad is None for n in frozen)
+    assert all(torch.equal(b, frozen_buffers[n]) for n, b in model.named_buffers() if n in frozen_buffers)
+    assert not torch.equal(model.layer3[0].bn1.running_mean, live_buffer)
+    assert all(not torch.equal(named[n], before) for n, before in trainable.items())
+
+
+def test_attention_weights_are_row_distributions() -> None:
+    model = build_model("resnet18_lstm_attn", num_attributes=N, num_heads=4, pooling="max").eval()
+    logits, attn = model(_images("resnet18_lstm_attn"), return_attention=True)
+    assert logits.shape == (2, N)
+    assert attn.shape == (2, 4, 49, 49)  # (B, heads, regions, regions): a 7x7 map at 224x224
+    torch.testing.assert_close(attn.sum(-1), torch.ones(2, 4, 49), atol=1e-5, rtol=0)
+    assert model(_images("resnet18_lstm_attn")).shape == (2, N)
+
+
+def test_registry_lists_and_rejects() -> None:
+    assert {"simple_cnn", "celeb_cnn", "resnext50_32x4d", "resnet18_lstm_attn"} <= set(list_models())
+    assert model_spec("resnext50_32x4d").input_size == (218, 178)
+    assert model_spec("celeb_cnn").options["fc_hidden"] == 512
+    assert model_spec("torchvision:inception_v3").input_size == (299, 299)
+    with pytest.raises(ValueError, match=r"unknown model 'nope'.*simple_cnn.*torchvision:<name>"):
+        build_model("nope", num_attributes=N)
+    with pytest.raises(ValueError, match=r"'widht'.*widths"):
+        build_model("celeb_cnn", num_attributes=N, widht=(8, 16))
+    with pytest.raises(ValueError, match=r"unknown torchvision model 'resnet19'.*resnet18"):
+        build_model("torchvision:resnet19", num_attributes=N)
+    with pytest.raises(ValueError, match="bogus"):
+        build_model("torchvision:mobilenet_v3_small", num_attributes=N, bogus=1)
+    with pytest.raises(ValueError, match="pooling"):
+        build_model("resnet18_lstm_attn", num_attributes=N, pooling="median")
+    with pytest.raises(ValueError, match="no ImageNet weights"):
+        build_model("simple_cnn", num_attributes=N, pretrained="imagenet")
+
+
+def test_torchvision_options_reach_the_builder() -> None:
+    model = build_model("torchvision:efficientnet_b0", num_attributes=3, dropout=0.125)
+    assert model.classifier[0].p == 0.125 and model.classifier[-1].out_features == 3
+
+
+def _cache_resnet18(torch_home: Path, value: float) -> Path:
+    """Write a recognisable resnet18 state dict where torchvision's cache keeps the ImageNet file."""
+    path = cached_weights_path(imagenet_weights("resnet18"))
+    assert path == torch_home / "hub" / "checkpoints" / RESNET18_FILE
+    state = torchvision.models.resnet18().state_dict()
+    state["conv1.weight"].fill_(value)
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    return path
+
+
+def test_imagenet_weights_load_from_the_torch_hub_cache(_isolated_weights: Path) -> None:
+    _cache_resnet18(_isolated_weights, 0.25)
+    lstm = build_model("resnet18_lstm_attn", num_attributes=N, pretrained="imagenet")
+    assert torch.all(lstm.trunk.conv1.weight == 0.25)
+    plain = build_model("torchvision:resnet18", num_attributes=N, pretrained="imagenet")
+    assert torch.all(plain.conv1.weight == 0.25) and plain.fc.weight.shape == (N, 512)
+
+
+def test_missing_imagenet_weights_offline_name_the_file() -> None:
+    with pytest.raises(WeightsUnavailableError, match=RESNET18_FILE) as err:
+        build_model("resnet18_lstm_attn", num_attributes=N, pretrained="imagenet")
+    assert "offline" in str(err.value) and "https://download.pytorch.org/models/" + RESNET18_FILE in str(err.value)
+
+
+def test_failed_download_names_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CELEBA_DIST_OFFLINE")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def no_network(self: object, *args: object, **kwargs: object) -> None:
+        raise URLError("no network in tests")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", no_network)
+    with pytest.raises(WeightsUnavailableError, match=rf"download failed.*{RESNET18_FILE}"):
+        build_model("torchvision:resnet18", num_attributes=N, pretrained="imagenet")
+
+
+def test_state_dict_files_load_with_a_resized_head(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    source = build_model("simple_cnn", num_attributes=N)
+    checkpoint = tmp_path / "ckpt.pt"
+    torch.save({"model": {"module." + k: v for k, v in source.state_dict().items()}, "epoch": 3}, checkpoint)
+    same = build_model("simple_cnn", num_attributes=N, pretrained=str(checkpoint))
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), source.state_dict().values()))
+    with caplog.at_level(logging.WARNING, logger="celeba_dist.models.pretrained"):
+        resized = build_model("simple_cnn", num_attributes=5, pretrained=str(checkpoint))
+    assert "head.weight" in caplog.text
+    assert torch.equal(resized.features[0].weight, source.features[0].weight) and resized.head.out_features == 5
+
+
+def test_state_dict_file_of_another_model_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "simple.pt"
+    torch.save(build_model("simple_cnn", num_attributes=N).state_dict(), path)
+    with pytest.raises(ValueError, match=r"missing keys .*features\.0\..*unexpected keys"):
+        build_model("celeb_cnn", num_attributes=N, pretrained=str(path))
+    with pytest.raises(FileNotFoundError, match="no_such_file"):
+        build_model("simple_cnn", num_attributes=N, pretrained=str(tmp_path / "no_such_file.pt"))
+
+
+def test_list_main_prints_every_model_with_counts(capsys: pytest.CaptureFixture[str]) -> None:
+    assert list_main([]) == 0
+    out = capsys.readouterr().out
+    for name in MODELS:
+        total, _ = count_parameters(build_model(name, num_attributes=N))
+        assert name in out and f"{total:,}" in out
+    assert "torchvision:resnet50" in out and "torchvision:<name>" in out
