@@ -338,7 +338,7 @@ def validate_choices(config: Config) -> None:
     except ValueError as exc:
         raise ConfigError(f"model.name: {exc}") from exc
     unknown = sorted(set(config.model.options) - set(spec.options))
-    if unknown:
+    if unknown and not spec.forwards_options:  # torchvision:<name> options are checked when built
         raise ConfigError(f"unknown key(s) {['model.' + k for k in unknown]} for model {config.model.name}; "
                           f"valid: {['model.' + k for k in ('name', 'pretrained', *spec.options)]}")
     try:
@@ -371,6 +371,13 @@ def load_config(
         tree.setdefault("run", {}).setdefault("name", recipe_path.stem)
         if "name" not in recipe.get("run", {}):
             tree["run"]["name"] = recipe_path.stem
+    return config_from_tree(tree, overrides, data_dir=data_dir, run_dir=run_dir)
+
+
+def config_from_tree(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), *,
+                     data_dir: str | None = None, run_dir: str | None = None) -> Config:
+    """A resolved mapping (e.g. a checkpoint's config) with ``--data``/``--run-dir`` and overrides applied."""
+    tree = copy.deepcopy(tree)
     if data_dir is not None:
         tree.setdefault("data", {})["root"] = str(data_dir)
     if run_dir is not None:
@@ -378,6 +385,9 @@ def load_config(
     for text in overrides:
         parts, value = parse_override(text)
         _set_dotted(tree, parts, value, f"--set {text}")
+    model = tree.get("model") or {}
+    if isinstance(model.get("options"), dict):  # a saved config nests the model's own keys
+        tree["model"] = {**{k: v for k, v in model.items() if k != "options"}, **model["options"]}
     return from_dict(tree)
 
 

@@ -119,13 +119,18 @@ def make_saver(cfg: Config, accelerator: Accelerator, model, optimizer, schedule
     ckpt_dir = cfg.run_dir / "checkpoints"
 
     def save(state: TrainState, *, best: bool = False, thresholds: list[float] | None = None) -> Path:
+        # DDP keeps the weights identical on every rank, so every rank reaches the same verdict.
+        bad = [n for n, p in accelerator.unwrap_model(model).named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise NonFiniteLossError(f"non-finite loss at optimizer step {state.global_step}: weights {bad[:3]} "
+                                     f"are not finite; not checkpointed (the last good checkpoint stays in {ckpt_dir})")
         rngs = gather_list(accelerator, [rng_state()])
         seen = gather_list(accelerator, [state.samples_seen])
         path = step_path(ckpt_dir, state.global_step)
         if accelerator.is_main_process:
             scaler = accelerator.scaler
             atomic_save({
-                "model": accelerator.unwrap_model(model).state_dict(),
+                "model": accelerator.unwrap_model(model, keep_torch_compile=False).state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
@@ -160,7 +165,7 @@ def resume(cfg: Config, accelerator: Accelerator, model, optimizer, scheduler) -
     else:
         path = Path(cfg.run.resume)
         ckpt = load_checkpoint(path)
-    accelerator.unwrap_model(model).load_state_dict(ckpt["model"])
+    accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     if ckpt.get("scaler") and accelerator.scaler is not None:
@@ -335,7 +340,7 @@ def _final_test(trainer: Trainer, data: ShardData, state: TrainState) -> dict[st
     """Evaluate val and test with the best checkpoint's weights and thresholds."""
     cfg, acc = trainer.cfg, trainer.accelerator
     best = load_checkpoint(cfg.run_dir / "checkpoints" / BEST)
-    acc.unwrap_model(trainer.model).load_state_dict(best["model"])
+    acc.unwrap_model(trainer.model, keep_torch_compile=False).load_state_dict(best["model"])
     thresholds = best.get("thresholds")
     results = {}
     for split in cfg.train.eval_splits:

@@ -36,7 +36,7 @@ def open_jpeg(data: bytes, *, min_size: tuple[int, int] | None = None) -> Image.
     img = Image.open(io.BytesIO(data))
     if min_size is not None and img.format == "JPEG":
         img.draft("RGB", min_size)
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -65,12 +65,15 @@ def crop178_resize(*, image_size: tuple[int, int], train: bool) -> Transform:
         if img.format == "JPEG":
             scale = max(out_w, out_h) / width  # the square crop's side becomes the output side
             img.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-        img = img.convert("RGB")
+        if img.mode != "RGB":
+            img = img.convert("RGB")
         side = img.width
         top = (img.height - side) // 2
-        img = img.crop((0, top, side, top + side))
-        if img.size != (out_w, out_h):
-            img = img.resize((out_w, out_h), Image.Resampling.BILINEAR)
+        box = (0, top, side, top + side)
+        if (side, side) == (out_w, out_h):
+            img = img.crop(box)
+        else:  # crop and resize in one pass
+            img = img.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box)
         return to_tensor(_maybe_flip(img, train))
 
     return apply

@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 from urllib.error import URLError
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -155,7 +156,8 @@ def test_failed_download_names_the_file(monkeypatch: pytest.MonkeyPatch) -> None
 def test_state_dict_files_load_with_a_resized_head(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     source = build_model("simple_cnn", num_attributes=N)
     checkpoint = tmp_path / "ckpt.pt"
-    torch.save({"model": {"module." + k: v for k, v in source.state_dict().items()}, "epoch": 3}, checkpoint)
+    rng = {"numpy": np.random.get_state(), "torch": torch.get_rng_state()}  # as in our checkpoints
+    torch.save({"model": {"module." + k: v for k, v in source.state_dict().items()}, "rng": rng}, checkpoint)
     same = build_model("simple_cnn", num_attributes=N, pretrained=str(checkpoint))
     assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), source.state_dict().values()))
     with caplog.at_level(logging.WARNING, logger="celeba_dist.models.pretrained"):

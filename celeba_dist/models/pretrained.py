@@ -113,8 +113,11 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """A state dict from ``path``: a plain one, or the ``model``/``state_dict`` entry of a checkpoint."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(f"{path} holds more than tensors and plain containers (weights_only load failed): {exc}") from exc
+    except pickle.UnpicklingError:
+        # Our own training checkpoints also hold numpy RNG states, which the safe loader refuses;
+        # the file is a local path the user named, trusted like celeba_dist.checkpoint trusts it.
+        log.warning("%s holds more than tensors; loading it with weights_only=False (only use files you trust)", path)
+        obj = torch.load(path, map_location="cpu", weights_only=False)
     for key in ("model", "state_dict"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]

@@ -7,7 +7,9 @@ is the crop size of the model's DEFAULT ImageNet weights (224 for most, 299 for 
 """
 from __future__ import annotations
 
+import difflib
 import functools
+import inspect
 
 import torchvision
 from torch import nn
@@ -19,9 +21,9 @@ IMAGENET_CLASSES = 1000
 
 
 @functools.cache
-def torchvision_names() -> list[str]:
+def torchvision_names() -> tuple[str, ...]:
     """Names of torchvision's image classification models."""
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+    return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
 
 
 def _default_input_size(name: str) -> tuple[int, int]:
@@ -33,9 +35,10 @@ def _default_input_size(name: str) -> tuple[int, int]:
 def torchvision_spec(name: str) -> ModelSpec:
     """The ModelSpec of ``torchvision:<name>``; unknown names raise ValueError."""
     if name not in torchvision_names():
+        close = difflib.get_close_matches(name, torchvision_names(), n=5, cutoff=0.5)
         raise ValueError(
-            f"unknown torchvision model {name!r}; valid names include "
-            f"{', '.join(torchvision_names()[:12])}, ... ({len(torchvision_names())} in all: "
+            f"unknown torchvision model {name!r}; closest: {close or 'none'}; others include "
+            f"{', '.join(torchvision_names()[:8])}, ... ({len(torchvision_names())} in all: "
             "torchvision.models.list_models(module=torchvision.models))"
         )
     return ModelSpec(
@@ -81,6 +84,16 @@ def build_torchvision(name: str, *, num_attributes: int, imagenet: str | None = 
         model = torchvision_model(name, imagenet=imagenet, **options)
     except TypeError as exc:
         raise ValueError(f"torchvision model {name!r} rejected option(s) {sorted(options)}: {exc}") from exc
+    _check_options(name, model, options)
     _drop_aux_heads(model)
     replace_classifier(model, num_attributes)
     return model
+
+
+def _check_options(name: str, model: nn.Module, options: dict[str, object]) -> None:
+    """Reject options the model class does not name: some (MobileNetV3) swallow unknown ``**kwargs``."""
+    params = inspect.signature(type(model).__init__).parameters.values()
+    valid = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("self", "num_classes")]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for torchvision model {name!r}; valid: {valid}")

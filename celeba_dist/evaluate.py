@@ -1,0 +1,87 @@
+"""``celeba-dist eval``: re-evaluate any checkpoint on a split, on one or many processes.
+
+Uses the checkpoint's own config (model, transform, attributes, thresholds); ``--data`` and
+``--set`` may change where the shards are and how they are read. Works unchanged under
+``accelerate launch`` and ``torchrun``; the counts are exact whatever the world size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from celeba_dist.checkpoint import BEST, load_checkpoint
+from celeba_dist.config import ConfigError, config_from_tree
+from celeba_dist.data import ShardData
+from celeba_dist.distributed import build_accelerator
+from celeba_dist.engine import evaluate
+from celeba_dist.logs import setup_logging
+from celeba_dist.losses import LOSSES
+from celeba_dist.manifest import ManifestError
+from celeba_dist.metrics import compute_metrics, format_table
+from celeba_dist.train import build_model_for, eval_loader
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_path(run: str | None, checkpoint: str | None) -> Path:
+    if checkpoint:
+        return Path(checkpoint)
+    path = Path(run) / "checkpoints" / BEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the run has no best checkpoint yet")
+    return path
+
+
+def evaluate_checkpoint(path: Path, *, split: str, data_dir: str | None, overrides: list[str]) -> dict:
+    """Metrics of the checkpoint at ``path`` on ``split`` (every rank returns them)."""
+    ckpt = load_checkpoint(path)
+    cfg = config_from_tree(ckpt["config"], ["model.pretrained=none", "run.resume=none", *overrides],
+                           data_dir=data_dir)  # the weights come from the checkpoint
+    accelerator = build_accelerator(cfg)
+    setup_logging(rank=accelerator.process_index, is_main=accelerator.is_main_process)
+    data = ShardData(cfg.data.root, ckpt["attributes"])
+    model = build_model_for(cfg, len(data.attributes)).to(accelerator.device)
+    model.load_state_dict(ckpt["model"])
+    preds = evaluate(model, eval_loader(cfg, data, split, accelerator), accelerator=accelerator, cfg=cfg,
+                     to_prob=LOSSES[cfg.loss.name].to_prob, expected=data.split(split).num_samples, split=split,
+                     num_attributes=len(data.attributes))
+    thresholds = ckpt.get("thresholds")
+    metrics = compute_metrics(preds.probs, preds.targets, data.attributes,
+                              torch.tensor(thresholds) if thresholds else 0.5)
+    metrics["checkpoint"], metrics["split"] = str(path), split
+    metrics["world_size"] = accelerator.num_processes
+    return metrics if accelerator.is_main_process else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="celeba-dist eval", description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="a run directory (uses checkpoints/best.pt)")
+    source.add_argument("--checkpoint", help="a checkpoint file")
+    parser.add_argument("--data", help="shards folder (default: the one the run trained on)")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--out", help="write the metrics as JSON here (default RUN/eval_<split>.json with --run)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. data.num_workers=4")
+    args = parser.parse_args(argv)
+    try:
+        path = checkpoint_path(args.run, args.checkpoint)
+        metrics = evaluate_checkpoint(path, split=args.split, data_dir=args.data, overrides=args.set)
+    except (ConfigError, ManifestError, FileNotFoundError, RuntimeError, ValueError) as exc:
+        print(f"celeba-dist eval: error: {exc}", file=sys.stderr)
+        return 1
+    if metrics:
+        print(format_table(metrics, title=f"{args.split}: {path}"))
+        out = Path(args.out) if args.out else (Path(args.run) / f"eval_{args.split}.json" if args.run else None)
+        if out:
+            out.write_text(json.dumps(metrics, indent=2) + "\n")
+            print(f"metrics written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

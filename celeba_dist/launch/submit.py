@@ -1,0 +1,261 @@
+"""``celeba-dist submit``: one training run as a SLURM job through submitit (or ``--local``).
+
+The launcher only translates the cluster: each SLURM task turns its environment into
+``RANK``/``WORLD_SIZE``/``MASTER_ADDR``... (:mod:`celeba_dist.launch.cluster_env`) and calls the
+same ``celeba_dist.train.main(config)`` as every other launcher, imported lazily on the node.
+
+Preemption and time limits: SLURM sends ``SIGUSR2`` ``--signal-delay`` seconds before the limit
+(``scancel --signal=USR2 JOB`` does the same by hand). The training loop turns it into a
+checkpoint on every rank and returns ``status="preempted"``; rank 0 then calls submitit's own
+handler, which pickles :meth:`TrainTask.checkpoint` and runs ``scontrol requeue``. The requeued
+job resumes from the run folder's newest checkpoint. ``run.max_requeues`` bounds the requeues.
+
+    celeba-dist submit --config smiling_simple_cnn --data shards --run-dir runs/smile \\
+        --nodes 2 --gpus-per-node 4 --cpus-per-task 8 --mem 64G --time 240 --partition gpu
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import submitit
+
+from celeba_dist.launch import cluster_env
+from celeba_dist.launch.status import record_job
+
+log = logging.getLogger(__name__)
+
+LOG_SUBDIR = "slurm"  # submitit's pickles and the tasks' stdout/stderr: RUN_DIR/slurm/<job id>_<task>_log.out
+
+
+class TrainTask:
+    """What every task of the job runs: translate the cluster, train, requeue when preempted."""
+
+    def __init__(self, *, config: str, overrides: Sequence[str], data_dir: str, run_dir: str):
+        self.config = config
+        self.overrides = list(overrides)
+        self.data_dir = data_dir
+        self.run_dir = run_dir
+
+    def __call__(self) -> dict[str, Any]:
+        cluster = cluster_env.apply()
+        from celeba_dist.config import load_config
+        from celeba_dist.train import main
+
+        cfg = load_config(self.config, self.overrides, data_dir=self.data_dir, run_dir=self.run_dir)
+        if cluster.rank == 0:
+            record_job(cfg.run_dir, "started", job_id=_job_id(), restart=cluster.restart_count,
+                       nodes=cluster.num_nodes, world_size=cluster.world_size, master=cluster.master_addr)
+        result = main(cfg)
+        if result["status"] == "preempted":
+            self._requeue(cluster, cfg.run.max_requeues)
+        return result
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit's requeue handler: resubmit the same task (it resumes from the run folder)."""
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+    def _requeue(self, cluster: cluster_env.ClusterEnv, max_requeues: int) -> None:
+        """After a preemption checkpoint: rank 0 requeues the job through submitit; the others leave.
+
+        Every rank takes the same decision from the same inputs (``SLURM_RESTART_COUNT`` and the
+        config), so no collective is needed after ``main`` has returned.
+        """
+        if cluster.scheduler == "none":
+            return
+        if cluster.restart_count >= max_requeues:
+            log.warning("preempted after %d requeue(s): run.max_requeues=%d reached, not requeueing",
+                        cluster.restart_count, max_requeues)
+            return
+        if cluster.rank != 0:
+            log.info("rank %d: checkpoint written, rank 0 requeues the job", cluster.rank)
+            raise SystemExit(0)  # no result file: the requeued job writes this task's result
+        sig = preempt_signal()
+        handler = signal.getsignal(sig)
+        if not callable(handler):
+            raise RuntimeError(f"no submitit handler for {sig.name}; cannot requeue (not started by submitit?)")
+        record_job(Path(self.run_dir), "requeue", job_id=_job_id(), restart=cluster.restart_count)
+        log.info("requeueing job %s (requeue %d of at most %d)", _job_id(), cluster.restart_count + 1, max_requeues)
+        handler(sig, None)  # pickles self.checkpoint(), `scontrol requeue`s the job and exits
+
+
+def preempt_signal() -> signal.Signals:
+    """The signal submitit's requeue handler is installed on (``SUBMITIT_PREEMPT_SIGNAL``, default USR2)."""
+    return signal.Signals[f"SIG{os.environ.get('SUBMITIT_PREEMPT_SIGNAL', 'USR2')}"]
+
+
+def _job_id() -> str | None:
+    """This job's id as ``sacct`` shows it (``ARRAY_INDEX`` for array members)."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
+
+
+# ---------------------------------------------------------------------------------------------
+# Resources → executor
+
+
+def add_resource_arguments(parser: argparse.ArgumentParser) -> None:
+    """The SLURM options ``submit`` and ``sweep`` share."""
+    group = parser.add_argument_group("resources (per job)")
+    group.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    group.add_argument("--gpus-per-node", type=int, default=0,
+                       help="GPUs per node, one task each; 0: CPU partition, one task per node (default 0)")
+    group.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per task (data loader workers + 1)")
+    group.add_argument("--mem", default=None, help="memory per node, SLURM syntax: 64G, 4000M")
+    group.add_argument("--time", type=int, default=60, help="time limit in minutes (default 60)")
+    group.add_argument("--signal-delay", type=int, default=90,
+                       help="seconds before the time limit when SLURM sends USR2 to checkpoint and requeue (default 90)")
+    group.add_argument("--partition", default=None)
+    group.add_argument("--account", default=None)
+    group.add_argument("--qos", default=None)
+    group.add_argument("--constraint", default=None)
+    group.add_argument("--job-name", default=None, help="default: the run folder's name")
+    group.add_argument("--exclusive", action="store_true", help="whole nodes for this job")
+    group.add_argument("--slurm", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="any other sbatch option, e.g. mail-type=END reservation=demo (KEY alone: a flag)")
+    group.add_argument("--local", action="store_true",
+                       help="run on this machine with submitit's LocalExecutor (one node) instead of SLURM")
+    group.add_argument("--dry-run", action="store_true", help="print the sbatch script and submit nothing")
+    group.add_argument("--wait", action="store_true", help="block until the job ends; exit non-zero unless it completed")
+
+
+def parse_slurm_options(items: Sequence[str]) -> dict[str, Any]:
+    """``["mail-type=END", "overcommit"]`` → ``{"mail-type": "END", "overcommit": True}``."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().lstrip("-")
+        if not key:
+            raise ValueError(f"--slurm {item!r}: expected KEY=VALUE or KEY")
+        options[key] = value if sep else True
+    return options
+
+
+def slurm_parameters(args: argparse.Namespace, *, job_name: str) -> dict[str, Any]:
+    """submitit ``SlurmExecutor`` parameters (sbatch names) for the parsed resource options."""
+    if args.nodes < 1 or args.gpus_per_node < 0:
+        raise ValueError("--nodes must be >= 1 and --gpus-per-node >= 0")
+    params: dict[str, Any] = {
+        "job_name": job_name,
+        "nodes": args.nodes,
+        "ntasks_per_node": max(args.gpus_per_node, 1),
+        "time": args.time,
+        "signal_delay_s": args.signal_delay,
+        # a failing task ends the step at once instead of leaving its peers in a collective
+        "srun_args": ["--kill-on-bad-exit=1"],
+        "additional_parameters": {"requeue": True, **parse_slurm_options(args.slurm)},
+    }
+    if args.gpus_per_node:
+        params["gpus_per_node"] = args.gpus_per_node
+    optional = {"cpus_per_task": args.cpus_per_task, "mem": args.mem, "partition": args.partition,
+                "account": args.account, "qos": args.qos, "constraint": args.constraint}
+    params.update({k: v for k, v in optional.items() if v is not None})
+    if args.exclusive:
+        params["exclusive"] = True
+    return params
+
+
+def build_executor(args: argparse.Namespace, folder: Path, *, job_name: str, max_requeues: int) -> submitit.Executor:
+    """A SLURM executor for the resource options, or submitit's LocalExecutor with ``--local``."""
+    if args.local:
+        if args.nodes != 1:
+            raise ValueError("--local runs on this machine: --nodes must be 1")
+        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=max_requeues)
+        executor.update_parameters(tasks_per_node=max(args.gpus_per_node, 1), gpus_per_node=args.gpus_per_node,
+                                   timeout_min=args.time, signal_delay_s=args.signal_delay)
+        return executor
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_requeues)
+    executor.update_parameters(**slurm_parameters(args, job_name=job_name))
+    return executor
+
+
+def sbatch_script(args: argparse.Namespace, folder: Path, *, job_name: str) -> str:
+    """The sbatch script a submission would use, without submitting (``--dry-run``).
+
+    submitit has no public call for this text; ``_make_sbatch_string`` is the function its
+    ``SlurmExecutor`` uses, so the script printed is the one ``sbatch`` would get (it also works
+    where SLURM is not installed, unlike constructing the executor).
+    """
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    return _make_sbatch_string(command=command, folder=folder, **slurm_parameters(args, job_name=job_name))
+
+
+def wait_for(jobs: Sequence[submitit.Job]) -> list[dict[str, Any] | None]:
+    """Block until the jobs end; rank 0's result of each, or None where the job failed."""
+    results: list[dict[str, Any] | None] = []
+    for job in jobs:
+        try:
+            results.append(job.results()[0])
+        except submitit.core.utils.UncompletedJobError as exc:  # FailedJobError included
+            print(f"job {job.job_id} failed: {exc}", file=sys.stderr)
+            results.append(None)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="celeba-dist submit", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser.add_argument("--config", required=True, help="a shipped recipe name or a YAML file")
+    parser.add_argument("--data", required=True, type=Path, help="the packed shards folder (manifest.json inside)")
+    parser.add_argument("--run-dir", required=True, type=Path, help="the run folder (checkpoints, logs, TensorBoard)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted config overrides")
+    add_resource_arguments(parser)
+    return parser
+
+
+def resolve_task(config: str, overrides: Sequence[str], data: Path, run_dir: Path) -> tuple[TrainTask, Any]:
+    """Validate the config here, before anything is queued; the task carries absolute paths."""
+    from celeba_dist.config import load_config
+
+    config_arg = str(Path(config).resolve()) if Path(config).suffix in (".yaml", ".yml") else config
+    task = TrainTask(config=config_arg, overrides=overrides, data_dir=str(data.resolve()),
+                     run_dir=str(run_dir.resolve()))
+    cfg = load_config(task.config, task.overrides, data_dir=task.data_dir, run_dir=task.run_dir)
+    return task, cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from celeba_dist.config import ConfigError
+
+    try:
+        task, cfg = resolve_task(args.config, args.set, args.data, args.run_dir)
+        job_name = args.job_name or cfg.run_dir.name
+        folder = cfg.run_dir / LOG_SUBDIR / "%j"
+        if args.dry_run:
+            print(sbatch_script(args, folder, job_name=job_name))
+            return 0
+        executor = build_executor(args, folder, job_name=job_name, max_requeues=cfg.run.max_requeues)
+    except (ConfigError, ValueError) as exc:
+        print(f"celeba-dist submit: error: {exc}", file=sys.stderr)
+        return 2
+    job = executor.submit(task)
+    record_job(cfg.run_dir, "submitted", job_id=job.job_id, executor="local" if args.local else "slurm",
+               nodes=args.nodes, gpus_per_node=args.gpus_per_node, log_dir=str(job.paths.folder),
+               command=" ".join(map(shlex.quote, ["celeba-dist", "submit", *(argv or sys.argv[1:])])))
+    print(f"submitted job {job.job_id}: {args.nodes} node(s) x {max(args.gpus_per_node, 1)} task(s)")
+    print(f"  run folder:  {cfg.run_dir}")
+    print(f"  logs:        {job.paths.stdout.parent}")
+    print(f"  status:      celeba-dist jobs --run-dir {cfg.run_dir}")
+    print(f"  TensorBoard: tensorboard --logdir {cfg.run_dir}")
+    if not args.wait:
+        return 0
+    result = wait_for([job])[0]
+    if result is None:
+        return 1
+    print(f"job {job.job_id}: {result['status']} at step {result['global_step']}, best {result['best']}")
+    return 0 if result["status"] == "completed" else 1

@@ -1,0 +1,127 @@
+"""``celeba-dist predict``: one CSV row per image (id, 0/1 decision and probability per attribute).
+
+Input is a folder of images (searched recursively, in sorted order) or a packed shards folder
+(every split, or ``--split``). Rows are streamed to a temporary file and renamed at the end, so
+any number of images fits in memory and an interrupted run leaves no half CSV behind.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from celeba_dist.checkpoint import load_checkpoint
+from celeba_dist.config import Config, ConfigError, config_from_tree
+from celeba_dist.data import ShardData, eval_stream, make_loader
+from celeba_dist.engine import prepare_batch
+from celeba_dist.losses import LOSSES
+from celeba_dist.manifest import MANIFEST_NAME, ManifestError
+from celeba_dist.train import build_model_for
+from celeba_dist.transforms import build_transform
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+class ImageFolderStream(IterableDataset):
+    """Batches of (uint8 images, dummy labels, ids) from image files, split across loader workers."""
+
+    def __init__(self, files: list[Path], transform, *, batch_size: int, num_attributes: int):
+        super().__init__()
+        self.files, self.transform = files, transform
+        self.batch_size, self.num_attributes = batch_size, num_attributes
+
+    def __iter__(self) -> Iterator:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        mine = self.files[worker::workers]
+        for start in range(0, len(mine), self.batch_size):
+            chunk = mine[start: start + self.batch_size]
+            images = []
+            for path in chunk:
+                try:
+                    images.append(self.transform(path.read_bytes()))
+                except Exception as exc:
+                    raise RuntimeError(f"cannot read image {path}: {exc}") from exc
+            yield torch.stack(images), torch.zeros(len(chunk), self.num_attributes), [p.stem for p in chunk]
+
+
+def image_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
+    return files
+
+
+def batches(cfg: Config, source: Path, attributes: list[str], split: str | None, batch_size: int) -> Iterator:
+    transform = build_transform(cfg.data.transform, image_size=cfg.data.image_size, train=False)
+    if (source / MANIFEST_NAME).is_file():
+        data = ShardData(str(source), "all")  # the shards' own labels are read but not used
+        for name in [split] if split else ["train", "val", "test"]:
+            stream = eval_stream(data, name, transform, batch_size=batch_size, rank=0, world_size=1)
+            yield from make_loader(stream, num_workers=cfg.data.num_workers)
+    else:
+        stream = ImageFolderStream(image_files(source), transform, batch_size=batch_size,
+                                   num_attributes=len(attributes))
+        yield from make_loader(stream, num_workers=cfg.data.num_workers)
+
+
+@torch.no_grad()
+def predict(checkpoint: Path, source: Path, out: Path, *, split: str | None = None, batch_size: int = 0,
+            overrides: list[str] = ()) -> int:
+    """Write predictions for every image of ``source`` to ``out``; returns the row count."""
+    ckpt = load_checkpoint(checkpoint)
+    cfg = config_from_tree(ckpt["config"], ["model.pretrained=none", *overrides])
+    attributes = ckpt["attributes"]
+    thresholds = torch.tensor(ckpt.get("thresholds") or [0.5] * len(attributes))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model_for(cfg, len(attributes)).to(device).eval()
+    model.load_state_dict(ckpt["model"])
+    to_prob = LOSSES[cfg.loss.name].to_prob
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    rows = 0
+    try:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["id", *attributes, *[f"{a}_prob" for a in attributes]])
+            for images, labels, keys in batches(cfg, source, attributes, split, batch_size or cfg.data.batch_size):
+                x, _ = prepare_batch(images, labels, device=device, normalize=cfg.data.normalize,
+                                     channels_last=cfg.train.channels_last)
+                probs = to_prob(model(x).float()).cpu()
+                decisions = (probs >= thresholds).int()
+                for key, d, p in zip(keys, decisions.tolist(), probs.tolist()):
+                    writer.writerow([key, *d, *[f"{v:.6f}" for v in p]])
+                rows += len(keys)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="celeba-dist predict", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--input", required=True, help="a folder of images, or a packed shards folder")
+    parser.add_argument("--out", required=True, help="the CSV to write")
+    parser.add_argument("--split", choices=["train", "val", "test"], help="shards input: only this split")
+    parser.add_argument("--batch-size", type=int, default=0)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. data.num_workers=4")
+    args = parser.parse_args(argv)
+    try:
+        rows = predict(Path(args.checkpoint), Path(args.input), Path(args.out), split=args.split,
+                       batch_size=args.batch_size, overrides=args.set)
+    except (ConfigError, ManifestError, FileNotFoundError, RuntimeError) as exc:
+        print(f"celeba-dist predict: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {rows} predictions to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

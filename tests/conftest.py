@@ -1,0 +1,62 @@
+"""Shared fixtures.
+
+SLURM: tests that need a cluster take the ``slurm_cluster`` fixture (and carry
+``@pytest.mark.slurm``). It finds the cluster through the file
+``$CELEBA_DIST_SLURM_DIR/slurm.conf`` (default ``/tmp/celeba-dist-slurm/slurm.conf``), written by
+``tests/slurm/start_cluster.sh``, and exports ``SLURM_CONF`` for the session so that sbatch,
+srun, sacct and submitit talk to it. Without a reachable cluster these tests skip, unless
+``CELEBA_DIST_REQUIRE_SLURM=1`` (set by CI), where the skip becomes a failure.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SLURM_DIR = Path(os.environ.get("CELEBA_DIST_SLURM_DIR", "/tmp/celeba-dist-slurm"))
+SLURM_NODES = ("n1", "n2")
+
+
+def _cluster_problem(conf: Path) -> str | None:
+    """Why the test cluster cannot be used, or None when it answers with both nodes up."""
+    missing = [tool for tool in ("sbatch", "srun", "sinfo", "sacct", "scontrol") if shutil.which(tool) is None]
+    if missing:
+        return f"SLURM client tools not installed ({', '.join(missing)}); run: sudo bash .ci/slurm.sh"
+    if not conf.is_file():
+        return f"no test cluster: {conf} does not exist; start one with: sudo bash tests/slurm/start_cluster.sh"
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    try:
+        out = subprocess.run(["sinfo", "--noheader", "--Node", "--format=%N %t"], env=env, capture_output=True,
+                             text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"the test cluster of {conf} does not answer ({exc}); restart it: sudo bash tests/slurm/start_cluster.sh"
+    up = {line.split()[0] for line in out.splitlines()
+          if line.split()[1].rstrip("*~#") in ("idle", "mix", "alloc", "comp")}
+    if not set(SLURM_NODES) <= up:
+        return f"test cluster nodes not up (sinfo: {out.strip()!r}); restart it: sudo bash tests/slurm/start_cluster.sh"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The test cluster's slurm.conf, with ``SLURM_CONF`` exported for this session."""
+    conf = SLURM_DIR / "slurm.conf"
+    problem = _cluster_problem(conf)
+    if problem:
+        if os.environ.get("CELEBA_DIST_REQUIRE_SLURM") == "1":
+            pytest.fail(f"{problem} (CELEBA_DIST_REQUIRE_SLURM=1: a missing cluster is a failure)")
+        pytest.skip(problem)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("SLURM_CONF", str(conf))
+    yield conf
+    patch.undo()
+
+
+@pytest.fixture(scope="session")
+def slurm_folder(tmp_path_factory, slurm_cluster) -> Path:
+    """A fresh submitit folder per session: job ids restart when the cluster's state is wiped,
+    and submitit would read an old job's result from a reused folder."""
+    return tmp_path_factory.mktemp("submitit")

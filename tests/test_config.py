@@ -1,0 +1,79 @@
+"""Configuration: every recipe validates, overrides apply with types, bad configs name the key."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from celeba_dist.config import ConfigError, load_config, shipped_recipes
+
+EXPECTED_RECIPES = {"smiling_simple_cnn", "attrs40_celeb_cnn", "attrs40_resnext50", "male_resnet18_lstm_attn", "best_40attr"}
+
+
+def test_shipped_recipes_all_validate():
+    assert EXPECTED_RECIPES <= set(shipped_recipes())
+    for name in shipped_recipes():
+        cfg = load_config(name)
+        assert cfg.run.name == name
+        assert cfg.data.batch_size >= 1
+
+
+def test_recipe_values_and_defaults_merge():
+    cfg = load_config("attrs40_resnext50")
+    assert cfg.model.name == "resnext50_32x4d"
+    assert cfg.model.options == {"freeze_children": 6}
+    assert cfg.loss.name == "mse_pm1" and cfg.optim.name == "adamax" and cfg.train.epochs == 12
+    assert cfg.data.image_size == (218, 178)
+    assert cfg.train.log_every_steps == 50  # from the defaults
+
+
+def test_dotted_overrides_are_typed(tmp_path):
+    cfg = load_config("smiling_simple_cnn", ["optim.lr=3e-4", "data.batch_size=64", "data.attributes=[Smiling, Male]",
+                                              "train.precision=bf16", "data.image_size=[32, 32]"],
+                      data_dir=str(tmp_path), run_dir=str(tmp_path / "run"))
+    assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.data.batch_size == 64
+    assert cfg.data.attributes == ["Smiling", "Male"]
+    assert cfg.data.image_size == (32, 32)
+    assert cfg.data.root == str(tmp_path)
+    assert cfg.run_dir == tmp_path / "run"
+
+
+def test_config_file_and_model_options(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name": "simple_cnn", "dropout": 0.25}, "train": {"epochs": 2}}))
+    cfg = load_config(str(path))
+    assert cfg.model.options == {"dropout": 0.25}
+    assert cfg.run.name == "mine"
+
+
+@pytest.mark.parametrize("override, message", [
+    (["optim.lrr=1"], "unknown key optim.lrr"),
+    (["nosuch.key=1"], "unknown section"),
+    (["data.batch_size=abc"], "data.batch_size: expected an integer"),
+    (["train.precision=fp8"], "train.precision"),
+    (["model.name=resnet9000"], "model.name"),
+    (["optim.name=lion"], "optim.name: unknown choice 'lion'"),
+    (["sched.name=warp"], "sched.name"),
+    (["loss.name=hinge"], "loss.name"),
+    (["data.attributes=[Smiling, Smiley]"], "Smiley"),
+    (["model.dropoutt=0.1"], "model.dropoutt"),
+    (["data.transform=zoom"], "data.transform"),
+    (["train.epochs=0"], "train.epochs"),
+])
+def test_bad_configs_name_the_key_and_choices(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")) as info:
+        load_config("smiling_simple_cnn", override)
+    if "unknown choice" in message:
+        assert "valid" in str(info.value)
+
+
+def test_unknown_recipe_lists_shipped():
+    with pytest.raises(ConfigError, match="smiling_simple_cnn"):
+        load_config("no_such_recipe")
+
+
+def test_bad_yaml_names_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml"):
+        load_config(str(path))

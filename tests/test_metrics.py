@@ -1,0 +1,58 @@
+"""Metrics against brute-force definitions."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from celeba_dist.metrics import auroc, balanced_thresholds, compute_metrics
+
+
+def brute_auroc(scores, labels):
+    pos = [s for s, l in zip(scores, labels) if l]
+    neg = [s for s, l in zip(scores, labels) if not l]
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg))
+    return wins / (len(pos) * len(neg))
+
+
+def test_auroc_matches_pairwise_definition_with_ties():
+    g = torch.Generator().manual_seed(0)
+    scores = (torch.rand(200, 3, generator=g) * 10).round() / 10  # many ties
+    labels = (torch.rand(200, 3, generator=g) < 0.3).float()
+    got = auroc(scores, labels)
+    for a in range(3):
+        assert math.isclose(float(got[a]), brute_auroc(scores[:, a].tolist(), labels[:, a].tolist()), abs_tol=1e-12)
+
+
+def test_counts_and_means():
+    probs = torch.tensor([[0.9, 0.2], [0.4, 0.6], [0.7, 0.1], [0.2, 0.8]])
+    targets = torch.tensor([[1, 0], [1, 1], [0, 0], [0, 0]]).float()
+    m = compute_metrics(probs, targets, ["A", "B"])
+    a = m["attributes"]["A"]
+    assert (a["tp"], a["fp"], a["tn"], a["fn"]) == (1, 1, 1, 1)
+    assert a["accuracy"] == 0.5 and a["balanced_accuracy"] == 0.5 and a["f1"] == 0.5
+    b = m["attributes"]["B"]
+    assert (b["tp"], b["fp"], b["tn"], b["fn"]) == (1, 1, 2, 0)
+    assert b["accuracy"] == 0.75
+    assert math.isclose(b["balanced_accuracy"], 0.5 * (1.0 + 2 / 3))
+    assert math.isclose(b["f1"], 2 / 3)
+    assert m["mean"]["num_samples"] == 4
+    assert math.isclose(m["mean"]["accuracy"], 0.625)
+
+
+def test_single_class_attribute_has_no_auroc():
+    m = compute_metrics(torch.tensor([[0.2], [0.7]]), torch.tensor([[0.0], [0.0]]), ["A"])
+    assert m["attributes"]["A"]["auroc"] is None
+    assert m["attributes"]["A"]["balanced_accuracy"] == 0.5  # only the TNR is defined
+
+
+def test_balanced_thresholds_maximise_balanced_accuracy():
+    g = torch.Generator().manual_seed(1)
+    labels = (torch.rand(500, 1, generator=g) < 0.1).float()
+    scores = (labels * 0.3 + torch.rand(500, 1, generator=g) * 0.5)  # positives higher, all below 0.8
+    thr = balanced_thresholds(scores, labels)
+    tuned = compute_metrics(scores, labels, ["A"], thr)["attributes"]["A"]["balanced_accuracy"]
+    for t in torch.linspace(0, 1, 101):
+        other = compute_metrics(scores, labels, ["A"], t)["attributes"]["A"]["balanced_accuracy"]
+        assert tuned >= other - 1e-12

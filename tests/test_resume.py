@@ -1,0 +1,114 @@
+"""Checkpoints survive SIGKILL: a killed run restarted with the same command ends where an uninterrupted one does."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from celeba_dist.checkpoint import list_checkpoints, load_newest_valid
+from shardkit import synthetic_shards
+from test_train import accelerate_cmd, cpu_env
+
+COMMON = ["data.batch_size=8", "data.num_workers=1", "data.image_size=[32, 32]", "log.progress_bar=false",
+          "log.image_grid_size=0", "train.log_every_steps=5", "train.checkpoint_every_steps=7", "train.keep_last=3",
+          "train.epochs=3"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return synthetic_shards(tmp_path_factory.mktemp("resume"), num_images=600, samples_per_shard=24)
+
+
+def train_cmd(shards: Path, run_dir: Path, *extra: str, processes: int = 1) -> list[str]:
+    args = ["-m", "celeba_dist.train", "--config", "smiling_simple_cnn", "--data", str(shards),
+            "--run-dir", str(run_dir), "--set", *COMMON, *extra]
+    return accelerate_cmd(*args, processes=processes) if processes > 1 else [sys.executable, *args]
+
+
+def run_to_end(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def kill_mid_epoch(cmd: list[str], run_dir: Path, *, after_step: int) -> int:
+    """Start ``cmd``, SIGKILL its whole process group once a checkpoint past ``after_step`` exists."""
+    proc = subprocess.Popen(cmd, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            ckpts = list_checkpoints(run_dir / "checkpoints")
+            if ckpts and int(ckpts[0].stem.split("-")[1]) >= after_step:
+                break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (run_dir / "metrics.json").exists()
+    return int(list_checkpoints(run_dir / "checkpoints")[0].stem.split("-")[1])
+
+
+def final_state(run_dir: Path) -> tuple[dict, dict]:
+    path, ckpt = load_newest_valid(run_dir / "checkpoints")
+    return ckpt["state"], ckpt["model"]
+
+
+def steps_per_epoch(shards: Path, world: int) -> int:
+    return json.loads((shards / "manifest.json").read_text())["splits"]["train"]["num_samples"] // (8 * world)
+
+
+def test_killed_two_process_run_resumes_without_losing_or_repeating_steps(shards, tmp_path):
+    killed = tmp_path / "killed"
+    cmd = train_cmd(shards, killed, processes=2)
+    step = kill_mid_epoch(cmd, killed, after_step=7)
+    spe = steps_per_epoch(shards, 2)
+    assert step % spe != 0 or step == 0, "the kill should land mid-epoch"
+    run_to_end(cmd)
+    state, _ = final_state(killed)
+    assert state["global_step"] == 3 * spe
+    assert [h["epoch"] for h in state["history"]] == [0, 1, 2]  # no epoch counted twice
+    metrics = json.loads((killed / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [0, 1, 2]
+    # both ranks trained exactly their share of the whole run, across the kill
+    stats = [json.loads((killed / "rank_stats" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [s["samples_seen"] for s in stats] == [3 * spe * 8] * 2
+
+
+def test_deterministic_resume_gives_bit_identical_weights(shards, tmp_path):
+    extra = ("train.deterministic=true",)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_to_end(train_cmd(shards, straight, *extra))
+    cmd = train_cmd(shards, killed, *extra)
+    kill_mid_epoch(cmd, killed, after_step=14)
+    run_to_end(cmd)
+    s1, w1 = final_state(straight)
+    s2, w2 = final_state(killed)
+    assert s1["global_step"] == s2["global_step"] == 3 * steps_per_epoch(shards, 1)
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        assert torch.equal(w1[name], w2[name]), name
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(shards, tmp_path):
+    run_dir = tmp_path / "corrupt"
+    cmd = train_cmd(shards, run_dir, "train.epochs=1")
+    run_to_end(cmd)
+    ckpts = list_checkpoints(run_dir / "checkpoints")
+    assert len(ckpts) >= 2
+    newest = ckpts[0]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated
+    path, ckpt = load_newest_valid(run_dir / "checkpoints")
+    assert path == ckpts[1]
+    proc = subprocess.run(train_cmd(shards, run_dir, "train.epochs=1"), env=cpu_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "unreadable" in proc.stdout + proc.stderr  # the broken file is reported

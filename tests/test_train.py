@@ -1,0 +1,161 @@
+"""main(config) end to end on real shards: one process, two-process DDP on CPU, eval, predict, TensorBoard."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from celeba_dist.config import load_config
+from celeba_dist.engine import NonFiniteLossError
+from celeba_dist.train import main
+from shardkit import synthetic_shards
+
+FAST = ["data.batch_size=16", "data.num_workers=1", "data.image_size=[32, 32]", "log.progress_bar=false",
+        "train.log_every_steps=2", "train.checkpoint_every_steps=5"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return synthetic_shards(tmp_path_factory.mktemp("train"), num_images=300, samples_per_shard=16)
+
+
+@pytest.fixture(scope="module")
+def trained(shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run") / "single"
+    cfg = load_config("smiling_simple_cnn", [*FAST, "train.epochs=2", "data.attributes=[Smiling, Male, Eyeglasses]"],
+                      data_dir=str(shards), run_dir=str(run_dir))
+    result = main(cfg)
+    return run_dir, result
+
+
+def manifest_count(shards, split):
+    return json.loads((shards / "manifest.json").read_text())["splits"][split]["num_samples"]
+
+
+def cpu_env():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("CELEBA_DIST_REQUIRE_SLURM", None)
+    return env
+
+
+def accelerate_cmd(*args: str, processes: int = 2) -> list[str]:
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    return [*launcher, *args]
+
+
+def test_run_directory_holds_everything(trained, shards):
+    run_dir, result = trained
+    assert result["status"] == "completed"
+    for name in ("config.yaml", "env.json", "metrics.json", "metrics_per_attribute.csv", "checkpoints/best.pt"):
+        assert (run_dir / name).is_file(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for split in ("val", "test"):
+        assert metrics[split]["mean"]["num_samples"] == manifest_count(shards, split)
+        assert set(metrics[split]["attributes"]) == {"Smiling", "Male", "Eyeglasses"}
+        for name in ("accuracy", "balanced_accuracy", "f1", "auroc"):
+            assert 0.0 <= metrics[split]["mean"][name] <= 1.0
+    assert metrics["best_epoch"] in (0, 1)
+    assert [h["epoch"] for h in metrics["history"]] == [0, 1]
+    rows = list(csv.DictReader(open(run_dir / "metrics_per_attribute.csv")))
+    assert len(rows) == 6 and {r["split"] for r in rows} == {"val", "test"}
+
+
+def test_tensorboard_has_scalars_images_and_hparams(trained):
+    run_dir, _ = trained
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ("train/loss", "train/lr", "train/images_per_s", "train/data_wait_fraction", "val/accuracy",
+                "val/balanced_accuracy", "val/auroc", "test/accuracy", "val_attr/Smiling", "test_attr/Eyeglasses"):
+        assert tag in tags["scalars"], tag
+    for tag in ("val/predictions", "val/attribute_accuracy"):
+        assert tag in tags["images"], tag
+    loss = acc.Scalars("train/loss")
+    assert len(loss) >= 3 and all(torch.isfinite(torch.tensor(e.value)) for e in loss)
+    assert "hparams" in acc.PluginTagToContent("hparams") or acc.PluginTagToContent("hparams")
+    assert "hparam/test_accuracy" in tags["scalars"]
+
+
+def test_resume_of_a_finished_run_trains_no_further(trained, shards):
+    run_dir, first = trained
+    cfg = load_config("smiling_simple_cnn", [*FAST, "train.epochs=2", "data.attributes=[Smiling, Male, Eyeglasses]"],
+                      data_dir=str(shards), run_dir=str(run_dir))
+    again = main(cfg)
+    assert again["global_step"] == first["global_step"]
+    assert again["metrics"]["test"]["mean"] == first["metrics"]["test"]["mean"]
+
+
+def test_two_process_ddp_on_cpu_with_accelerate_launch(shards, tmp_path):
+    run_dir = tmp_path / "ddp"
+    cmd = accelerate_cmd("-m", "celeba_dist.train", "--config", "smiling_simple_cnn", "--data", str(shards),
+                         "--run-dir", str(run_dir), "--set", *FAST, "train.epochs=1")
+    proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["world_size"] == 2 and "MULTI_CPU" in env["distributed_type"]
+    stats = [json.loads((run_dir / "rank_stats" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    steps = manifest_count(shards, "train") // (16 * 2)
+    assert [s["samples_seen"] for s in stats] == [steps * 16, steps * 16]  # both ranks trained, equally
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test"]["mean"]["num_samples"] == manifest_count(shards, "test")
+    assert metrics["history"][0]["step"] == steps
+    # the log line of every epoch is printed once, by rank 0 only
+    assert proc.stdout.count("epoch 0: val") == 1
+
+
+def test_eval_one_and_two_processes_count_identically(trained, shards, tmp_path):
+    run_dir, _ = trained
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    base = ["--run", str(run_dir), "--data", str(shards), "--split", "test", "--set", "data.num_workers=2"]
+    p1 = subprocess.run([sys.executable, "-m", "celeba_dist.evaluate", *base[:-2], "--out", str(one)],
+                        env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    p2 = subprocess.run(accelerate_cmd("-m", "celeba_dist.evaluate", *base, "--out", str(two)), env=cpu_env(),
+                        capture_output=True, text=True, timeout=300)
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    m1, m2 = json.loads(one.read_text()), json.loads(two.read_text())
+    assert m2["world_size"] == 2 and m1["world_size"] == 1
+    assert m1["mean"]["num_samples"] == m2["mean"]["num_samples"] == manifest_count(shards, "test")
+    for name, v in m1["attributes"].items():
+        assert (v["tp"], v["fp"], v["tn"], v["fn"]) == tuple(m2["attributes"][name][k] for k in ("tp", "fp", "tn", "fn"))
+        assert v["auroc"] == pytest.approx(m2["attributes"][name]["auroc"], abs=1e-9)
+
+
+def test_predict_writes_one_row_per_image(trained, shards, tmp_path):
+    from celeba_dist.predict import main as predict_main
+
+    run_dir, _ = trained
+    out = tmp_path / "pred.csv"
+    assert predict_main(["--checkpoint", str(run_dir / "checkpoints" / "best.pt"), "--input", str(shards),
+                         "--split", "test", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == manifest_count(shards, "test")
+    assert set(rows[0]) == {"id", "Smiling", "Male", "Eyeglasses", "Smiling_prob", "Male_prob", "Eyeglasses_prob"}
+    for row in rows:
+        p = float(row["Smiling_prob"])
+        assert 0.0 <= p <= 1.0 and int(row["Smiling"]) == int(p >= 0.5)
+    # a plain folder of images works too
+    folder = shards.parent / "celeba-300-0" / "img_align_celeba"
+    out2 = tmp_path / "folder.csv"
+    assert predict_main(["--checkpoint", str(run_dir / "checkpoints" / "best.pt"), "--input", str(folder),
+                         "--out", str(out2)]) == 0
+    assert len(list(csv.DictReader(open(out2)))) == 300
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shards, tmp_path):
+    cfg = load_config("smiling_simple_cnn", [*FAST, "train.epochs=3", "optim.lr=1e30", "train.sync_every_steps=1",
+                                              "train.checkpoint_every_steps=1", "train.keep_last=100"],
+                      data_dir=str(shards), run_dir=str(tmp_path / "nan"))
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at optimizer step \d+"):
+        main(cfg)
+    for path in (tmp_path / "nan" / "checkpoints").glob("step-*.pt"):
+        state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+        assert all(torch.isfinite(t).all() for t in state.values()), path
