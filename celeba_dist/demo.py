@@ -15,7 +15,7 @@ from celeba_dist.config import load_config
 from celeba_dist.logs import setup_logging
 from celeba_dist.manifest import MANIFEST_NAME
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("celeba_dist.demo")  # not __name__: this module also runs as __main__
 
 
 def main(argv: list[str] | None = None) -> int:

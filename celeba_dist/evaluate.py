@@ -25,7 +25,7 @@ from celeba_dist.manifest import ManifestError
 from celeba_dist.metrics import compute_metrics, format_table
 from celeba_dist.train import build_model_for, eval_loader
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("celeba_dist.evaluate")  # not __name__: this module also runs as __main__
 
 
 def checkpoint_path(run: str | None, checkpoint: str | None) -> Path:

@@ -446,6 +446,7 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the unfinished shard: no half-written file is left behind."""
         try:
+            self._tar.close()  # closes tarfile's buffer, which would otherwise flush into a closed file later
             self._stream.close()
         finally:
             self.tmp.unlink(missing_ok=True)
@@ -596,13 +597,18 @@ def pack(source: str, out_dir: Path, options: PackOptions) -> dict[str, Any]:
     log.info("%s (%s): %s", source, data.kind, ", ".join(f"{s} {len(plan.rows[s])}" for s in SPLITS))
     progress = open_out_dir(out_dir, data, options, plan.fingerprint(data, options))
     segments = plan_segments(plan, progress, out_dir)
+    written_from = time.monotonic()
     if segments:
         (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # a manifest only ever describes finished shards
         out_dir.mkdir(parents=True, exist_ok=True)
         write_segments(data, plan, options, segments, progress, out_dir)
+    else:
+        log.info("%s: every shard is already there", out_dir)
     manifest = build_manifest(data, plan, options, progress)
     _write_manifest_if_changed(out_dir, manifest)
-    log_summary(manifest, written=sum(s.stop - s.start for s in segments), seconds=time.monotonic() - started)
+    now = time.monotonic()
+    log_summary(manifest, images=sum(s.stop - s.start for s in segments), seconds=now - written_from,
+                total_seconds=now - started)
     return manifest
 
 
@@ -738,7 +744,7 @@ def _write_manifest_if_changed(out_dir: Path, manifest: dict[str, Any]) -> None:
     write_manifest(out_dir, manifest)
 
 
-def log_summary(manifest: dict[str, Any], *, written: int, seconds: float) -> None:
+def log_summary(manifest: dict[str, Any], *, images: int, seconds: float, total_seconds: float) -> None:
     for split in SPLITS:
         s = manifest["splits"][split]
         converted = {k: len(v) for k, v in s["converted"].items() if v}
@@ -746,7 +752,8 @@ def log_summary(manifest: dict[str, Any], *, written: int, seconds: float) -> No
                  len(s["shards"]), sum(x["bytes"] for x in s["shards"]) / 1e6, converted or "none", len(s["skipped"]))
     if manifest["skipped"]:
         log.info("skipped before splitting: %d", len(manifest["skipped"]))
-    log.info("packed %d images in %.1f s (%.0f images/s)", written, seconds, written / max(seconds, 1e-9))
+    log.info("packed %d images in %.1f s (%.0f images/s; %.1f s in all, reading the source included)",
+             images, seconds, images / max(seconds, 1e-9), total_seconds)
 
 
 # -- verify -------------------------------------------------------------------------------------

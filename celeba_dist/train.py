@@ -40,7 +40,7 @@ from celeba_dist.models import build_model
 from celeba_dist.optim import build_optimizer, build_scheduler
 from celeba_dist.transforms import build_transform
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("celeba_dist.train")  # not __name__: this module also runs as __main__
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,15 +28,20 @@ def _cluster_problem(conf: Path) -> str | None:
     if not conf.is_file():
         return f"no test cluster: {conf} does not exist; start one with: sudo bash tests/slurm/start_cluster.sh"
     env = {**os.environ, "SLURM_CONF": str(conf)}
-    try:
-        out = subprocess.run(["sinfo", "--noheader", "--Node", "--format=%N %t"], env=env, capture_output=True,
-                             text=True, timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"the test cluster of {conf} does not answer ({exc}); restart it: sudo bash tests/slurm/start_cluster.sh"
+    restart = "restart it: sudo bash tests/slurm/start_cluster.sh"
+
+    def run(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
+
+    # `scontrol ping` answers at once; sinfo retries for ~20 s when no controller runs.
+    ping = run("scontrol", "ping")
+    if ping.returncode != 0:
+        return f"the controller of {conf} is down ({ping.stdout.strip().splitlines()[0]}); {restart}"
+    out = run("sinfo", "--noheader", "--Node", "--format=%N %t").stdout
     up = {line.split()[0] for line in out.splitlines()
-          if line.split()[1].rstrip("*~#") in ("idle", "mix", "alloc", "comp")}
+          if line.split()[1] in ("idle", "mix", "alloc", "comp")}
     if not set(SLURM_NODES) <= up:
-        return f"test cluster nodes not up (sinfo: {out.strip()!r}); restart it: sudo bash tests/slurm/start_cluster.sh"
+        return f"test cluster nodes not up (sinfo: {out.strip()!r}); {restart}"
     return None
 
 

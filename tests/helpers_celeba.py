@@ -159,3 +159,53 @@ def tree_state(folder: Path) -> dict[str, tuple[int, int, int]]:
             st = os.stat(path)
             state[str(path.relative_to(folder))] = (st.st_ino, st.st_mtime_ns, st.st_size)
     return state
+
+
+@dataclass
+class TinyHF:
+    """A ``datasets`` CelebA written with ``save_to_disk``; per split: image bytes, celeb_id, 0/1 labels."""
+
+    path: Path
+    images: dict[str, list[bytes]]
+    identity: dict[str, list[int]]
+    labels: dict[str, np.ndarray]  # split -> (n, 40) 0/1
+
+
+def write_hf_celeba(
+    path: Path,
+    counts: dict[str, int],
+    *,
+    seed: int = 0,
+    size: tuple[int, int] = (32, 40),
+    encoding: str = "bool",
+    png_rows: tuple[int, ...] = (),
+    columns: dict[str, list] | None = None,
+) -> TinyHF:
+    """The hub's common schema (``image``, ``celeb_id``, the 40 attributes as bool) as a DatasetDict.
+
+    ``encoding``: ``bool``, ``01`` or ``pm1`` attribute columns; ``png_rows``: rows (counted over the
+    splits in order) stored as PNG instead of JPEG; ``columns``: extra columns, values over all rows.
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    rng = np.random.default_rng(seed)
+    images, identity, labels, parts, start = {}, {}, {}, {}, 0
+    for split, n in counts.items():
+        rows = range(start, start + n)
+        images[split] = [tiny_image(i, size, fmt="PNG" if i in png_rows else "JPEG") for i in rows]
+        identity[split] = rng.integers(1, 10_000, n).tolist()
+        labels[split] = (rng.random((n, 40)) < 0.4).astype(np.uint8)
+        value = {"bool": lambda v: bool(v), "01": lambda v: int(v), "pm1": lambda v: 1 if v else -1}[encoding]
+        dtype = {"bool": "bool", "01": "int64", "pm1": "int64"}[encoding]
+        table = {"image": [{"bytes": b, "path": None} for b in images[split]], "celeb_id": identity[split]}
+        table.update({a: [value(v) for v in labels[split][:, j]] for j, a in enumerate(CELEBA_ATTRIBUTES)})
+        features = {"image": datasets.Image(), "celeb_id": datasets.Value("int64"),
+                    **{a: datasets.Value(dtype) for a in CELEBA_ATTRIBUTES}}
+        for name, values in (columns or {}).items():
+            table[name] = values[start:start + n]
+            features[name] = datasets.Value("string") if isinstance(values[0], str) else datasets.Image()
+        parts[split] = datasets.Dataset.from_dict(table, features=datasets.Features(features))
+        start += n
+    datasets.DatasetDict(parts).save_to_disk(str(path))
+    return TinyHF(path, images, identity, labels)

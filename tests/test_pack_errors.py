@@ -1,0 +1,239 @@
+"""Bad input: a clear error naming the file and line (or image), a non-zero exit, nothing half-written.
+
+Images the packer can repair (grayscale, CMYK, PNG) are not errors: they are converted and counted.
+"""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from celeba_dist.manifest import MANIFEST_NAME, load_manifest
+from celeba_dist.packer import main, verify_main
+from helpers_celeba import append_line, read_split, replace_line, tiny_image, tree_state, write_celeba, write_hf_celeba
+
+REPO = Path(__file__).resolve().parents[1]
+ATTR = "list_attr_celeba.txt"
+
+
+def run_failing(src: Path, out: Path, capsys, *extra: str) -> str:
+    """Pack, expect failure; return stderr after checking nothing half-written is left."""
+    code = main([str(src), str(out), "--workers", "1", *extra])
+    err = capsys.readouterr().err
+    assert code != 0, err
+    assert not (out / MANIFEST_NAME).exists()
+    assert not list(out.rglob("*.tmp")) if out.exists() else True
+    return err
+
+
+def label_row(values: list[int], name: str) -> str:
+    return f"{name} " + " ".join(f"{v:2d}" for v in values)
+
+
+@pytest.fixture
+def src(tmp_path):
+    return write_celeba(tmp_path / "src", num_images=30)
+
+
+def test_missing_image(src, tmp_path, capsys):
+    src.image_path(6).unlink()  # 000007.jpg, on line 9 of the attribute file
+    err = run_failing(src.source, tmp_path / "out", capsys)
+    assert f"{ATTR} line 9: image 000007.jpg not found" in err
+    assert not (tmp_path / "out").exists()  # labels are validated before anything is written
+
+
+def test_row_with_wrong_number_of_values(src, tmp_path, capsys):
+    replace_line(src.file(ATTR), 5, label_row(list(src.labels[2][:39]), "000003.jpg"))
+    err = run_failing(src.source, tmp_path / "out", capsys)
+    assert f"{ATTR} line 5 (000003.jpg): 39 values, expected 40" in err
+
+
+def test_value_other_than_minus_one_or_one(src, tmp_path, capsys):
+    values = list(src.labels[3])
+    values[4] = 0
+    replace_line(src.file(ATTR), 6, label_row(values, "000004.jpg"))
+    err = run_failing(src.source, tmp_path / "out", capsys)
+    assert f"{ATTR} line 6 (000004.jpg): value '0' for Bald (column 6) is not -1 or 1" in err
+
+
+def test_all_row_problems_are_listed_together(src, tmp_path, capsys):
+    replace_line(src.file(ATTR), 5, label_row(list(src.labels[2][:39]), "000003.jpg"))
+    src.image_path(20).unlink()
+    err = run_failing(src.source, tmp_path / "out", capsys)
+    assert "2 problem(s)" in err and f"{ATTR} line 5" in err and f"{ATTR} line 23: image 000021.jpg" in err
+
+
+def test_header_that_is_not_the_celeba_names(src, tmp_path, capsys):
+    header = src.file(ATTR).read_text().splitlines()[1].replace("Male", "Man")
+    replace_line(src.file(ATTR), 2, header)
+    err = run_failing(src.source, tmp_path / "out", capsys)
+    assert f"{ATTR} line 2: the header is not the 40 CelebA attribute names (unknown names ['Man']; missing ['Male'])" in err
+
+
+def test_header_with_a_subset_needs_attributes(tmp_path, capsys):
+    subset = write_celeba(tmp_path / "src", num_images=10, attributes=("Male", "Smiling"))
+    err = run_failing(subset.source, tmp_path / "out", capsys)
+    assert f"{ATTR} line 2" in err and "--attributes" in err
+    err = run_failing(subset.source, tmp_path / "out", capsys, "--attributes", "Male,Young")
+    assert f"{ATTR} line 2: bad header: lacks ['Young'] named by --attributes" in err
+    assert main([str(subset.source), str(tmp_path / "ok"), "--attributes", "Smiling,Male", "--workers", "1"]) == 0
+    assert load_manifest(tmp_path / "ok")["attributes"] == ["Smiling", "Male"]
+
+
+def test_count_line_that_does_not_match(src, tmp_path, capsys):
+    replace_line(src.file(ATTR), 1, "31")
+    err = run_failing(src.source, tmp_path / "out", capsys)
+    assert f"{ATTR} line 1: says 31 images but the file has 30 rows" in err
+
+
+def test_partition_value_other_than_0_1_2(src, tmp_path, capsys):
+    replace_line(src.file("list_eval_partition.txt"), 3, "000003.jpg 3")
+    err = run_failing(src.source, tmp_path / "out", capsys)
+    assert "list_eval_partition.txt line 3 (000003.jpg): partition 3 is not 0 (train), 1 (val) or 2 (test)" in err
+
+
+def test_image_in_partition_but_not_in_attribute_file(src, tmp_path, capsys):
+    append_line(src.file("list_eval_partition.txt"), "000031.jpg 0")
+    err = run_failing(src.source, tmp_path / "out", capsys)
+    assert f"list_eval_partition.txt line 31: 000031.jpg is not in {ATTR}" in err
+
+
+def test_labelled_image_without_partition_row(src, tmp_path, capsys):
+    replace_line(src.file("list_eval_partition.txt"), 4, "")
+    err = run_failing(src.source, tmp_path / "out", capsys)
+    assert f"000004.jpg ({ATTR} line 6) has no row in list_eval_partition.txt" in err
+
+
+def test_extra_file_with_a_bad_row(src, tmp_path, capsys):
+    replace_line(src.file("list_bbox_celeba.txt"), 4, "000002.jpg 1 2 x 4")
+    err = run_failing(src.source, tmp_path / "out", capsys)
+    assert "list_bbox_celeba.txt line 4 (000002.jpg): value 'x' is not an integer" in err
+
+
+def test_not_a_celeba_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    err = run_failing(tmp_path / "empty", tmp_path / "out", capsys)
+    assert "not a CelebA folder: no list_attr_celeba.txt" in err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_truncated_or_corrupt_jpeg(src, tmp_path, capsys, damage):
+    path = src.image_path(4)  # 000005.jpg, in train
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\xff\xd8\xff\xe0" + bytes(500))
+    err = run_failing(src.source, tmp_path / "out", capsys, "--samples-per-shard", "3")
+    assert f"image 000005 ({path})" in err and "--skip-bad" in err
+    # the shard holding images 1-3 was finished before the bad one; nothing else is
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*.tar")) == ["celeba-train-000000.tar"]
+
+    out = tmp_path / "skipping"
+    assert main([str(src.source), str(out), "--workers", "2", "--skip-bad"]) == 0
+    manifest = load_manifest(out)
+    assert [s["id"] for s in manifest["splits"]["train"]["skipped"]] == ["000005"]
+    assert "000005" not in [s["__key__"] for s in read_split(out, "train")]
+    assert manifest["splits"]["train"]["num_samples"] == 20
+    assert verify_main([str(out)]) == 0
+
+
+def test_skip_bad_drops_bad_rows_and_missing_images(src, tmp_path):
+    values = list(src.labels[3])
+    values[0] = 2
+    replace_line(src.file(ATTR), 6, label_row(values, "000004.jpg"))
+    src.image_path(27).unlink()  # 000028.jpg, in test
+    out = tmp_path / "out"
+    assert main([str(src.source), str(out), "--workers", "1", "--skip-bad"]) == 0
+    manifest = load_manifest(out)
+    skipped = {s: [x["id"] for x in manifest["splits"][s]["skipped"]] for s in manifest["splits"]}
+    assert skipped == {"train": ["000004"], "val": [], "test": ["000028"]}
+    assert "line 6" in manifest["splits"]["train"]["skipped"][0]["reason"]
+    assert sum(manifest["splits"][s]["num_samples"] for s in manifest["splits"]) == 28
+
+
+def test_grayscale_cmyk_and_png_images_are_converted_and_counted(src, tmp_path):
+    kinds = {1: ("L", "JPEG", "grayscale"), 2: ("CMYK", "JPEG", "cmyk"), 3: ("RGB", "PNG", "png")}
+    for index, (mode, fmt, _) in kinds.items():
+        src.image_path(index).write_bytes(tiny_image(index, mode=mode, fmt=fmt))
+    out = tmp_path / "out"
+    assert main([str(src.source), str(out), "--workers", "2"]) == 0
+    manifest = load_manifest(out)
+    assert manifest["splits"]["train"]["converted"] == {"cmyk": ["000003"], "grayscale": ["000002"], "png": ["000004"]}
+    assert manifest["image"]["quality"] == 95
+    samples = {s["__key__"]: s for s in read_split(out, "train")}
+    for index, (mode, fmt, _) in kinds.items():
+        with Image.open(io.BytesIO(samples[f"{index + 1:06d}"]["jpg"])) as got, \
+                Image.open(src.image_path(index)) as original:
+            assert (got.format, got.mode, got.size) == ("JPEG", "RGB", original.size)
+            diff = np.abs(np.asarray(got, dtype=int) - np.asarray(original.convert("RGB"), dtype=int))
+            assert diff.mean() < 4
+    assert samples["000001"]["jpg"] == src.image_path(0).read_bytes()  # RGB JPEGs stay untouched
+    assert verify_main([str(out)]) == 0
+
+
+def test_output_folder_with_shards_of_another_source(tmp_path, capsys):
+    first = write_celeba(tmp_path / "first", num_images=10, seed=1)
+    other = write_celeba(tmp_path / "other", num_images=10, seed=2)
+    out = tmp_path / "out"
+    assert main([str(first.source), str(out), "--workers", "1"]) == 0
+    state = tree_state(out)
+    capsys.readouterr()
+    assert main([str(other.source), str(out), "--workers", "1"]) == 1
+    assert "already holds shards from a different source" in capsys.readouterr().err
+    assert tree_state(out) == state
+
+
+def test_output_folder_with_unknown_tar_files(src, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "celeba-train-000000.tar").write_bytes(b"")
+    err = run_failing(src.source, out, capsys)
+    assert "holds shards that no pack progress record describes" in err
+
+
+def test_error_through_the_tool_script(src, tmp_path):
+    replace_line(src.file("list_eval_partition.txt"), 7, "000007.jpg 5")
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "pack_shards.py"), str(src.source), str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "list_eval_partition.txt line 7 (000007.jpg): partition 5" in done.stderr
+    assert not out.exists()
+
+
+# -- hf: sources --------------------------------------------------------------------------------
+
+def test_hf_value_outside_the_source_encoding(tmp_path, capsys):
+    hf = write_hf_celeba(tmp_path / "hf", {"train": 6, "valid": 2, "test": 2}, encoding="01")
+    import datasets
+
+    dd = datasets.load_from_disk(str(hf.path))
+    bad = dd["train"].map(lambda row, i: {"Smiling": 2 if i == 3 else row["Smiling"]}, with_indices=True)
+    datasets.DatasetDict({"train": bad, "valid": dd["valid"], "test": dd["test"]}).save_to_disk(str(tmp_path / "bad"))
+    err = run_failing(Path(f"hf:{tmp_path / 'bad'}"), tmp_path / "out", capsys)
+    assert "split 'train' row 3 (id 000004): column 'Smiling' has value 2; the source encodes attributes as 0/1" in err
+
+
+def test_hf_ambiguous_image_column(tmp_path, capsys):
+    second = [{"bytes": tiny_image(i, (8, 8)), "path": None} for i in range(8)]
+    hf = write_hf_celeba(tmp_path / "hf", {"train": 8}, columns={"thumbnail": second})
+    err = run_failing(Path(f"hf:{hf.path}"), tmp_path / "out", capsys)
+    assert "several image columns ['image', 'thumbnail']; pass --image-column NAME" in err
+    assert main([f"hf:{hf.path}", str(tmp_path / "ok"), "--image-column", "image", "--workers", "1"]) == 0
+
+
+def test_hf_missing_attributes(tmp_path, capsys):
+    hf = write_hf_celeba(tmp_path / "hf", {"train": 6, "test": 2})
+    import datasets
+
+    dd = datasets.load_from_disk(str(hf.path)).remove_columns(["Male", "Young"])
+    dd.save_to_disk(str(tmp_path / "fewer"))
+    err = run_failing(Path(f"hf:{tmp_path / 'fewer'}"), tmp_path / "out", capsys)
+    assert "no column for attribute(s) ['Male', 'Young']" in err and "pass --attributes" in err
+    ok = tmp_path / "ok"
+    assert main([f"hf:{tmp_path / 'fewer'}", str(ok), "--attributes", "Smiling,Bald", "--workers", "1"]) == 0
+    assert json.loads((ok / MANIFEST_NAME).read_text())["attributes"] == ["Smiling", "Bald"]
