@@ -21,6 +21,7 @@ out of ``accelerator.prepare()`` on purpose: Accelerate would re-shard an alread
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -105,13 +106,16 @@ class Decoder:
 
     def __call__(self, sample: dict, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
         key = sample["__key__"]
-        if seed is not None:
-            torch.manual_seed(seed)
-        try:
-            image = self.transform(sample["jpg"])
-            attrs = json.loads(sample["attr.json"])
-        except Exception as exc:  # name the sample and shard: the user has to find it
-            raise RuntimeError(f"cannot decode sample {key} of {sample.get('__url__')}: {exc}") from exc
+        # In the main process (num_workers=0) the training loop's RNG must not be reseeded.
+        isolate = seed is not None and get_worker_info() is None
+        with torch.random.fork_rng(devices=[]) if isolate else contextlib.nullcontext():
+            if seed is not None:
+                torch.manual_seed(seed)
+            try:
+                image = self.transform(sample["jpg"])
+                attrs = json.loads(sample["attr.json"])
+            except Exception as exc:  # name the sample and shard: the user has to find it
+                raise RuntimeError(f"cannot decode sample {key} of {sample.get('__url__')}: {exc}") from exc
         labels = torch.tensor([attrs[i] for i in self.label_index], dtype=torch.float32)
         return image, labels, key
 
@@ -253,9 +257,15 @@ def steps_per_epoch(num_samples: int, *, batch_size: int, world_size: int) -> in
 
 
 def make_loader(dataset: IterableDataset, *, num_workers: int, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over a stream that batches itself (batch_size=None)."""
+    """A DataLoader over a stream that batches itself (batch_size=None).
+
+    It gets a generator of its own: starting an iterator would otherwise draw from the global
+    RNG, and a run resumed mid-epoch would then see different dropout masks than an
+    uninterrupted one. The streams seed their randomness themselves and do not use it.
+    """
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=False, prefetch_factor=4 if num_workers else None)
+                      persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                      generator=torch.Generator().manual_seed(0))
 
 
 def train_stream(data: ShardData, transform: Callable[[bytes], torch.Tensor], *, batch_size: int, rank: int,

@@ -51,7 +51,8 @@ class TrainTask:
         cfg = load_config(self.config, self.overrides, data_dir=self.data_dir, run_dir=self.run_dir)
         if cluster.rank == 0:
             record_job(cfg.run_dir, "started", job_id=_job_id(), restart=cluster.restart_count,
-                       nodes=cluster.num_nodes, world_size=cluster.world_size, master=cluster.master_addr)
+                       nodelist=os.environ.get("SLURM_JOB_NODELIST"), world_size=cluster.world_size,
+                       master=f"{cluster.master_addr}:{cluster.master_port}")
         result = main(cfg)
         if result["status"] == "preempted":
             self._requeue(cluster, cfg.run.max_requeues)
