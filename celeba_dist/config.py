@@ -188,6 +188,9 @@ def resolve_recipe(name_or_file: str) -> Path:
 # Merging and validation
 
 
+YAML11_WORDS = {"no": False, "yes": True, "off": False, "on": True, "y": True, "n": False}
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"optim.lr=3e-4"`` → (["optim", "lr"], 3e-4). Values are parsed as YAML."""
     if "=" not in text:
@@ -196,8 +199,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if len(parts) < 2 or not all(parts):
         raise ConfigError(f"override {text!r}: the key must be dotted, e.g. optim.lr=3e-4")
+    text = raw.strip()
+    if text.lower() in YAML11_WORDS:  # keep "no"/"off"/... as written: train.precision=no is a string
+        return parts, text
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.safe_load(raw) if text else ""
     except yaml.YAMLError:
         value = raw
     return parts, value
@@ -243,6 +249,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in YAML11_WORDS:
+            return YAML11_WORDS[value.lower()]
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -262,6 +270,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted no/yes/off/on as a boolean
+            raise ConfigError(f"{key}: expected a string, got {value!r}; quote the value in YAML, e.g. \"no\"")
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     if hint is dict or origin is dict:
         if isinstance(value, dict):

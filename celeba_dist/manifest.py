@@ -109,7 +109,8 @@ def positive_rates(manifest: dict[str, Any], split: str, attributes: list[str] |
     rates = _split(manifest, split)["positive_rates"]
     missing = [a for a in attributes if a not in rates]
     if missing:
-        raise ManifestError(f"{MANIFEST_NAME}: attributes {missing} are not in the shards; they hold {manifest['attributes']}")
+        raise ManifestError(f"{MANIFEST_NAME}: attributes {missing} are not in the shards; "
+                            f"they hold {manifest['attributes']}")
     return [float(rates[a]) for a in attributes]
 
 
@@ -157,7 +158,8 @@ def _expect(value: Any, kind: type, where: str, key: str) -> Any:
 
 def _validate_source(source: dict[str, Any], where: str) -> None:
     if source.get("kind") not in SOURCE_KINDS:
-        raise ManifestError(f"{where}: key 'source.kind' must be one of {list(SOURCE_KINDS)}, got {source.get('kind')!r}")
+        raise ManifestError(f"{where}: key 'source.kind' must be one of {list(SOURCE_KINDS)}, "
+                            f"got {source.get('kind')!r}")
     _expect(source.get("path"), str, where, "source.path")
     _expect(source.get("fingerprint"), str, where, "source.fingerprint")
 
@@ -166,7 +168,8 @@ def _validate_image(image: dict[str, Any], where: str) -> None:
     if image.get("encoding") != "jpeg":
         raise ManifestError(f"{where}: key 'image.encoding' must be 'jpeg', got {image.get('encoding')!r}")
     resize = image.get("resize")
-    if resize is not None and not (isinstance(resize, list) and len(resize) == 2 and all(isinstance(v, int) and v > 0 for v in resize)):
+    if resize is not None and not (isinstance(resize, list) and len(resize) == 2
+                                   and all(isinstance(v, int) and v > 0 for v in resize)):
         raise ManifestError(f"{where}: key 'image.resize' must be null or [W, H], got {resize!r}")
     for key in ("quality", "width", "height"):
         value = image.get(key)

@@ -107,12 +107,15 @@ class PackOptions:
 # -- command line -------------------------------------------------------------------------------
 
 def default_workers() -> int:
+    """One per core, at most 8: past that the single writer (about 5,000 samples/s) is the limit."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(8, cpus))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="celeba-dist pack", description=__doc__.split("\n\n")[0],
+    doc = __doc__ or ""
+    p = argparse.ArgumentParser(prog="celeba-dist pack", description=doc.split("\n\n")[0],
+                                epilog=doc[doc.find("Deterministic choices"):],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="a CelebA folder (official or torchvision layout; images as img_align_celeba/ "
                                   "or img_align_celeba.zip) or hf:PATH_OR_NAME")
@@ -121,13 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--samples-per-shard", type=_positive_int, default=None,
                       help=f"images per shard (default {DEFAULT_SAMPLES_PER_SHARD})")
     size.add_argument("--max-shard-bytes", type=_byte_size, default=None,
-                      help="cap on a shard's size instead, e.g. 100000000 or 100M (a lone larger image still gets a shard)")
+                      help="cap on a shard's size instead, e.g. 100000000 or 100M "
+                           "(a lone larger image still gets a shard)")
     p.add_argument("--resize", type=_resize, default=None, metavar="WxH",
                    help="resize every whole image to W x H (bicubic, aspect ratio not kept) and re-encode it")
     p.add_argument("--quality", type=_quality, default=95, help="JPEG quality of re-encoded images (default 95)")
     p.add_argument("--workers", type=_positive_int, default=default_workers(), help="image-decoding processes")
     p.add_argument("--limit", type=_positive_int, default=None,
-                   help="pack N images in all, each split keeping its share, chosen by --seed (see the module doc)")
+                   help="pack N images in all, each split keeping its share, chosen by --seed (see below)")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip bad rows and missing or corrupt images (listed in the manifest) instead of failing")
     p.add_argument("--split-ratios", type=_ratios, default=None, metavar="TRAIN,VAL,TEST",
@@ -177,7 +181,8 @@ def _ratios(text: str) -> tuple[float, float, float]:
     except ValueError:
         values = ()
     if len(values) != 3 or min(values) < 0 or abs(sum(values) - 1) > 1e-6:
-        raise argparse.ArgumentTypeError(f"expected three non-negative fractions summing to 1, e.g. 0.8,0.1,0.1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected three non-negative fractions summing to 1, e.g. 0.8,0.1,0.1, "
+                                         f"got {text!r}")
     return values  # type: ignore[return-value]
 
 
@@ -210,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     except (SourceError, PackError, ManifestError) as e:
         print(f"celeba-dist pack: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("celeba-dist pack: interrupted; finished shards are kept, run the same command again to resume",
+              file=sys.stderr)
+        return 130
     return 0
 
 
@@ -523,8 +532,8 @@ def open_out_dir(out_dir: Path, data: SourceData, options: PackOptions, plan_fp:
     for what, old in ((MANIFEST_NAME, old_manifest), (PROGRESS_NAME, old_progress)):
         old_source = old.get("source") if old is not None and isinstance(old.get("source"), dict) else {}
         if old is not None and old_source.get("fingerprint") != data.fingerprint:
-            raise PackError(f"{out_dir} already holds shards from a different source ({what}: "
-                            f"{old_source.get('kind')} {old_source.get('path')}); "
+            raise PackError(f"{out_dir} already holds shards from a different source, or from this one before "
+                            f"its labels changed ({what}: {old_source.get('kind')} {old_source.get('path')}); "
                             "pack into an empty folder or delete this one")
     if old_progress is not None and old_progress.get("plan") != plan_fp:
         changed = {k: [old_progress.get("options", {}).get(k), v] for k, v in options.content().items()
@@ -622,7 +631,7 @@ def write_segments(data: SourceData, plan: Plan, options: PackOptions, segments:
     signals.install_stop_handlers()
     pool = _pool(options.workers, _init_worker, (encoder,)) if options.workers > 1 else None
     try:
-        results = pool.imap(_encode_in_worker, locators, chunksize=16) if pool else map(encoder, locators)
+        results = pool.imap(_encode_in_worker, locators, chunksize=64) if pool else map(encoder, locators)
         with tqdm(total=total, unit="img", desc="pack", file=sys.stderr, disable=None, smoothing=0.05) as bar:
             for seg in segments:
                 write_segment(data, plan, options, seg, _counted(results, bar), progress, out_dir)
@@ -766,7 +775,8 @@ def verify(out_dir: Path, *, workers: int = 1) -> list[str]:
         return [str(e)]
     expected = ExpectedSample(manifest["attributes"], manifest["extras"], manifest["image"]["width"],
                               manifest["image"]["height"])
-    tasks = [(str(out_dir / shard["file"]), shard, expected) for s in SPLITS for shard in manifest["splits"][s]["shards"]]
+    shards = [shard for s in SPLITS for shard in manifest["splits"][s]["shards"]]
+    tasks = [(str(out_dir / shard["file"]), shard, expected) for shard in shards]
     problems: list[str] = []
     pool = _pool(workers, _init_worker_signals, ()) if workers > 1 and len(tasks) > 1 else None
     try:
@@ -783,11 +793,12 @@ def verify(out_dir: Path, *, workers: int = 1) -> list[str]:
             report = next(report_of)
             problems += report.problems
             if report.first_key is not None and report.first_key <= last_key:
-                problems.append(f"{shard['file']}: key {report.first_key} does not follow {last_key} of the previous shard")
+                problems.append(f"{shard['file']}: key {report.first_key} does not follow {last_key} "
+                                "of the previous shard")
             last_key = report.last_key or last_key
-    listed = {shard["file"] for s in SPLITS for shard in manifest["splits"][s]["shards"]}
-    problems += [f"{p.relative_to(out_dir)}: a shard file the manifest does not list"
-                 for s in SPLITS for p in sorted((out_dir / s).glob("*.tar")) if str(p.relative_to(out_dir)) not in listed]
+    listed = {shard["file"] for shard in shards}
+    on_disk = [str(p.relative_to(out_dir)) for s in SPLITS for p in sorted((out_dir / s).glob("*.tar"))]
+    problems += [f"{name}: a shard file the manifest does not list" for name in on_disk if name not in listed]
     return problems
 
 
@@ -867,12 +878,14 @@ def check_sample(members: dict[str, bytes], expected: ExpectedSample) -> list[st
                 if image.format != "JPEG" or image.mode != "RGB":
                     problems.append(f"image is {image.format} {image.mode}, expected an RGB JPEG")
                 if expected.width is not None and image.size != (expected.width, expected.height):
-                    problems.append(f"image is {image.size[0]}x{image.size[1]}, the manifest says {expected.width}x{expected.height}")
+                    problems.append(f"image is {image.size[0]}x{image.size[1]}, "
+                                    f"the manifest says {expected.width}x{expected.height}")
         except Exception as e:  # PIL raises many kinds for bad data; every one is a problem to report
             problems.append(f"image does not decode ({type(e).__name__}: {e})")
     try:
         labels = json.loads(members.get("attr.json", b"null"))
-        if not (isinstance(labels, list) and len(labels) == len(expected.attributes) and all(v in (0, 1) for v in labels)):
+        if not (isinstance(labels, list) and len(labels) == len(expected.attributes)
+                and all(v in (0, 1) for v in labels)):
             problems.append(f"attr.json is not a list of {len(expected.attributes)} values 0/1")
     except json.JSONDecodeError:
         problems.append("attr.json is not JSON")

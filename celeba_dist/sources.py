@@ -188,7 +188,8 @@ def find_celeba_folder(path: Path) -> tuple[Path, str]:
         return path, "official"
     if (path / "celeba" / ATTR_FILE).is_file():
         return path / "celeba", "torchvision"
-    raise SourceError(f"{path}: not a CelebA folder: no {ATTR_FILE} in it, nor in {path / 'celeba'} (torchvision layout)")
+    raise SourceError(f"{path}: not a CelebA folder: no {ATTR_FILE} in it, "
+                      f"nor in {path / 'celeba'} (torchvision layout)")
 
 
 # -- problems -----------------------------------------------------------------------------------
@@ -254,13 +255,13 @@ def read_official(root: Path, *, kind: str, attributes: list[str] | None, skip_b
               for key, file in EXTRA_FILES.items()}
     extras = {key: table for key, table in extras.items() if table is not None}
     images, locate = _open_images(root)
-    _check_rows(root, labels, partition, list(extras.values()), images, locate, problems)
+    _check_rows(labels, partition, list(extras.values()), images, locate, problems)
     problems.raise_if_any(str(root))
 
     keep = [n for n, (_, v) in labels.rows.items() if v is not None and n not in problems.skipped]
     if partition is None:
-        log.warning("%s: no %s; the packer will generate a split (see --split-ratios, --stratify)", root, PARTITION_FILE)
-    split_of = lambda name: _split_name(partition, name)  # noqa: E731
+        log.warning("%s: no %s; the packer will generate a split (see --split-ratios, --stratify)",
+                    root, PARTITION_FILE)
     return SourceData(
         kind=kind,
         path=str(root.resolve()),
@@ -268,29 +269,32 @@ def read_official(root: Path, *, kind: str, attributes: list[str] | None, skip_b
         attribute_names=list(labels.fields),
         ids=[_image_id(n) for n in keep],
         labels=np.array([labels.rows[n][1] for n in keep], dtype=np.uint8).reshape(len(keep), len(labels.fields)),
-        splits=None if partition is None else np.array([SPLIT_NAMES.index(split_of(n)) for n in keep], dtype=np.int8),
+        splits=None if partition is None else np.array([SPLIT_NAMES.index(_split_name(partition, n)) for n in keep],
+                                                       dtype=np.int8),
         locators=[locate(n) for n in keep],
         images=images,
         extras={key: _extra(table, keep) for key, table in extras.items()},
-        skipped=[{"id": i, "reason": r, "split": split_of(n)} for n, (i, r) in problems.skipped.items()],
+        skipped=[{"id": i, "reason": r, "split": _split_name(partition, n)} for n, (i, r) in problems.skipped.items()],
     )
 
 
-def _check_rows(root: Path, labels: _Table, partition: _Table | None, extras: list[_Table], images: ImageStore,
+def _check_rows(labels: _Table, partition: _Table | None, extras: list[_Table], images: ImageStore,
                 locate: Any, problems: _Problems) -> None:
     """Images exist; partition values are 0/1/2; every other file has exactly the labelled images."""
     names = [n for n, (_, v) in labels.rows.items() if v is not None]
     for name in names:
         if locate(name) is None:
             line = labels.rows[name][0]
-            problems.row(name, _image_id(name), f"{ATTR_FILE} line {line}: image {name} not found in {images.describe('')}")
+            problems.row(name, _image_id(name),
+                         f"{ATTR_FILE} line {line}: image {name} not found in {images.describe('')}")
     for table in ([partition] if partition is not None else []) + extras:
         for name, (line, _) in table.rows.items():
             if name not in labels.rows:
                 problems.note(f"{table.file} line {line}: {name} is not in {ATTR_FILE}")
         for name in names:
             if name not in table.rows:
-                problems.row(name, _image_id(name), f"{name} ({ATTR_FILE} line {labels.rows[name][0]}) has no row in {table.file}")
+                problems.row(name, _image_id(name),
+                             f"{name} ({ATTR_FILE} line {labels.rows[name][0]}) has no row in {table.file}")
     if partition is not None:
         for name, (line, values) in partition.rows.items():
             if values is not None and values[0] not in (0, 1, 2):
@@ -322,12 +326,14 @@ def _read_lines(path: Path) -> list[tuple[int, list[str]]]:
 def _read_count(path: Path, lines: list[tuple[int, list[str]]]) -> int:
     if not lines or len(lines[0][1]) != 1 or not lines[0][1][0].isdigit():
         got = " ".join(lines[0][1]) if lines else "an empty file"
-        raise SourceError(f"{path.name} line {lines[0][0] if lines else 1}: expected the number of images, got {got!r:.80}")
+        raise SourceError(f"{path.name} line {lines[0][0] if lines else 1}: expected the number of images, "
+                          f"got {got!r:.80}")
     if len(lines) < 2:
         raise SourceError(f"{path.name} line 2: missing the header")
     count, rows = int(lines[0][1][0]), len(lines) - 2
     if count != rows:
-        raise SourceError(f"{path.name} line {lines[0][0]}: says {count} images but the file has {rows} rows (truncated or edited?)")
+        raise SourceError(f"{path.name} line {lines[0][0]}: says {count} images but the file has {rows} rows "
+                          "(truncated or edited?)")
     return count
 
 
@@ -339,23 +345,29 @@ def _read_attr_file(path: Path, attributes: list[str] | None, problems: _Problem
     _check_header(path.name, header_line, header, attributes)
     code = {"1": 1, "-1": 0}
     table = _Table(path.name, list(header))
+    id_line: dict[str, int] = {}
     for line, tokens in lines[2:]:
         name, values = tokens[0], tokens[1:]
         if name in table.rows:
             problems.note(f"{path.name} line {line}: {name} repeats line {table.rows[name][0]}")
             continue
         table.rows[name] = (line, None)
-        if not _valid_name(name):
+        first = id_line.setdefault(_image_id(name), line)
+        if first != line:
+            problems.row(name, _image_id(name), f"{path.name} line {line}: {name} has the id of line {first}")
+        elif not _valid_name(name):
             problems.row(name, _image_id(name), f"{path.name} line {line}: {name!r} is not an image file name whose id "
                                                 "holds only letters, digits, '_' or '-'")
         elif len(values) != len(header):
-            problems.row(name, _image_id(name), f"{path.name} line {line} ({name}): {len(values)} values, expected {len(header)}")
-        elif any(v not in code for v in values):
-            col = next(j for j, v in enumerate(values) if v not in code)
-            problems.row(name, _image_id(name), f"{path.name} line {line} ({name}): value {values[col]!r} for "
-                                                f"{header[col]} (column {col + 2}) is not -1 or 1")
+            problems.row(name, _image_id(name),
+                         f"{path.name} line {line} ({name}): {len(values)} values, expected {len(header)}")
         else:
-            table.rows[name] = (line, [code[v] for v in values])
+            try:
+                table.rows[name] = (line, [code[v] for v in values])
+            except KeyError:
+                col = next(j for j, v in enumerate(values) if v not in code)
+                problems.row(name, _image_id(name), f"{path.name} line {line} ({name}): value {values[col]!r} for "
+                                                    f"{header[col]} (column {col + 2}) is not -1 or 1")
     return table
 
 
@@ -373,7 +385,8 @@ def _check_header(file: str, line: int, header: list[str], attributes: list[str]
                           "to pack the attributes it has, name them with --attributes")
     missing = [a for a in attributes if a not in header]
     if unknown or duplicates or missing:
-        detail = "; ".join(s for s in (unknown and f"unknown names {unknown}", duplicates and f"duplicates {duplicates}",
+        detail = "; ".join(s for s in (unknown and f"unknown names {unknown}",
+                                       duplicates and f"duplicates {duplicates}",
                                        missing and f"lacks {missing} named by --attributes") if s)
         raise SourceError(f"{file} line {line}: bad header: {detail}")
 
@@ -399,15 +412,26 @@ def _read_table(path: Path, problems: _Problems, *, counted: bool, fields: list[
             problems.note(f"{path.name} line {line}: {name} repeats line {table.rows[name][0]}")
             continue
         table.rows[name] = (line, None)
-        bad = next((v for v in values if not _INT_PATTERN.fullmatch(v)), None)
         if len(values) != len(fields):
             problems.row(name, _image_id(name), f"{path.name} line {line} ({name}): {len(values)} values, "
                                                 f"expected {len(fields)} ({' '.join(fields)})")
-        elif bad is not None:
+            continue
+        ints = _parse_ints(values)
+        if ints is None:
+            bad = next(v for v in values if not _INT_PATTERN.fullmatch(v))
             problems.row(name, _image_id(name), f"{path.name} line {line} ({name}): value {bad!r} is not an integer")
         else:
-            table.rows[name] = (line, [int(v) for v in values])
+            table.rows[name] = (line, ints)
     return table
+
+
+def _parse_ints(values: list[str]) -> list[int] | None:
+    """The values as integers, or None if one is not a plain integer (``int`` alone would take ``1_0``)."""
+    try:
+        ints = [int(v) for v in values]
+    except ValueError:
+        return None
+    return None if any("_" in v for v in values) else ints
 
 
 def _open_images(root: Path) -> tuple[ImageStore, Any]:
@@ -465,47 +489,73 @@ def read_hf(
     label = f"hf:{name}"
     parts = _load_hf_parts(name, label)
     order = _order_parts(parts, label)
-    columns = dict(parts[order[0]].features.items())
-    for part in order:
-        if list(parts[part].features) != list(columns):
-            raise SourceError(f"{label}: split {part!r} has columns {list(parts[part].features)}, unlike {list(columns)}")
-    image_col = _pick_image_column(columns, image_column, label)
-    attr_cols = _match_attribute_columns(columns, attributes, label)
-    id_col = _pick_named_column(columns, id_column, HF_ID_COLUMNS, "--id-column", label)
-    ident_col = _pick_named_column(columns, identity_column, HF_IDENTITY_COLUMNS, "--identity-column", label)
-
-    wanted = list(attr_cols.values()) + [c for c in (id_col, ident_col) if c]
-    arrays = {p: parts[p].select_columns(wanted).with_format("numpy")[:] for p in order}
-    raw = np.concatenate([np.stack([np.asarray(arrays[p][c]) for c in attr_cols.values()], axis=1).reshape(-1, len(attr_cols))
-                          for p in order])
+    cols = _pick_hf_columns(parts, order, label, attributes=attributes, image=image_column, image_id=id_column,
+                            identity=identity_column)
+    raw, ids, identity = _read_hf_columns(parts, order, cols)
     locators = [(p, row) for p in order for row in range(len(parts[p]))]
-    ids = _hf_ids(arrays, order, id_col, len(locators))
-    identity = np.concatenate([np.asarray(arrays[p][ident_col]) for p in order]).astype(np.int64) if ident_col else None
 
     problems = _Problems(skip_bad)
     where = [f"{label} split {p!r} row {r} (id {i})" for (p, r), i in zip(locators, ids)]
     _check_hf_ids(ids, where, problems)
-    labels = _hf_labels(raw, list(attr_cols), where, ids, problems)
-    for i in _hf_empty_images(parts, order, image_col):
+    labels = _hf_labels(raw, list(cols.attributes), where, ids, problems)
+    for i in _hf_empty_images(parts, order, cols.image):
         problems.row(i, ids[i], f"{where[i]}: the image is missing (empty cell)")
     problems.raise_if_any(label)
 
     keep = [i for i in range(len(ids)) if i not in problems.skipped]
-    split_of = {p: SPLIT_NAMES.index(HF_SPLIT_ALIASES[p.lower()]) for p in order} if len(order) > 1 else None
+    split_of = [SPLIT_NAMES.index(HF_SPLIT_ALIASES[p.lower()]) if len(order) > 1 else -1 for p, _ in locators]
     return SourceData(
         kind="hf",
         path=str(Path(name).resolve()) if Path(name).exists() else name,
-        fingerprint=_fingerprint_hf(order, parts, attr_cols, raw, ids, identity),
-        attribute_names=list(attr_cols),
+        fingerprint=_fingerprint_hf(order, parts, cols.attributes, raw, ids, identity),
+        attribute_names=list(cols.attributes),
         ids=[ids[i] for i in keep],
         labels=labels[keep],
-        splits=None if split_of is None else np.array([split_of[locators[i][0]] for i in keep], dtype=np.int8),
+        splits=np.array([split_of[i] for i in keep], dtype=np.int8) if len(order) > 1 else None,
         locators=[locators[i] for i in keep],
-        images=HFImages({p: _undecoded(parts[p], image_col) for p in order}, image_col, label),
+        images=HFImages({p: _undecoded(parts[p], cols.image) for p in order}, cols.image, label),
         extras={"identity": Extra(None, identity[keep])} if identity is not None else {},
-        skipped=[{"id": image_id, "reason": reason, "split": None if split_of is None else SPLIT_NAMES[split_of[locators[i][0]]]}
+        skipped=[{"id": image_id, "reason": reason, "split": SPLIT_NAMES[split_of[i]] if split_of[i] >= 0 else None}
                  for i, (image_id, reason) in sorted(problems.skipped.items())],
     )
+
+
+@dataclass(frozen=True)
+class _HFColumns:
+    image: str
+    attributes: dict[str, str]  # CelebA name -> column
+    image_id: str | None
+    identity: str | None
+
+
+def _pick_hf_columns(parts: dict[str, Any], order: list[str], label: str, *, attributes: list[str] | None,
+                     image: str | None, image_id: str | None, identity: str | None) -> _HFColumns:
+    """Detect the columns (given names win); anything ambiguous is an error naming the option to pass."""
+    columns = dict(parts[order[0]].features.items())
+    for part in order:
+        if list(parts[part].features) != list(columns):
+            raise SourceError(f"{label}: split {part!r} has columns {list(parts[part].features)}, "
+                              f"unlike {list(columns)}")
+    return _HFColumns(
+        image=_pick_image_column(columns, image, label),
+        attributes=_match_attribute_columns(columns, attributes, label),
+        image_id=_pick_named_column(columns, image_id, HF_ID_COLUMNS, "--id-column", label),
+        identity=_pick_named_column(columns, identity, HF_IDENTITY_COLUMNS, "--identity-column", label),
+    )
+
+
+def _read_hf_columns(parts: dict[str, Any], order: list[str],
+                     cols: _HFColumns) -> tuple[np.ndarray, list[str], np.ndarray | None]:
+    """The raw attribute values (N, A), the ids and the identities (or None), over the splits in order."""
+    wanted = list(cols.attributes.values()) + [c for c in (cols.image_id, cols.identity) if c]
+    arrays = {p: parts[p].select_columns(wanted).with_format("numpy")[:] for p in order}
+    raw = np.concatenate([np.stack([np.asarray(arrays[p][c]) for c in cols.attributes.values()], axis=1)
+                          .reshape(-1, len(cols.attributes)) for p in order])
+    ids = _hf_ids(arrays, order, cols.image_id, len(raw))
+    identity = None
+    if cols.identity:
+        identity = np.concatenate([np.asarray(arrays[p][cols.identity]) for p in order]).astype(np.int64)
+    return raw, ids, identity
 
 
 def _load_hf_parts(name: str, label: str) -> dict[str, Any]:
@@ -570,7 +620,8 @@ def _match_attribute_columns(columns: dict[str, Any], attributes: list[str] | No
     for name in CELEBA_ATTRIBUTES:
         matches = [name] if name in columns else [c for c in columns if c.lower() == name.lower()]
         if len(matches) > 1:
-            raise SourceError(f"{label}: columns {matches} all match attribute {name!r}; rename one or pass --attributes")
+            raise SourceError(f"{label}: columns {matches} all match attribute {name!r}; "
+                              "rename one or pass --attributes")
         if matches:
             found[name] = matches[0]
     missing = [a for a in wanted if a not in found]
@@ -585,7 +636,8 @@ def _match_attribute_columns(columns: dict[str, Any], attributes: list[str] | No
     return found
 
 
-def _pick_named_column(columns: dict[str, Any], given: str | None, names: tuple[str, ...], option: str, label: str) -> str | None:
+def _pick_named_column(columns: dict[str, Any], given: str | None, names: tuple[str, ...], option: str,
+                       label: str) -> str | None:
     if given is not None:
         if given not in columns:
             raise SourceError(f"{label}: {option} {given!r} is not a column; columns are {list(columns)}")

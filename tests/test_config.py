@@ -34,6 +34,7 @@ def test_dotted_overrides_are_typed(tmp_path):
     assert cfg.data.batch_size == 64
     assert cfg.data.attributes == ["Smiling", "Male"]
     assert cfg.data.image_size == (32, 32)
+    assert load_config("smiling_simple_cnn", ["train.precision=no", "train.compile=no"]).train.precision == "no"
     assert cfg.data.root == str(tmp_path)
     assert cfg.run_dir == tmp_path / "run"
 

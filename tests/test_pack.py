@@ -5,8 +5,10 @@ import io
 import json
 import math
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -140,7 +142,8 @@ def test_resize_reencodes_every_image(tmp_path):
     out = tmp_path / "out"
     pack(src.source, out, "--resize", "32x40", "--quality", "80")
     image = load_manifest(out)["image"]
-    assert image == {"encoding": "jpeg", "resize": [32, 40], "resample": "bicubic", "quality": 80, "width": 32, "height": 40}
+    assert image == {"encoding": "jpeg", "resize": [32, 40], "resample": "bicubic", "quality": 80,
+                     "width": 32, "height": 40}
     for sample in read_split(out, "train"):
         with Image.open(io.BytesIO(sample["jpg"])) as im:
             assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (32, 40))
@@ -263,3 +266,26 @@ def test_pack_into_a_copy_of_a_finished_folder_is_a_no_op(tmp_path):
     state = tree_state(copy)
     pack(src.source, copy)
     assert tree_state(copy) == state
+
+
+def test_sigterm_leaves_no_half_shard_and_the_rerun_resumes(tmp_path):
+    src = write_celeba(tmp_path / "src", num_images=24)  # 17 train images: 9 shards
+    out = tmp_path / "out"
+    # big re-encodes make the run slow enough to be stopped in the middle
+    args = [str(src.source), str(out), "--resize", "1000x1100", "--samples-per-shard", "2", "--workers", "1"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "tools" / "pack_shards.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(out.rglob("*.tar")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "stopped by signal" in err, err
+    assert not list(out.rglob("*.tmp")) and not (out / MANIFEST_NAME).exists()
+    kept = tree_state(out / "train")
+    assert 0 < len(kept) < 9
+
+    assert main(args) == 0
+    after = tree_state(out / "train")
+    assert all(after[name] == kept[name] for name in kept) and len(after) == 9
+    assert verify_main([str(out)]) == 0

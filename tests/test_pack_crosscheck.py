@@ -13,6 +13,7 @@ from torchvision.datasets import CelebA
 from celeba_dist.attributes import CELEBA_ATTRIBUTES
 from celeba_dist.manifest import load_manifest
 from celeba_dist.packer import main
+from celeba_dist.synthetic import make_synthetic_celeba
 from helpers_celeba import decoded, read_split, write_celeba, write_hf_celeba
 
 TORCHVISION_SPLIT = {"train": "train", "val": "valid", "test": "test"}
@@ -37,14 +38,20 @@ def jpeg(data: bytes, *, quality: int) -> bytes:
     return out.getvalue()
 
 
-def test_torchvision_layout_matches_torchvision_reader(tmp_path):
-    src = write_celeba(tmp_path / "root", num_images=40, layout="torchvision")
+@pytest.mark.parametrize("maker", ["helper", "synthetic"])
+def test_torchvision_layout_matches_torchvision_reader(tmp_path, maker):
+    root = tmp_path / "root"
+    if maker == "helper":
+        write_celeba(root, num_images=40, layout="torchvision")
+    else:
+        make_synthetic_celeba(root / "celeba", num_images=40, seed=1)
     out = tmp_path / "out"
-    assert main([str(src.source), str(out), "--samples-per-shard", "6", "--workers", "2"]) == 0
+    assert main([str(root), str(out), "--samples-per-shard", "6", "--workers", "2"]) == 0
     manifest = load_manifest(out)
     assert manifest["source"]["kind"] == "torchvision"
     for split, tv_split in TORCHVISION_SPLIT.items():
-        reference = UncheckedCelebA(str(src.source), split=tv_split, target_type=["attr", "identity", "bbox", "landmarks"])
+        reference = UncheckedCelebA(str(root), split=tv_split,
+                                    target_type=["attr", "identity", "bbox", "landmarks"])
         assert reference.attr_names[:40] == manifest["attributes"]
         samples = [decoded(s) for s in read_split(out, split)]
         assert [s["key"] + ".jpg" for s in samples] == reference.filename
@@ -91,9 +98,9 @@ def test_hf_id_column_gives_the_ids(tmp_path):
     assert main([f"hf:{hf.path}", str(out), "--workers", "1"]) == 0
     assert [s["__key__"] for s in read_split(out, "train")] == [n[:-4] for n in names[:6]]
     assert [s["__key__"] for s in read_split(out, "val")] == [n[:-4] for n in names[6:]]
-    assert load_manifest(out)["splits"]["test"] == {"num_samples": 0, "positive_rates": {a: 0.0 for a in CELEBA_ATTRIBUTES},
-                                                     "shards": [], "converted": {"cmyk": [], "grayscale": [], "png": []},
-                                                     "skipped": []}
+    empty = {"num_samples": 0, "positive_rates": {a: 0.0 for a in CELEBA_ATTRIBUTES}, "shards": [],
+             "converted": {"cmyk": [], "grayscale": [], "png": []}, "skipped": []}
+    assert load_manifest(out)["splits"]["test"] == empty
 
 
 def test_hf_single_split_is_split_80_10_10_stratified(tmp_path):
@@ -123,7 +130,8 @@ def test_hf_single_split_is_split_80_10_10_stratified(tmp_path):
 def test_hf_single_split_with_other_ratios(tmp_path):
     hf = write_hf_celeba(tmp_path / "hf", {"train": 40}, size=(8, 8))
     out = tmp_path / "out"
-    assert main([f"hf:{hf.path}", str(out), "--split-ratios", "0.5,0.25,0.25", "--stratify", "none", "--workers", "1"]) == 0
+    args = ["--split-ratios", "0.5,0.25,0.25", "--stratify", "none", "--workers", "1"]
+    assert main([f"hf:{hf.path}", str(out), *args]) == 0
     manifest = load_manifest(out)
     assert [manifest["splits"][s]["num_samples"] for s in ("train", "val", "test")] == [20, 10, 10]
     assert json.loads((out / "manifest.json").read_text())["options"]["stratify"] == []

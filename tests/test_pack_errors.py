@@ -73,7 +73,8 @@ def test_header_that_is_not_the_celeba_names(src, tmp_path, capsys):
     header = src.file(ATTR).read_text().splitlines()[1].replace("Male", "Man")
     replace_line(src.file(ATTR), 2, header)
     err = run_failing(src.source, tmp_path / "out", capsys)
-    assert f"{ATTR} line 2: the header is not the 40 CelebA attribute names (unknown names ['Man']; missing ['Male'])" in err
+    assert (f"{ATTR} line 2: the header is not the 40 CelebA attribute names "
+            "(unknown names ['Man']; missing ['Male'])") in err
 
 
 def test_header_with_a_subset_needs_attributes(tmp_path, capsys):

@@ -1,4 +1,5 @@
 """Write a synthetic CelebA: same as ``celeba-dist synth OUT_DIR --num-images N``."""
 from celeba_dist.synthetic import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # worker processes are spawned and re-import this file
+    raise SystemExit(main())

@@ -163,8 +163,9 @@ def slurm_parameters(args: argparse.Namespace, *, job_name: str) -> dict[str, An
     return params
 
 
-def build_executor(args: argparse.Namespace, folder: Path, *, job_name: str, max_requeues: int) -> submitit.Executor:
-    """A SLURM executor for the resource options, or submitit's LocalExecutor with ``--local``."""
+def build_executor(args: argparse.Namespace, folder: Path, *, params: dict[str, Any],
+                   max_requeues: int) -> submitit.Executor:
+    """A SLURM executor with ``params`` (:func:`slurm_parameters`), or a LocalExecutor with ``--local``."""
     if args.local:
         if args.nodes != 1:
             raise ValueError("--local runs on this machine: --nodes must be 1")
@@ -173,12 +174,12 @@ def build_executor(args: argparse.Namespace, folder: Path, *, job_name: str, max
                                    timeout_min=args.time, signal_delay_s=args.signal_delay)
         return executor
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_requeues)
-    executor.update_parameters(**slurm_parameters(args, job_name=job_name))
+    executor.update_parameters(**params)
     return executor
 
 
-def sbatch_script(args: argparse.Namespace, folder: Path, *, job_name: str) -> str:
-    """The sbatch script a submission would use, without submitting (``--dry-run``).
+def sbatch_script(params: dict[str, Any], folder: Path, *, array_size: int | None = None) -> str:
+    """The sbatch script a submission with ``params`` would use, without submitting (``--dry-run``).
 
     submitit has no public call for this text; ``_make_sbatch_string`` is the function its
     ``SlurmExecutor`` uses, so the script printed is the one ``sbatch`` would get (it also works
@@ -187,7 +188,7 @@ def sbatch_script(args: argparse.Namespace, folder: Path, *, job_name: str) -> s
     from submitit.slurm.slurm import _make_sbatch_string
 
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
-    return _make_sbatch_string(command=command, folder=folder, **slurm_parameters(args, job_name=job_name))
+    return _make_sbatch_string(command=command, folder=folder, map_count=array_size, **params)
 
 
 def wait_for(jobs: Sequence[submitit.Job]) -> list[dict[str, Any] | None]:
@@ -218,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_data(data: Path) -> None:
+    """Fail before queueing when the shards are not there (the nodes would fail after waiting)."""
+    if not (data / "manifest.json").is_file():
+        raise ValueError(f"{data} holds no manifest.json; pack shards first: celeba-dist pack SOURCE {data}")
+
+
 def resolve_task(config: str, overrides: Sequence[str], data: Path, run_dir: Path) -> tuple[TrainTask, Any]:
     """Validate the config here, before anything is queued; the task carries absolute paths."""
     from celeba_dist.config import load_config
@@ -235,12 +242,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         task, cfg = resolve_task(args.config, args.set, args.data, args.run_dir)
-        job_name = args.job_name or cfg.run_dir.name
+        params = slurm_parameters(args, job_name=args.job_name or cfg.run_dir.name)
         folder = cfg.run_dir / LOG_SUBDIR / "%j"
         if args.dry_run:
-            print(sbatch_script(args, folder, job_name=job_name))
+            print(sbatch_script(params, folder))
             return 0
-        executor = build_executor(args, folder, job_name=job_name, max_requeues=cfg.run.max_requeues)
+        check_data(args.data)
+        executor = build_executor(args, folder, params=params, max_requeues=cfg.run.max_requeues)
     except (ConfigError, ValueError) as exc:
         print(f"celeba-dist submit: error: {exc}", file=sys.stderr)
         return 2

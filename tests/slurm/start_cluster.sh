@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start a real two-node SLURM cluster, with job accounting, on this one machine.
 #
-#   bash tests/slurm/start_cluster.sh          # as root; idempotent: a healthy cluster is left as is
+#   bash tests/slurm/start_cluster.sh          # as root; idempotent: a healthy cluster with the
+#                                              # same configuration is left running as it is
 #   bash tests/slurm/stop_cluster.sh [--wipe]  # stop the daemons this script started
 #
 # Needs the Debian packages slurmctld slurmd slurmdbd slurm-client munge mariadb-server
@@ -45,85 +46,11 @@ for tool in munged mariadbd slurmdbd slurmctld slurmd sinfo sacct; do
     command -v "$tool" >/dev/null || { log "$tool not found; run .ci/slurm.sh to install SLURM"; exit 1; }
 done
 
-pidfiles() {
-    local node
-    echo "$DIR/db/mariadbd.pid" "$DIR/slurmdbd.pid" "$DIR/slurmctld.pid"
-    for node in "${NODES[@]}"; do echo "$DIR/slurmd-$node.pid"; done
-}
+# --- configuration (written to a scratch folder first, to see whether it changed) --------
+NEW="$(mktemp -d)"
+trap 'rm -rf "$NEW"' EXIT
 
-wait_for() {  # wait_for SECONDS COMMAND...: retry COMMAND every 0.2 s
-    local tries=$(($1 * 5))
-    shift
-    for _ in $(seq "$tries"); do
-        "$@" >/dev/null 2>&1 && return 0
-        sleep 0.2
-    done
-    return 1
-}
-
-cluster_up() {
-    [[ -f "$CONF" ]] || return 1
-    # Clients retry for ~20 s when no controller answers: look for live daemons first.
-    local pidfile ready
-    for pidfile in $(pidfiles); do
-        [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null || return 1
-    done
-    ready="$(sinfo --noheader --Node --format='%N %t' 2>/dev/null \
-        | awk '$2 ~ /^(idle|mix|alloc|comp)$/' | sort -u | wc -l)"
-    [[ "$ready" -eq "${#NODES[@]}" ]]
-}
-
-if cluster_up; then
-    log "already running (SLURM_CONF=$CONF)"
-    exit 0
-fi
-
-# --- munge: authenticates every SLURM message ------------------------------------------
-if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
-    install -d -o munge -g munge -m 0755 /run/munge
-    install -d -o munge -g munge -m 0700 /var/log/munge /var/lib/munge
-    if [[ ! -s /etc/munge/munge.key ]]; then
-        dd if=/dev/urandom of=/etc/munge/munge.key bs=128 count=1 status=none
-        chown munge:munge /etc/munge/munge.key
-        chmod 0400 /etc/munge/munge.key
-    fi
-    runuser -u munge -- munged
-    wait_for 10 bash -c 'munge -n | unmunge'
-fi
-
-# --- stop what an earlier, unhealthy start left running --------------------------------
-for pidfile in $(pidfiles); do
-    [[ -f "$pidfile" ]] || continue
-    pid="$(cat "$pidfile")"
-    if kill "$pid" 2>/dev/null; then
-        wait_for 10 bash -c "! kill -0 $pid" || kill -9 "$pid" 2>/dev/null || true
-    fi
-    rm -f "$pidfile"
-done
-
-mkdir -p "$DIR/state" "$DIR/log" "${NODES[@]/#/$DIR/spool/}"
-chmod 0755 "$DIR"
-if ! grep -qE "^127\.0\.0\.1[[:space:]]+${NODES[0]} ${NODES[1]}\b" /etc/hosts; then
-    echo "127.0.0.1 ${NODES[*]}  # celeba-dist test SLURM cluster" >>/etc/hosts
-fi
-
-# --- accounting database ----------------------------------------------------------------
-install -d -o mysql -g mysql -m 0750 "$DIR/db"
-if [[ ! -d "$DIR/db/data/mysql" ]]; then
-    runuser -u mysql -- mariadb-install-db --no-defaults --datadir="$DIR/db/data" \
-        --auth-root-authentication-method=socket >"$DIR/log/mariadb-install.log" 2>&1
-fi
-mariadbd --no-defaults --user=mysql --datadir="$DIR/db/data" --bind-address=127.0.0.1 \
-    --port="$DB_PORT" --socket="$DIR/db/mariadbd.sock" --pid-file="$DIR/db/mariadbd.pid" \
-    --log-error="$DIR/db/mariadbd.log" --innodb-buffer-pool-size=32M 2>>"$DIR/db/mariadbd.log" &
-disown
-sql() { mariadb --no-defaults --socket="$DIR/db/mariadbd.sock" --user=root --execute="$1"; }
-wait_for 30 sql "SELECT 1" || { log "MariaDB did not start:"; tail -n 20 "$DIR/db/mariadbd.log" >&2; exit 1; }
-sql "CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurm';
-     GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
-
-# --- configuration ----------------------------------------------------------------------
-install -m 0600 /dev/stdin "$DIR/slurmdbd.conf" <<EOF
+cat >"$NEW/slurmdbd.conf" <<EOF
 # Written by tests/slurm/start_cluster.sh.
 AuthType=auth/munge
 DbdHost=localhost
@@ -140,7 +67,7 @@ StoragePass=slurm
 StorageLoc=slurm_acct_db
 EOF
 
-cat >"$CONF" <<EOF
+cat >"$NEW/slurm.conf" <<EOF
 # Written by tests/slurm/start_cluster.sh: a two-node test cluster on one host.
 ClusterName=$CLUSTER
 SlurmctldHost=$HOST(127.0.0.1)
@@ -149,6 +76,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
+# A requeued job waits cred_expire seconds (default 120) before it may start again.
+AuthInfo=cred_expire=10
 MpiDefault=none
 
 StateSaveLocation=$DIR/state
@@ -184,9 +113,89 @@ MessageTimeout=20
 EOF
 for i in "${!NODES[@]}"; do
     echo "NodeName=${NODES[$i]} NodeHostname=$HOST NodeAddr=127.0.0.1 Port=${NODE_PORTS[$i]}" \
-        "CPUs=2 RealMemory=4000 State=UNKNOWN" >>"$CONF"
+        "CPUs=2 RealMemory=4000 State=UNKNOWN" >>"$NEW/slurm.conf"
 done
-echo "PartitionName=debug Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=INFINITE State=UP" >>"$CONF"
+echo "PartitionName=debug Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=INFINITE State=UP" >>"$NEW/slurm.conf"
+
+# --- helpers ----------------------------------------------------------------------------
+pidfiles() {
+    local node
+    echo "$DIR/db/mariadbd.pid" "$DIR/slurmdbd.pid" "$DIR/slurmctld.pid"
+    for node in "${NODES[@]}"; do echo "$DIR/slurmd-$node.pid"; done
+}
+
+wait_for() {  # wait_for SECONDS COMMAND...: retry COMMAND every 0.2 s
+    local tries=$(($1 * 5))
+    shift
+    for _ in $(seq "$tries"); do
+        "$@" >/dev/null 2>&1 && return 0
+        sleep 0.2
+    done
+    return 1
+}
+
+cluster_up() {
+    [[ -f "$CONF" ]] || return 1
+    # Clients retry for ~20 s when no controller answers: look for live daemons first.
+    local pidfile ready
+    for pidfile in $(pidfiles); do
+        [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null || return 1
+    done
+    ready="$(sinfo --noheader --Node --format='%N %t' 2>/dev/null \
+        | awk '$2 ~ /^(idle|mix|alloc|comp)$/' | sort -u | wc -l)"
+    [[ "$ready" -eq "${#NODES[@]}" ]]
+}
+
+if cmp -s "$NEW/slurm.conf" "$CONF" && cmp -s "$NEW/slurmdbd.conf" "$DIR/slurmdbd.conf" && cluster_up; then
+    log "already running (SLURM_CONF=$CONF)"
+    exit 0
+fi
+
+# --- munge: authenticates every SLURM message ------------------------------------------
+if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
+    install -d -o munge -g munge -m 0755 /run/munge
+    install -d -o munge -g munge -m 0700 /var/log/munge /var/lib/munge
+    if [[ ! -s /etc/munge/munge.key ]]; then
+        dd if=/dev/urandom of=/etc/munge/munge.key bs=128 count=1 status=none
+        chown munge:munge /etc/munge/munge.key
+        chmod 0400 /etc/munge/munge.key
+    fi
+    runuser -u munge -- munged
+    wait_for 10 bash -c 'munge -n | unmunge'
+fi
+
+# --- stop what an earlier start left running (unhealthy, or with another configuration) --
+for pidfile in $(pidfiles); do
+    [[ -f "$pidfile" ]] || continue
+    pid="$(cat "$pidfile")"
+    if kill "$pid" 2>/dev/null; then
+        wait_for 10 bash -c "! kill -0 $pid" || kill -9 "$pid" 2>/dev/null || true
+    fi
+    rm -f "$pidfile"
+done
+
+mkdir -p "$DIR/state" "$DIR/log" "${NODES[@]/#/$DIR/spool/}"
+chmod 0755 "$DIR"
+install -m 0644 "$NEW/slurm.conf" "$CONF"
+install -m 0600 "$NEW/slurmdbd.conf" "$DIR/slurmdbd.conf"  # slurmdbd insists: it holds a password
+if ! grep -qE "^127\.0\.0\.1[[:space:]]+${NODES[0]} ${NODES[1]}\b" /etc/hosts; then
+    echo "127.0.0.1 ${NODES[*]}  # celeba-dist test SLURM cluster" >>/etc/hosts
+fi
+
+# --- accounting database ----------------------------------------------------------------
+install -d -o mysql -g mysql -m 0750 "$DIR/db"
+if [[ ! -d "$DIR/db/data/mysql" ]]; then
+    runuser -u mysql -- mariadb-install-db --no-defaults --datadir="$DIR/db/data" \
+        --auth-root-authentication-method=socket >"$DIR/log/mariadb-install.log" 2>&1
+fi
+mariadbd --no-defaults --user=mysql --datadir="$DIR/db/data" --bind-address=127.0.0.1 \
+    --port="$DB_PORT" --socket="$DIR/db/mariadbd.sock" --pid-file="$DIR/db/mariadbd.pid" \
+    --log-error="$DIR/db/mariadbd.log" --innodb-buffer-pool-size=32M 2>>"$DIR/db/mariadbd.log" &
+disown
+sql() { mariadb --no-defaults --socket="$DIR/db/mariadbd.sock" --user=root --execute="$1"; }
+wait_for 30 sql "SELECT 1" || { log "MariaDB did not start:"; tail -n 20 "$DIR/db/mariadbd.log" >&2; exit 1; }
+sql "CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurm';
+     GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
 
 # --- SLURM daemons ----------------------------------------------------------------------
 slurmdbd  # reads slurmdbd.conf next to $SLURM_CONF

@@ -1,0 +1,147 @@
+"""Loader throughput, four routes over the same synthetic images, in one run on one machine.
+
+  (a) reference: PIL decoding the JPEG bytes (already in memory) to full-size RGB, nothing else
+  (b) our shard loader: 64x64 training tensors (CenterCrop 178 -> Resize 64 -> flip), original JPEGs
+  (c) the seed projects' route: torchvision's CelebA dataset over the folder of JPEGs, PIL,
+      torchvision transforms (CenterCrop 178, Resize 64, RandomHorizontalFlip, ToTensor), DataLoader
+  (d) our shard loader on shards pre-packed with ``--resize 64x78``
+
+Every route uses the same loader worker count (default 0: everything in this one process), so
+the numbers are images/s per process. Targets: b/a >= 0.9 and d/c >= 3.
+
+    python tools/bench_loader.py [--num-images 3000] [--workers 0] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from PIL import Image
+
+
+def best_rate(run: Callable[[], int], repeats: int) -> tuple[float, int]:
+    """(best images/s over ``repeats`` passes, images per pass)."""
+    best, count = 0.0, 0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        count = run()
+        best = max(best, count / (time.perf_counter() - start))
+    return best, count
+
+
+def count_batches(batches: Iterable) -> int:
+    n = 0
+    for batch in batches:
+        n += len(batch[-1]) if isinstance(batch[-1], list) else batch[0].shape[0]
+    return n
+
+
+def route_pil(jpegs: list[bytes]) -> Callable[[], int]:
+    def run() -> int:
+        for data in jpegs:
+            Image.open(io.BytesIO(data)).convert("RGB").load()
+        return len(jpegs)
+
+    return run
+
+
+def route_ours(shards: Path, workers: int, batch_size: int) -> Callable[[], int]:
+    from celeba_dist.data import ShardData, make_loader, train_stream
+    from celeba_dist.transforms import build_transform
+
+    data = ShardData(str(shards), "all")
+    transform = build_transform("crop178_resize", image_size=(64, 64), train=True)
+    stream = train_stream(data, transform, batch_size=batch_size, rank=0, world_size=1, num_workers=workers,
+                          seed=0, shuffle_buffer=1000)
+
+    def run() -> int:
+        stream.epoch += 1
+        return count_batches(make_loader(stream, num_workers=workers))
+
+    return run
+
+
+def route_torchvision(root: Path, workers: int, batch_size: int) -> Callable[[], int]:
+    import torchvision
+    from torchvision import transforms as T
+
+    class CelebANoMD5(torchvision.datasets.CelebA):
+        def _check_integrity(self) -> bool:  # the synthetic files have no official MD5s
+            return True
+
+    dataset = CelebANoMD5(str(root), split="train", target_type="attr", download=False,
+                          transform=T.Compose([T.CenterCrop(178), T.Resize(64), T.RandomHorizontalFlip(), T.ToTensor()]))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                         drop_last=True)
+
+    def run() -> int:
+        return sum(x.shape[0] for x, _ in loader)
+
+    return run
+
+
+def prepare(work: Path, num_images: int) -> tuple[Path, Path, Path]:
+    from celeba_dist.packer import main as pack
+    from celeba_dist.synthetic import make_synthetic_celeba
+
+    source = work / "celeba"  # torchvision's layout: ROOT/celeba/...
+    if not (source / "list_attr_celeba.txt").is_file():
+        make_synthetic_celeba(source, num_images=num_images, seed=0, workers=2)
+    shards, small = work / "shards", work / "shards-64"
+    for out, extra in ((shards, []), (small, ["--resize", "64x78"])):
+        if not (out / "manifest.json").is_file():
+            assert pack([str(source), str(out), "--workers", "2", *extra]) == 0
+    return source, shards, small
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-images", type=int, default=3000)
+    parser.add_argument("--workers", type=int, default=0, help="loader workers, the same for every route")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--work-dir", help="reuse data from here (default: a temporary folder)")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work_dir or tmp)
+        source, shards, small = prepare(work, args.num_images)
+        partition = dict(line.split() for line in (source / "list_eval_partition.txt").read_text().splitlines())
+        jpegs = [(source / "img_align_celeba" / name).read_bytes() for name, split in sorted(partition.items())
+                 if split == "0"]
+        routes = {
+            "a": ("PIL full-size decode (reference)", route_pil(jpegs)),
+            "b": ("ours, shards, 64x64 train tensors", route_ours(shards, args.workers, args.batch_size)),
+            "c": ("torchvision CelebA + PIL + DataLoader", route_torchvision(source.parent, args.workers, args.batch_size)),
+            "d": ("ours, shards packed --resize 64x78", route_ours(small, args.workers, args.batch_size)),
+        }
+        rates = {}
+        print(f"machine: {platform.processor() or platform.machine()}, torch threads 1, loader workers {args.workers}, "
+              f"{len(jpegs)} training images of 178x218, best of {args.repeats}")
+        print(f"{'route':<4}{'what':<42}{'images':>8}{'img/s':>10}")
+        for key, (label, run) in routes.items():
+            rate, count = best_rate(run, args.repeats)
+            rates[key] = rate
+            print(f"{key:<4}{label:<42}{count:>8}{rate:>10.0f}")
+        ratios = {"b/a": rates["b"] / rates["a"], "b/c": rates["b"] / rates["c"], "d/c": rates["d"] / rates["c"]}
+        targets = {"b/a": 0.9, "b/c": None, "d/c": 3.0}
+        print()
+        for name, value in ratios.items():
+            target = targets[name]
+            verdict = "" if target is None else (f"  (target >= {target}: {'met' if value >= target else 'MISSED'})")
+            print(f"{name:<5}{value:6.2f}{verdict}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"rates": rates, "ratios": ratios}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
