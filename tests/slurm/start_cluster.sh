@@ -96,6 +96,9 @@ AccountingStorageHost=127.0.0.1
 AccountingStoragePort=$DBD_PORT
 
 SchedulerType=sched/backfill
+# Look at pending jobs every 2 s (defaults: 60 s and 30 s), so a requeued job starts soon after
+# its begin time instead of at the next periodic pass.
+SchedulerParameters=sched_interval=2,bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2

@@ -1,0 +1,52 @@
+"""Every shipped recipe builds its model, loss, optimizer and schedule and takes one training step."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from celeba_dist.attributes import resolve_attributes
+from celeba_dist.config import load_config, shipped_recipes
+from celeba_dist.losses import LOSSES, build_loss, positive_weights
+from celeba_dist.models import build_model, trainable_parameters
+from celeba_dist.optim import build_optimizer, build_scheduler
+from celeba_dist.transforms import normalize_batch
+
+
+@pytest.mark.parametrize("name", shipped_recipes())
+def test_recipe_takes_a_training_step(name):
+    # ImageNet weights cannot be downloaded here; their loading is tested in test_models.py.
+    cfg = load_config(name, ["model.pretrained=none"])
+    attributes = resolve_attributes(cfg.data.attributes)
+    model = build_model(cfg.model.name, num_attributes=len(attributes), pretrained="none", **cfg.model.options)
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.sched, cfg.optim, steps_per_epoch=10, total_steps=100)
+    pos_weight = positive_weights([0.3] * len(attributes)) if cfg.loss.pos_weight else None
+    loss_fn = build_loss(cfg.loss.name, pos_weight=pos_weight)
+    h, w = cfg.data.image_size
+    images = torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8)
+    targets = torch.tensor([[1.0] * len(attributes), [0.0] * len(attributes)])
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    model.train()
+    out = model(normalize_batch(images, cfg.data.normalize))
+    assert out.shape == (2, len(attributes))
+    loss = loss_fn(out, targets)
+    assert torch.isfinite(loss)
+    loss.backward()
+    lr_before = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] > 0 and lr_before > 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    probs = LOSSES[cfg.loss.name].to_prob(out.detach())
+    assert ((probs >= 0) & (probs <= 1)).all()
+    assert sum(p.numel() for p in trainable_parameters(model)) == sum(
+        p.numel() for g in optimizer.param_groups for p in g["params"])
+
+
+def test_resnext_recipe_freezes_six_children():
+    cfg = load_config("attrs40_resnext50", ["model.pretrained=none"])
+    model = build_model(cfg.model.name, num_attributes=40, **cfg.model.options)
+    children = list(model.children()) if not hasattr(model, "backbone") else list(model.backbone.children())
+    frozen = [all(not p.requires_grad for p in c.parameters()) for c in children[:6]]
+    assert all(frozen) and any(p.requires_grad for c in children[6:] for p in c.parameters())
