@@ -5,20 +5,26 @@ tests/conftest.py for how they find it and when they skip).
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import cloudpickle
 import pytest
 import submitit
 import torch
 import torch.distributed as dist
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from celeba_dist.launch import cluster_env
-from celeba_dist.launch.cluster_env import (expand_nodelist, expand_tasks_per_node, from_environ, master_port)
+from celeba_dist.launch.cluster_env import expand_nodelist, expand_tasks_per_node, from_environ, master_port
+from celeba_dist.launch.status import main as status_main
 from celeba_dist.launch.submit import main as submit_main, parse_slurm_options
+from shardkit import synthetic_shards
 
 # The stand-in task below runs on the cluster's nodes, where this test module is not importable.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -232,3 +238,173 @@ def _final_state(job: submitit.Job, timeout_s: float = 30) -> str:
         time.sleep(1)
         state = job.get_info(mode="force").get("State", "UNKNOWN")
     return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Training jobs on the real cluster: jobs/submit.py, requeue, a sweep, jobs/train.sbatch
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["data.batch_size=16", "data.num_workers=1", "data.image_size=[32, 32]", "log.progress_bar=false",
+        "log.image_grid_size=0", "train.log_every_steps=2", "train.checkpoint_every_steps=3",
+        "train.sync_every_steps=1", "train.epochs=5"]
+TWO_CPU_NODES = ["--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "2", "--time", "10"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return synthetic_shards(tmp_path_factory.mktemp("slurm-data"), num_images=300, samples_per_shard=16)
+
+
+def _submit_cmd(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "jobs" / "submit.py"), "--config", "smiling_simple_cnn", "--data",
+            str(shards), "--run-dir", str(run_dir), *TWO_CPU_NODES, *extra, "--set", *FAST]
+
+
+def _events(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "slurm_jobs.json").read_text())
+
+
+def _sacct(job_id: str) -> list[tuple[str, str, str]]:
+    """(job id, state, node list) of each allocation of the job, requeued ones included."""
+    out = subprocess.run(["sacct", "--noheader", "--parsable2", "--allocations", "--duplicates",
+                          "--format=JobID,State,NodeList", "--jobs", job_id], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    return [tuple(line.split("|")) for line in out.splitlines()]
+
+
+def _scalar_steps(run_dir: Path, tag: str) -> list[int]:
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def _wait_for_file(pattern_dir: Path, pattern: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not any(pattern_dir.glob(pattern)):
+        assert proc.poll() is None, f"the submitter ended early: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"no {pattern} in {pattern_dir} after {timeout_s} s"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def two_node_run(slurm_cluster, shards, tmp_path_factory):
+    """An uninterrupted two-node CPU run through jobs/submit.py --wait: the reference for the others."""
+    run_dir = tmp_path_factory.mktemp("slurm-runs") / "plain"
+    proc = subprocess.run(_submit_cmd(shards, run_dir, "--wait"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir, proc.stdout
+
+
+def _total_steps(shards: Path, *, world_size: int = 2, batch_size: int = 16, epochs: int = 5) -> int:
+    train = json.loads((shards / "manifest.json").read_text())["splits"]["train"]["num_samples"]
+    return train // (batch_size * world_size) * epochs
+
+
+@pytest.mark.slurm
+def test_submit_trains_ddp_across_two_nodes(two_node_run, shards):
+    run_dir, stdout = two_node_run
+    submitted, started = _events(run_dir)
+    assert submitted["event"] == "submitted" and started["event"] == "started"
+    assert started["nodelist"] == "n[1-2]" and started["world_size"] == 2 and started["restart"] == 0
+    job_id = submitted["job_id"]
+    assert f"job {job_id}: completed at step {_total_steps(shards)}" in stdout
+    assert _sacct(job_id) == [(job_id, "COMPLETED", "n[1-2]")]
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["world_size"] == 2 and "MULTI_CPU" in env["distributed_type"] and env["slurm_job_id"] == job_id
+    stats = [json.loads((run_dir / "rank_stats" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [s["global_step"] for s in stats] == [_total_steps(shards)] * 2
+    assert stats[0]["samples_seen"] == stats[1]["samples_seen"] > 0  # both ranks trained, equally
+    assert (run_dir / "metrics.json").is_file() and (run_dir / "checkpoints" / "best.pt").is_file()
+
+
+@pytest.mark.slurm
+def test_jobs_lists_the_run(two_node_run, shards, capsys):
+    run_dir, _ = two_node_run
+    assert status_main(["--run-dir", str(run_dir.parent)]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("plain"))
+    assert "COMPLETED" in row and f"step {_total_steps(shards)}, epoch 5/5" in row and "accuracy=" in row
+    assert f"tensorboard --logdir {run_dir.parent}" in out
+
+
+@pytest.mark.slurm
+def test_preempted_job_checkpoints_requeues_and_finishes(two_node_run, shards, tmp_path):
+    run_dir = tmp_path / "preempted"
+    proc = subprocess.Popen(_submit_cmd(shards, run_dir, "--wait"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        _wait_for_file(run_dir / "checkpoints", "step-000000003.pt", proc)
+        job_id = _events(run_dir)[0]["job_id"]
+        # What SLURM sends --signal-delay seconds before the time limit (#SBATCH --signal=USR2@90)
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert f"job {job_id}: completed at step {_total_steps(shards)}" in stdout  # --wait outlived the requeue
+    events = [(e["event"], e.get("restart")) for e in _events(run_dir)]
+    assert events == [("submitted", None), ("started", 0), ("requeue", 0), ("started", 1)]
+    assert [state for _, state, _ in _sacct(job_id)] == ["REQUEUED", "COMPLETED"]
+    stats = json.loads((run_dir / "rank_stats" / "rank0.json").read_text())
+    assert stats["global_step"] == _total_steps(shards)  # the same optimizer steps as without the requeue
+    # TensorBoard: the curves continue where the first start stopped, with the same points as the
+    # uninterrupted run (no gap, no step logged twice)
+    reference, _ = two_node_run
+    for tag in ("train/loss", "val/accuracy"):
+        steps = _scalar_steps(run_dir, tag)
+        assert steps == sorted(set(steps)) == _scalar_steps(reference, tag), tag
+    assert len(list((run_dir / "tensorboard").glob("events.*"))) >= 2  # one event file per start
+
+
+@pytest.mark.slurm
+def test_sweep_runs_as_one_job_array(slurm_cluster, shards, tmp_path, capsys):
+    sweep_dir = tmp_path / "lr-sweep"
+    cmd = [sys.executable, str(REPO / "jobs" / "sweep.py"), "--config", "smiling_simple_cnn", "--data", str(shards),
+           "--run-dir", str(sweep_dir), "--grid", "optim.lr=1e-3,3e-4,1e-4", "--nodes", "1", "--gpus-per-node", "0",
+           "--cpus-per-task", "1", "--time", "10", "--array-parallelism", "3", "--wait",
+           "--set", *FAST[:-1], "train.epochs=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sweep = json.loads((sweep_dir / "sweep.json").read_text())
+    assert [m["overrides"] for m in sweep["members"]] == [["optim.lr=1e-3"], ["optim.lr=3e-4"], ["optim.lr=1e-4"]]
+    array_id = sweep["members"][0]["job_id"].split("_")[0]
+    assert [m["job_id"] for m in sweep["members"]] == [f"{array_id}_{i}" for i in range(3)]  # one array
+    assert sorted((j, s) for j, s, _ in _sacct(array_id)) == [(f"{array_id}_{i}", "COMPLETED") for i in range(3)]
+    for member, lr in zip(sweep["members"], (1e-3, 3e-4, 1e-4)):
+        config = yaml.safe_load((Path(member["run_dir"]) / "config.yaml").read_text())
+        assert config["optim"]["lr"] == lr and (Path(member["run_dir"]) / "metrics.json").is_file()
+    assert status_main(["--run-dir", str(tmp_path), "--sweep", "lr-sweep"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["MEMBER", "JOB", "STATE"]
+    rows = table[1:4]
+    assert all("COMPLETED" in row for row in rows)
+    values = [float(row.split("accuracy=")[1].split()[0]) for row in rows]
+    assert values == sorted(values, reverse=True)  # best first
+
+
+@pytest.mark.slurm
+def test_train_sbatch_runs_two_nodes_and_requeues_itself(slurm_cluster, shards, tmp_path):
+    run_dir = tmp_path / "sbatch-run"
+    env = {**os.environ, "PYTHON": sys.executable}
+    submit = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--cpus-per-task=2", "--time=10",
+                             f"--output={tmp_path}/%x-%j.out", str(REPO / "jobs" / "train.sbatch"),
+                             "--config", "smiling_simple_cnn", "--data", str(shards), "--run-dir", str(run_dir),
+                             "--set", *FAST], env=env, capture_output=True, text=True, timeout=60, check=True)
+    job_id = submit.stdout.strip()
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints" / "step-000000003.pt").exists():
+        assert time.monotonic() < deadline, "the sbatch job did not start training"
+        time.sleep(0.2)
+    # USR2 to the batch script, as SLURM does before the time limit (#SBATCH --signal=B:USR2@120)
+    subprocess.run(["scancel", "--batch", "--signal=USR2", job_id], check=True, timeout=30)
+    deadline = time.monotonic() + 240
+    while [s for _, s, _ in _sacct(job_id)][-1:] != ["COMPLETED"]:
+        assert time.monotonic() < deadline, f"job {job_id}: {_sacct(job_id)}"
+        time.sleep(1)
+    assert _sacct(job_id) == [(job_id, "REQUEUED", "n[1-2]"), (job_id, "COMPLETED", "n[1-2]")]
+    log = next(tmp_path.glob(f"*-{job_id}.out")).read_text()
+    assert "2 node(s) x 1 process(es)" in log and "requeueing job" in log
+    env_json = json.loads((run_dir / "env.json").read_text())
+    assert env_json["world_size"] == 2 and "MULTI_CPU" in env_json["distributed_type"]
+    stats = json.loads((run_dir / "rank_stats" / "rank1.json").read_text())
+    assert stats["global_step"] == _total_steps(shards)
