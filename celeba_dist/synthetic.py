@@ -6,12 +6,12 @@ writes a stand-in that every CelebA reader (``torchvision.datasets.CelebA`` incl
     OUT_DIR/img_align_celeba/000001.jpg ...   178 wide x 218 high RGB JPEG, quality 90
     OUT_DIR/list_attr_celeba.txt              count; the 40 names (trailing space); rows of -1/1
     OUT_DIR/list_eval_partition.txt           0 train / 1 valid / 2 test, contiguous by image id
-    OUT_DIR/identity_CelebA.txt               identity per image (~20 images each, disjoint across splits)
+    OUT_DIR/identity_CelebA.txt               identity per image (<= 20 images each, disjoint across splits)
     OUT_DIR/list_bbox_celeba.txt              plausible in-the-wild face boxes (they describe no pixels)
     OUT_DIR/list_landmarks_align_celeba.txt   the drawn eye centres, nose tip and mouth corners
 
-Every text file has CRLF line endings and the official column spacing. The split keeps the official
-fractions (162770 / 19867 / 19962 of 202599).
+Every text file has CRLF line endings and the official column spacing (see :func:`annotation_files`).
+The split keeps the official fractions (162770 / 19867 / 19962 of 202599).
 
 What the pixels show: the 16 ``DRAWN_ATTRIBUTES`` of :mod:`celeba_dist.attributes`, sized to survive
 CenterCrop(178) -> Resize(64):
@@ -19,7 +19,8 @@ CenterCrop(178) -> Resize(64):
 - Smiling: a wider mouth whose corners curve up; otherwise a flat or slightly downturned mouth.
 - Mouth_Slightly_Open: a dark gap between the lips (teeth showing when also smiling).
 - Eyeglasses: thick dark frames round both eyes with a bridge and arms; a third are sunglasses.
-- Wearing_Hat: a brimmed hat or a beanie over the top of the head (a hat hides baldness: Bald is -1).
+- Wearing_Hat: a brimmed hat, or a cap with a visor, over the top of the head; both are wider than
+  the head and have a contrasting band. A hat hides baldness: Bald is then -1.
 - Bald: no hair at all, a skin-coloured scalp with a highlight; no hair colour, no Bangs.
 - Bangs: a jagged fringe over the forehead down to the eyebrows; otherwise bare forehead.
 - Black_Hair, Blond_Hair, Brown_Hair, Gray_Hair: the hair colour. At most one is 1; the others have
@@ -34,8 +35,8 @@ CenterCrop(178) -> Resize(64):
 The other 24 attributes leave no trace in the pixels; they follow roughly the official positive rates
 and correlations (5_o_Clock_Shadow, Sideburns, Big_Nose, Bushy_Eyebrows mostly male; Heavy_Makeup,
 Wearing_Earrings, Arched_Eyebrows mostly female; High_Cheekbones and Mouth_Slightly_Open with Smiling;
-Bags_Under_Eyes with age; Gray_Hair with not Young). Male, Young, skin tone and face shape are traits
-of an identity, the rest varies per image.
+Bags_Under_Eyes with age; Gray_Hair with not Young). Male, Young, skin tone (unless Pale_Skin) and
+face shape are traits of an identity; everything else is drawn per image.
 
 Rates differ from CelebA on purpose only for rare drawn attributes, so that small synthetic sets
 still hold enough positives to learn from: Eyeglasses 0.12 (CelebA 0.065), Wearing_Hat 0.12 (0.048),
@@ -46,7 +47,8 @@ Nuisances keep the task from being trivial: gradient and textured backgrounds, p
 tint and side lighting, Gaussian pixel noise, then JPEG compression.
 
 Determinism: image ``i`` depends only on ``(seed, i, N)`` (``random.Random`` seeded by a string key,
-plus a noise bank seeded by ``seed``), so one seed gives byte-identical files whatever ``--workers``.
+plus noise banks seeded by ``seed``), so one seed gives byte-identical files whatever ``--workers``
+(with the same Pillow/libjpeg build). ``--workers W`` renders in W processes (fork where available).
 """
 from __future__ import annotations
 
@@ -60,12 +62,13 @@ import os
 import random
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
 
 from celeba_dist.attributes import CELEBA_ATTRIBUTES
 
@@ -81,6 +84,7 @@ PARTITION_FILE = "list_eval_partition.txt"
 IDENTITY_FILE = "identity_CelebA.txt"
 BBOX_FILE = "list_bbox_celeba.txt"
 LANDMARKS_FILE = "list_landmarks_align_celeba.txt"
+ANNOTATION_FILES = (PARTITION_FILE, IDENTITY_FILE, BBOX_FILE, LANDMARKS_FILE, ATTR_FILE)  # write order
 LANDMARK_NAMES = (
     "lefteye_x", "lefteye_y", "righteye_x", "righteye_y", "nose_x", "nose_y",
     "leftmouth_x", "leftmouth_y", "rightmouth_x", "rightmouth_y",
@@ -168,20 +172,27 @@ class Look:
 
 
 @dataclass(frozen=True)
-class Face:
-    """One synthetic image: its labels (official order, -1/1) and how to draw it."""
+class Labels:
+    """One image's rows in the five annotation files."""
 
     index: int  # 0-based; the file is f"{index + 1:06d}.jpg"
     identity: int
     partition: int  # 0 train, 1 valid, 2 test
-    attributes: tuple[int, ...]
+    attributes: tuple[int, ...]  # -1/1 in CELEBA_ATTRIBUTES order
     landmarks: tuple[int, ...]  # LANDMARK_NAMES order, image pixels
     bbox: tuple[int, int, int, int]  # x_1, y_1, width, height in an imagined in-the-wild photo
-    look: Look
 
     @property
     def filename(self) -> str:
         return f"{self.index + 1:06d}.jpg"
+
+
+@dataclass(frozen=True)
+class Face:
+    """One synthetic image: its labels and how to draw it."""
+
+    labels: Labels
+    look: Look
 
 
 def split_counts(num_images: int) -> tuple[int, int, int]:
@@ -245,7 +256,7 @@ def sample_identity(seed: int, identity: int) -> Identity:
 
 
 def _hair_class(rnd: random.Random, male: bool, young: bool) -> str:
-    if rnd.random() < (0.012 if young else 0.14):
+    if rnd.random() < (0.02 if young else 0.16):
         return "Gray_Hair"
     weights = (0.30, 0.05, 0.22) if male else (0.24, 0.25, 0.23)  # black, blond, brown
     u = rnd.random()
@@ -376,11 +387,12 @@ def sample_face(seed: int, index: int, num_images: int) -> Face:
     ident = sample_identity(seed, identity)
     attrs, hair = _sample_attributes(rnd, ident)
     look = _sample_look(rnd, ident, attrs, hair)
-    return Face(
+    labels = Labels(
         index=index, identity=identity, partition=partition,
         attributes=tuple(1 if attrs[name] else -1 for name in CELEBA_ATTRIBUTES),
-        landmarks=_landmarks(look), bbox=_bbox(rnd), look=look,
+        landmarks=_landmarks(look), bbox=_bbox(rnd),
     )
+    return Face(labels=labels, look=look)
 
 
 # --------------------------------------------------------------------------- drawing
@@ -391,7 +403,6 @@ _BEZIER_W = np.hstack([(1 - _BEZIER_T) ** 2, 2 * (1 - _BEZIER_T) * _BEZIER_T, _B
 _GRID_Y, _GRID_X = np.mgrid[0:IMAGE_HEIGHT, 0:IMAGE_WIDTH].astype(np.float32)
 _GRID_X = _GRID_X / IMAGE_WIDTH - 0.5  # (H, W), -0.5 .. 0.5
 _GRID_Y = _GRID_Y / IMAGE_HEIGHT - 0.5
-_COARSE_Y, _COARSE_X = np.mgrid[-0.5:0.5:14j, -0.5:0.5:12j].astype(np.float32)  # (14, 12)
 
 
 def _ellipse(cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
@@ -482,7 +493,7 @@ def _draw_top_hair(p: _Painter, look: Look) -> None:
         p.stroke(_curve((x - 5, -look.top + 1), (x, -look.top + 7), (x + 3, -look.top + 14)), strand, 2)
 
 
-def _draw_eyes(p: _Painter, look: Look) -> None:
+def _draw_eyes_and_nose(p: _Painter, look: Look) -> None:
     for side in (-1, 1):
         x = side * look.eye_gap
         p.fill(_ellipse(x, -14, 7.5, look.eye_height), (238, 238, 232))
@@ -525,7 +536,7 @@ def _draw_facial_hair(p: _Painter, look: Look) -> None:
                look.beard_color)
     if look.jaw_beard:  # a band along the jaw line from ear to ear, round the chin
         outline = _face_outline(look)
-        band = outline[outline[:, 1] > -4]
+        band = outline[outline[:, 1] >= 0]  # the lower face: angles 0..pi
         band = band[np.argsort(np.arctan2(band[:, 1], band[:, 0]))]  # right ear -> chin -> left ear
         inner = band * (1 - 10 / look.half_width, 1 - 10 / look.chin)
         p.fill(np.vstack([band, inner[::-1]]), look.beard_color)
@@ -563,15 +574,26 @@ def _draw_hat(p: _Painter, look: Look) -> None:
         p.fill(_ellipse(0, -40 - (look.top - 28 + crown / 2), 5, 4), band)  # button on top
 
 
+_DIRECTIONS = 16  # gradient and side-light directions, multiples of 22.5 degrees
+_LIGHTS = (0, 12, 24, 36)  # side-light strength: brightness difference between opposite edges
+
+
+@functools.lru_cache(maxsize=None)
+def _ramp(direction: int, amplitude: float, base: int) -> Image.Image:
+    """An "L" image ``base + amplitude * t`` where t runs from -0.5 to 0.5 along ``direction``."""
+    angle = 2 * math.pi * direction / _DIRECTIONS
+    t = _GRID_X * math.cos(angle) + _GRID_Y * math.sin(angle)
+    return Image.fromarray(np.rint(base + amplitude * t).clip(0, 255).astype(np.uint8))
+
+
 def _background(rnd: random.Random) -> Image.Image:
-    """A two-colour linear gradient in a random direction with a few low-contrast shapes."""
-    c1 = np.array([rnd.randrange(256) for _ in range(3)], dtype=np.float32)
-    c2 = np.array([rnd.randrange(256) for _ in range(3)], dtype=np.float32)
-    angle = rnd.uniform(0, 2 * math.pi)
-    # the gradient on a coarse grid, upsampled by PIL: exact enough and ~20x cheaper than full size
-    t = (_COARSE_X * math.cos(angle) + _COARSE_Y * math.sin(angle) + 0.5)[..., None]  # (h, w, 1)
-    coarse = Image.fromarray((c1 + (c2 - c1) * t).clip(0, 255).astype(np.uint8))
-    image = coarse.resize((IMAGE_WIDTH, IMAGE_HEIGHT), Image.Resampling.BILINEAR)
+    """A two-colour linear gradient in one of 16 directions with a few low-contrast shapes."""
+    c1 = [rnd.randrange(256) for _ in range(3)]
+    c2 = [rnd.randrange(256) for _ in range(3)]
+    t = np.arange(256, dtype=np.float32) / 255
+    table = np.concatenate([a + (b - a) * t for a, b in zip(c1, c2)])  # per-channel colour of t
+    gradient = _ramp(rnd.randrange(_DIRECTIONS), 255.0, 128).convert("RGB")
+    image = gradient.point(np.rint(table).astype(np.uint8).tolist())
     draw = ImageDraw.Draw(image)
     for _ in range(rnd.randrange(7)):
         color = _jitter(rnd, _mix(c1, c2, rnd.random()), 40)
@@ -585,16 +607,16 @@ def _background(rnd: random.Random) -> Image.Image:
 
 
 @functools.lru_cache(maxsize=2)
-def _noise_banks(seed: int) -> tuple[np.ndarray, ...]:
-    """Integer Gaussian noise larger than an image, one bank per noise level (sigma 2..7).
+def _noise_banks(seed: int) -> tuple[Image.Image, ...]:
+    """Gaussian noise around 128, larger than an image, one bank per noise level (sigma 2..7).
 
-    Each image reads a window at a random offset of one bank: drawing fresh noise per image would
-    cost more than everything else together.
+    Each image adds a window of one bank at a random offset: fresh noise per image would cost
+    more than all the drawing.
     """
     rng = np.random.default_rng([seed, 0x5EED])
-    shape = (IMAGE_HEIGHT + _NOISE_MARGIN, IMAGE_WIDTH + _NOISE_MARGIN, 3)
-    unit = rng.standard_normal(shape, dtype=np.float32)
-    return tuple(np.rint(unit * sigma).astype(np.int16) for sigma in _NOISE_SIGMAS)
+    unit = rng.standard_normal((IMAGE_HEIGHT + _NOISE_MARGIN, IMAGE_WIDTH + _NOISE_MARGIN, 3), dtype=np.float32)
+    return tuple(Image.fromarray(np.rint(128 + unit * sigma).clip(0, 255).astype(np.uint8))
+                 for sigma in _NOISE_SIGMAS)
 
 
 def _photograph(image: Image.Image, rnd: random.Random, seed: int) -> bytes:
@@ -602,24 +624,22 @@ def _photograph(image: Image.Image, rnd: random.Random, seed: int) -> bytes:
     contrast = rnd.uniform(0.9, 1.1)
     gain = rnd.uniform(0.88, 1.1) * contrast
     offset = 128 * (1 - contrast) + rnd.uniform(-10, 10)
-    tints = [rnd.uniform(0.95, 1.05) for _ in range(3)]
     levels = np.arange(256, dtype=np.float32)
-    table = np.concatenate([levels * (gain * tint) + offset for tint in tints])
+    table = np.concatenate([levels * (gain * rnd.uniform(0.95, 1.05)) + offset for _ in range(3)])
     image = image.point(np.rint(table).clip(0, 255).astype(np.uint8).tolist())  # per-channel lookup
-    light_angle, light = rnd.uniform(0, 2 * math.pi), rnd.uniform(0, 40)
-    ramp = ((_GRID_X * math.cos(light_angle) + _GRID_Y * math.sin(light_angle)) * light).astype(np.int16)
-    oy, ox = rnd.randrange(_NOISE_MARGIN), rnd.randrange(_NOISE_MARGIN)
-    bank = _noise_banks(seed)[rnd.randrange(len(_NOISE_SIGMAS))]
-    pixels = np.asarray(image, dtype=np.int16) + bank[oy:oy + IMAGE_HEIGHT, ox:ox + IMAGE_WIDTH]
-    pixels += ramp[..., None]
+    light = _ramp(rnd.randrange(_DIRECTIONS), rnd.choice(_LIGHTS), 128).convert("RGB")
+    image = ImageChops.add(image, light, offset=-128)  # clipped to 0..255
+    ox, oy = rnd.randrange(_NOISE_MARGIN), rnd.randrange(_NOISE_MARGIN)
+    noise = _noise_banks(seed)[rnd.randrange(len(_NOISE_SIGMAS))]
+    image = ImageChops.add(image, noise.crop((ox, oy, ox + IMAGE_WIDTH, oy + IMAGE_HEIGHT)), offset=-128)
     buffer = io.BytesIO()
-    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=JPEG_QUALITY)
+    image.save(buffer, "JPEG", quality=JPEG_QUALITY)
     return buffer.getvalue()
 
 
 def render_face(face: Face, *, seed: int) -> bytes:
-    """The JPEG bytes of one face (deterministic in ``seed`` and ``face.index``)."""
-    rnd = random.Random(f"{_KEY}/{seed}/render/{face.index}")
+    """The JPEG bytes of one face (deterministic in ``seed`` and the image index)."""
+    rnd = random.Random(f"{_KEY}/{seed}/render/{face.labels.index}")
     look = face.look
     image = _background(rnd)
     painter = _Painter(image, look.pose)
@@ -627,7 +647,7 @@ def render_face(face: Face, *, seed: int) -> bytes:
     _draw_body(painter, look)
     painter.fill(_face_outline(look), look.skin)
     _draw_top_hair(painter, look)
-    _draw_eyes(painter, look)
+    _draw_eyes_and_nose(painter, look)
     _draw_mouth(painter, look)
     _draw_facial_hair(painter, look)
     _draw_glasses(painter, look)
@@ -642,8 +662,8 @@ def _lines(header: Iterable[str], rows: Iterable[str]) -> bytes:
     return "".join(f"{line}\r\n" for lines in (header, rows) for line in lines).encode("ascii")
 
 
-def annotation_files(faces: Sequence[Face]) -> dict[str, bytes]:
-    """The five official text files for ``faces``, in write order (``list_attr_celeba.txt`` last).
+def annotation_files(faces: Sequence[Labels]) -> dict[str, bytes]:
+    """The five official text files for ``faces`` (in index order), in write order (``list_attr_celeba.txt`` last).
 
     Column spacing follows the official files: the first value after the file name is unpadded,
     later values are right-aligned (``000007.jpg 1 -1  1``, ``000001.jpg 69  109  106``,
@@ -685,10 +705,8 @@ def _first_line(path: Path) -> str:
         return handle.readline().decode("ascii", "replace").strip()
 
 
-def _refuse_different(out_dir: Path, files: dict[str, bytes], num_images: int) -> None:
+def _refuse_different_annotations(out_dir: Path, files: dict[str, bytes], num_images: int) -> None:
     """Raise unless every annotation file already in ``out_dir`` equals what this run writes."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"{out_dir} exists and is not a directory")
     for name in sorted(files, key=lambda n: n != ATTR_FILE):  # the attribute file first: it has the count
         path = out_dir / name
         if path.exists() and path.read_bytes() != files[name]:
@@ -697,15 +715,18 @@ def _refuse_different(out_dir: Path, files: dict[str, bytes], num_images: int) -
                 f"{out_dir} already holds a different CelebA: its {name} lists {held}, not the "
                 f"{num_images} images of this run (or other values); use an empty OUT_DIR or remove the old one"
             )
-    image_dir = out_dir / IMAGE_DIR
-    if image_dir.is_dir():
-        stray = sorted(e.name for e in os.scandir(image_dir)
-                       if e.name.endswith(".jpg") and not _is_own_image(e.name, num_images))
-        if stray:
-            raise DifferentCelebAError(
-                f"{image_dir} holds {len(stray)} image(s) this run would not write (e.g. {stray[0]}); "
-                "use an empty OUT_DIR or remove the old one"
-            )
+
+
+def _refuse_stray_images(image_dir: Path, num_images: int) -> None:
+    """Raise if ``image_dir`` holds JPEGs this run would not overwrite (the rest of another set)."""
+    if not image_dir.is_dir():
+        return
+    stray = sorted(e.name for e in os.scandir(image_dir) if e.name.endswith(".jpg") and not _is_own_image(e.name, num_images))
+    if stray:
+        raise DifferentCelebAError(
+            f"{image_dir} holds {len(stray)} image(s) this run would not write (e.g. {stray[0]}); "
+            "use an empty OUT_DIR or remove the old one"
+        )
 
 
 def _is_own_image(name: str, num_images: int) -> bool:
@@ -713,35 +734,44 @@ def _is_own_image(name: str, num_images: int) -> bool:
     return len(stem) == 6 and stem.isdigit() and 1 <= int(stem) <= num_images
 
 
-def _render_range(job: tuple[int, int, int, int, str]) -> int:
-    """Worker: render images ``start..stop-1`` into ``image_dir``; returns how many."""
+def _render_range(job: tuple[int, int, int, int, str]) -> list[Labels]:
+    """Worker: render images ``start..stop-1`` into ``image_dir``; returns their labels."""
     seed, num_images, start, stop, image_dir = job
+    labels = []
     for index in range(start, stop):
         face = sample_face(seed, index, num_images)
-        _write_atomic(Path(image_dir, face.filename), render_face(face, seed=seed))
-    return stop - start
+        _write_atomic(Path(image_dir, face.labels.filename), render_face(face, seed=seed))
+        labels.append(face.labels)
+    return labels
 
 
-def _render_all(image_dir: Path, *, seed: int, num_images: int, workers: int) -> None:
+def _process_context() -> multiprocessing.context.BaseContext:
+    """fork where the platform has it: no re-import of the caller's ``__main__`` (a script without
+    a main guard works) and no start-up cost; the workers only run numpy and PIL code."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+def _render_all(image_dir: Path, *, seed: int, num_images: int, workers: int) -> list[Labels]:
+    """Render every image (in worker processes if ``workers > 1``); returns the labels by index."""
     chunk = max(8, min(256, math.ceil(num_images / (workers * 8))))
     jobs = [(seed, num_images, s, min(s + chunk, num_images), str(image_dir)) for s in range(0, num_images, chunk)]
-    step, done, next_report = max(1, num_images // 10), 0, 0
+    report_every = max(5000, num_images // 10)
+    done: list[Labels] = []
+
+    def collect(labels: list[Labels]) -> None:
+        done.extend(labels)
+        if len(done) // report_every != (len(done) - len(labels)) // report_every:
+            log.info("rendered %d/%d images", len(done), num_images)
+
     if workers == 1 or len(jobs) == 1:
-        counts = map(_render_range, jobs)
-        pool = None
-    else:  # spawn: children never inherit the caller's threads (torch, pytest, ...)
-        pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)))
-        counts = pool.imap_unordered(_render_range, jobs)
-    try:
-        for count in counts:
-            done += count
-            if num_images >= 5000 and done >= next_report:
-                log.info("rendered %d/%d images", done, num_images)
-                next_report += step
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+        for job in jobs:
+            collect(_render_range(job))
+    else:  # an executor, not a Pool: a worker that dies raises BrokenProcessPool instead of hanging
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=_process_context()) as pool:
+            for future in as_completed([pool.submit(_render_range, job) for job in jobs]):
+                collect(future.result())
+    return sorted(done, key=lambda labels: labels.index)
 
 
 def make_synthetic_celeba(out_dir: str | os.PathLike[str], *, num_images: int, seed: int = 0,
@@ -760,29 +790,29 @@ def make_synthetic_celeba(out_dir: str | os.PathLike[str], *, num_images: int, s
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     out = Path(out_dir)
-    faces = [sample_face(seed, i, num_images) for i in range(num_images)]
-    files = annotation_files(faces)
-    _refuse_different(out, files, num_images)
-    image_dir = out / IMAGE_DIR
-    image_dir.mkdir(parents=True, exist_ok=True)
-    _render_all(image_dir, seed=seed, num_images=num_images, workers=workers)
-    for name, data in files.items():
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a directory")
+    if any((out / name).exists() for name in ANNOTATION_FILES):  # a regeneration? compare before drawing
+        expected = annotation_files([sample_face(seed, i, num_images).labels for i in range(num_images)])
+        _refuse_different_annotations(out, expected, num_images)
+    _refuse_stray_images(out / IMAGE_DIR, num_images)
+    (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+    labels = _render_all(out / IMAGE_DIR, seed=seed, num_images=num_images, workers=workers)
+    for name, data in annotation_files(labels).items():
         _write_atomic(out / name, data)
     return out
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -790,10 +820,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="celeba-dist synth",
         description="Write a synthetic CelebA (drawn faces) in the exact official file layout.",
     )
-    parser.add_argument("out_dir", type=Path, help="folder to create (laid out like the official release)")
-    parser.add_argument("--num-images", type=_positive_int, required=True, help=f"how many images (1..{MAX_IMAGES})")
-    parser.add_argument("--seed", type=_non_negative_int, default=0, help="same seed, same bytes (default 0)")
-    parser.add_argument("--workers", type=_positive_int, default=1, help="processes drawing images (default 1)")
+    parser.add_argument("out_dir", metavar="OUT_DIR", type=Path,
+                        help="folder to write (laid out like the official release)")
+    parser.add_argument("--num-images", metavar="N", type=_int_at_least(1), required=True,
+                        help=f"how many images (1..{MAX_IMAGES})")
+    parser.add_argument("--seed", metavar="S", type=_int_at_least(0), default=0,
+                        help="same seed, same bytes (default 0)")
+    parser.add_argument("--workers", metavar="W", type=_int_at_least(1), default=1,
+                        help="processes drawing images (default 1)")
     return parser
 
 

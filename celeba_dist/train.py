@@ -41,6 +41,9 @@ from celeba_dist.optim import build_optimizer, build_scheduler
 from celeba_dist.transforms import build_transform
 
 log = logging.getLogger("celeba_dist.train")  # not __name__: this module also runs as __main__
+# Exit status of a run stopped by SIGTERM/SIGUSR2 after checkpointing (sysexits' EX_TEMPFAIL):
+# nothing is lost, run the same command again to continue.
+EXIT_PREEMPTED = 75
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +387,9 @@ def cli_main(argv: list[str] | None = None) -> int:
         logging.getLogger("celeba_dist").error("%s", exc)
         print(f"celeba-dist train: error: {exc}", file=sys.stderr)
         return 1
-    return 0 if result["status"] in ("completed", "preempted") else 1
+    if result["status"] == "preempted":
+        return EXIT_PREEMPTED
+    return 0 if result["status"] == "completed" else 1
 
 
 if __name__ == "__main__":

@@ -22,12 +22,73 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from celeba_dist.launch import cluster_env
 from celeba_dist.launch.cluster_env import expand_nodelist, expand_tasks_per_node, from_environ, master_port
-from celeba_dist.launch.status import main as status_main
+from celeba_dist.launch.status import last_submission, main as status_main, read_jobs, record_job
 from celeba_dist.launch.submit import main as submit_main, parse_slurm_options
+from celeba_dist.launch.sweep import grid_members, main as sweep_main, random_members, variant_members
 from shardkit import synthetic_shards
 
 # The stand-in task below runs on the cluster's nodes, where this test module is not importable.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared set-up: tiny real shards, fast training overrides, helpers
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["data.batch_size=16", "data.num_workers=1", "data.image_size=[32, 32]", "log.progress_bar=false",
+        "log.image_grid_size=0", "train.log_every_steps=2", "train.checkpoint_every_steps=3",
+        "train.sync_every_steps=1", "train.epochs=5"]
+TWO_CPU_NODES = ["--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "2", "--time", "10"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return synthetic_shards(tmp_path_factory.mktemp("slurm-data"), num_images=300, samples_per_shard=16)
+
+
+def _submit_cmd(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "jobs" / "submit.py"), "--config", "smiling_simple_cnn", "--data",
+            str(shards), "--run-dir", str(run_dir), *TWO_CPU_NODES, *extra, "--set", *FAST]
+
+
+def _events(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "slurm_jobs.json").read_text())
+
+
+def _sacct(job_id: str) -> list[tuple[str, str, str]]:
+    """(job id, state, node list) of each allocation of the job, requeued ones included."""
+    out = subprocess.run(["sacct", "--noheader", "--parsable2", "--allocations", "--duplicates",
+                          "--format=JobID,State,NodeList", "--jobs", job_id], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    return [tuple(line.split("|")) for line in out.splitlines()]
+
+
+def _scalar_steps(run_dir: Path, tag: str) -> list[int]:
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def _wait_for_file(pattern_dir: Path, pattern: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not any(pattern_dir.glob(pattern)):
+        assert proc.poll() is None, f"the submitter ended early: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"no {pattern} in {pattern_dir} after {timeout_s} s"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def two_node_run(slurm_cluster, shards, tmp_path_factory):
+    """An uninterrupted two-node CPU run through jobs/submit.py --wait: the reference for the others."""
+    run_dir = tmp_path_factory.mktemp("slurm-runs") / "plain"
+    proc = subprocess.run(_submit_cmd(shards, run_dir, "--wait"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir, proc.stdout
+
+
+def _total_steps(shards: Path, *, world_size: int = 2, batch_size: int = 16, epochs: int = 5) -> int:
+    train = json.loads((shards / "manifest.json").read_text())["splits"]["train"]["num_samples"]
+    return train // (batch_size * world_size) * epochs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +237,55 @@ def test_parse_slurm_options():
         parse_slurm_options(["=x"])
 
 
+def test_sweep_members():
+    grid = grid_members("smiling_simple_cnn", ["optim.lr=1e-3,3e-4", "data.image_size=[32, 32],[48, 48]"])
+    assert [m.name for m in grid] == ["00-lr1e-3-image_size32x32", "01-lr1e-3-image_size48x48",
+                                      "02-lr3e-4-image_size32x32", "03-lr3e-4-image_size48x48"]
+    assert grid[1].overrides == ["optim.lr=1e-3", "data.image_size=[48, 48]"]
+    draws = random_members("smiling_simple_cnn", 20, ["optim.lr=1e-5:1e-2:log", "data.batch_size=8:64"], seed=1)
+    assert draws == random_members("smiling_simple_cnn", 20, ["optim.lr=1e-5:1e-2:log", "data.batch_size=8:64"],
+                                   seed=1)  # seeded
+    lrs = [float(m.overrides[0].split("=")[1]) for m in draws]
+    sizes = [int(m.overrides[1].split("=")[1]) for m in draws]
+    assert all(1e-5 <= lr <= 1e-2 for lr in lrs) and all(8 <= b <= 64 for b in sizes)
+    assert len({m.name for m in draws}) == 20
+    variants = variant_members("all")
+    assert "smiling_simple_cnn" in [m.config for m in variants] and all(m.name == m.config for m in variants)
+    with pytest.raises(ValueError):
+        grid_members("smiling_simple_cnn", ["lr=1,2"])  # not a dotted key
+    with pytest.raises(ValueError):
+        random_members("smiling_simple_cnn", 2, ["optim.lr=0:1:log"], seed=0)
+
+
+def test_sweep_dry_run_is_one_array(capsys, tmp_path):
+    argv = ["--config", "smiling_simple_cnn", "--data", str(tmp_path), "--run-dir", str(tmp_path / "sw"),
+            "--grid", "optim.lr=1e-3,3e-4,1e-4", "--array-parallelism", "2", "--dry-run"]
+    assert sweep_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --array=0-2%2" in out.splitlines()
+    assert out.count("# 0") == 3 and not (tmp_path / "sw").exists()
+
+
+def test_job_records(tmp_path):
+    record_job(tmp_path, "submitted", job_id="7", executor="slurm")
+    record_job(tmp_path, "started", job_id="7", restart=0)
+    assert [r["event"] for r in read_jobs(tmp_path)] == ["submitted", "started"]
+    assert last_submission(tmp_path)["job_id"] == "7"
+
+
+def test_local_executor_runs_the_training(shards, tmp_path):
+    """--local: the same task through submitit's LocalExecutor (no SLURM involved)."""
+    run_dir = tmp_path / "local"
+    cmd = [sys.executable, str(REPO / "jobs" / "submit.py"), "--config", "smiling_simple_cnn", "--data", str(shards),
+           "--run-dir", str(run_dir), "--local", "--wait", "--set", *FAST, "train.max_steps=4",
+           "train.eval_splits=[val]"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "completed at step 4" in proc.stdout
+    assert [r["event"] for r in _events(run_dir)] == ["submitted", "started"]
+    assert _events(run_dir)[0]["executor"] == "local"
+
+
 # ---------------------------------------------------------------------------------------------
 # The real two-node cluster
 
@@ -243,62 +353,6 @@ def _final_state(job: submitit.Job, timeout_s: float = 30) -> str:
 # ---------------------------------------------------------------------------------------------
 # Training jobs on the real cluster: jobs/submit.py, requeue, a sweep, jobs/train.sbatch
 
-REPO = Path(__file__).resolve().parents[1]
-FAST = ["data.batch_size=16", "data.num_workers=1", "data.image_size=[32, 32]", "log.progress_bar=false",
-        "log.image_grid_size=0", "train.log_every_steps=2", "train.checkpoint_every_steps=3",
-        "train.sync_every_steps=1", "train.epochs=5"]
-TWO_CPU_NODES = ["--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "2", "--time", "10"]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return synthetic_shards(tmp_path_factory.mktemp("slurm-data"), num_images=300, samples_per_shard=16)
-
-
-def _submit_cmd(shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(REPO / "jobs" / "submit.py"), "--config", "smiling_simple_cnn", "--data",
-            str(shards), "--run-dir", str(run_dir), *TWO_CPU_NODES, *extra, "--set", *FAST]
-
-
-def _events(run_dir: Path) -> list[dict]:
-    return json.loads((run_dir / "slurm_jobs.json").read_text())
-
-
-def _sacct(job_id: str) -> list[tuple[str, str, str]]:
-    """(job id, state, node list) of each allocation of the job, requeued ones included."""
-    out = subprocess.run(["sacct", "--noheader", "--parsable2", "--allocations", "--duplicates",
-                          "--format=JobID,State,NodeList", "--jobs", job_id], capture_output=True, text=True,
-                         timeout=30, check=True).stdout
-    return [tuple(line.split("|")) for line in out.splitlines()]
-
-
-def _scalar_steps(run_dir: Path, tag: str) -> list[int]:
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [e.step for e in acc.Scalars(tag)]
-
-
-def _wait_for_file(pattern_dir: Path, pattern: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not any(pattern_dir.glob(pattern)):
-        assert proc.poll() is None, f"the submitter ended early: {proc.communicate()}"
-        assert time.monotonic() < deadline, f"no {pattern} in {pattern_dir} after {timeout_s} s"
-        time.sleep(0.2)
-
-
-@pytest.fixture(scope="module")
-def two_node_run(slurm_cluster, shards, tmp_path_factory):
-    """An uninterrupted two-node CPU run through jobs/submit.py --wait: the reference for the others."""
-    run_dir = tmp_path_factory.mktemp("slurm-runs") / "plain"
-    proc = subprocess.run(_submit_cmd(shards, run_dir, "--wait"), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return run_dir, proc.stdout
-
-
-def _total_steps(shards: Path, *, world_size: int = 2, batch_size: int = 16, epochs: int = 5) -> int:
-    train = json.loads((shards / "manifest.json").read_text())["splits"]["train"]["num_samples"]
-    return train // (batch_size * world_size) * epochs
-
 
 @pytest.mark.slurm
 def test_submit_trains_ddp_across_two_nodes(two_node_run, shards):
@@ -347,13 +401,13 @@ def test_preempted_job_checkpoints_requeues_and_finishes(two_node_run, shards, t
     assert [state for _, state, _ in _sacct(job_id)] == ["REQUEUED", "COMPLETED"]
     stats = json.loads((run_dir / "rank_stats" / "rank0.json").read_text())
     assert stats["global_step"] == _total_steps(shards)  # the same optimizer steps as without the requeue
+    assert len(list((run_dir / "tensorboard").glob("events.*"))) == 2  # one event file per start
     # TensorBoard: the curves continue where the first start stopped, with the same points as the
     # uninterrupted run (no gap, no step logged twice)
     reference, _ = two_node_run
     for tag in ("train/loss", "val/accuracy"):
         steps = _scalar_steps(run_dir, tag)
         assert steps == sorted(set(steps)) == _scalar_steps(reference, tag), tag
-    assert len(list((run_dir / "tensorboard").glob("events.*"))) >= 2  # one event file per start
 
 
 @pytest.mark.slurm

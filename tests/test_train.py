@@ -80,7 +80,13 @@ def test_tensorboard_has_scalars_images_and_hparams(trained):
         assert tag in tags["images"], tag
     loss = acc.Scalars("train/loss")
     assert len(loss) >= 3 and all(torch.isfinite(torch.tensor(e.value)) for e in loss)
-    assert "hparams" in acc.PluginTagToContent("hparams") or acc.PluginTagToContent("hparams")
+    hparams = acc.PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams)
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["optim.lr"].number_value == pytest.approx(1e-3)
+    assert start.hparams["model.name"].string_value == "simple_cnn"
     assert "hparam/test_accuracy" in tags["scalars"]
 
 

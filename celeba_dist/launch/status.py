@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import fcntl
 import json
+import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -55,10 +56,24 @@ def read_jobs(run_dir: Path) -> list[dict[str, Any]]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
-def last_job_id(run_dir: Path) -> str | None:
-    """The newest job id the run was submitted as (a requeue keeps its id)."""
+def last_submission(run_dir: Path) -> dict[str, Any] | None:
+    """The newest ``submitted`` record of the run (a requeue keeps the job id)."""
     submitted = [r for r in read_jobs(run_dir) if r["event"] == "submitted"]
-    return str(submitted[-1]["job_id"]) if submitted else None
+    return submitted[-1] if submitted else None
+
+
+def slurm_job_ids(run_dirs: list[Path]) -> list[str]:
+    """The newest SLURM job id of each run (local runs have process ids, not job ids)."""
+    subs = [last_submission(d) for d in run_dirs]
+    return [str(s["job_id"]) for s in subs if s and s.get("executor", "slurm") == "slurm"]
+
+
+def _local_state(pid: str) -> str:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError):
+        return "ENDED(local)"
+    return "RUNNING(local)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,6 +104,19 @@ def scheduler_states(job_ids: list[str]) -> dict[str, str]:
                 states[job.strip()] = state.split()[0]  # "CANCELLED by 0" → "CANCELLED"
         return states
     return states
+
+
+ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}
+
+
+def wait_until_ended(job_ids: list[str], *, timeout_s: float = 60) -> dict[str, str]:
+    """Poll until the scheduler has no job of ``job_ids`` active (results can land before it ends)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = scheduler_states(job_ids)
+        if not any(states.get(j) in ACTIVE_STATES for j in job_ids) or time.monotonic() > deadline:
+            return states
+        time.sleep(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,8 +185,12 @@ def run_info(run_dir: Path, states: dict[str, str], *, name: str | None = None,
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     train = (config or {}).get("train", {})
     metric = train.get("select_metric", "accuracy")
-    job_id = last_job_id(run_dir)
-    state = states.get(job_id or "", "UNKNOWN" if job_id else "-")
+    submission = last_submission(run_dir) or {}
+    job_id = str(submission["job_id"]) if submission else None
+    if submission.get("executor") == "local":
+        state = _local_state(job_id)
+    else:
+        state = states.get(job_id or "", "UNKNOWN" if job_id else "-")
     results = _read_json(run_dir / "metrics.json")
     rank0 = _read_json(run_dir / "rank_stats" / "rank0.json") or {}
     step = max((s for s in (rank0.get("global_step"), _newest_checkpoint_step(run_dir)) if s is not None),
@@ -200,7 +232,7 @@ def sweep_table(sweep_dir: Path, *, metric: str | None = None) -> tuple[str, lis
     sweep = json.loads((sweep_dir / SWEEP_FILE).read_text())
     members = sweep["members"]
     run_dirs = [sweep_dir / m["name"] for m in members]
-    states = scheduler_states([j for d in run_dirs if (j := last_job_id(d))])
+    states = scheduler_states(slurm_job_ids(run_dirs))
     infos = [run_info(d, states, name=m["name"], overrides=m["overrides"]) for d, m in zip(run_dirs, members)]
     if metric:
         for info in infos:
@@ -215,7 +247,7 @@ def sweep_table(sweep_dir: Path, *, metric: str | None = None) -> tuple[str, lis
 
 def runs_table(root: Path) -> tuple[str, list[RunInfo]]:
     run_dirs = find_runs(root)
-    states = scheduler_states([j for d in run_dirs if (j := last_job_id(d))])
+    states = scheduler_states(slurm_job_ids(run_dirs))
     infos = [run_info(d, states, name=str(d.relative_to(root)) if d != root else d.name) for d in run_dirs]
     rows = [[i.name, i.job_id or "-", i.state, i.progress(), i.best_text()] for i in infos]
     return format_table(rows, ["RUN", "JOB", "STATE", "PROGRESS", "BEST VAL"]), infos

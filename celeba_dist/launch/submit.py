@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import submitit
 
 from celeba_dist.launch import cluster_env
-from celeba_dist.launch.status import record_job
+from celeba_dist.launch.status import record_job, wait_until_ended
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +200,8 @@ def wait_for(jobs: Sequence[submitit.Job]) -> list[dict[str, Any] | None]:
         except submitit.core.utils.UncompletedJobError as exc:  # FailedJobError included
             print(f"job {job.job_id} failed: {exc}", file=sys.stderr)
             results.append(None)
+    if all(isinstance(job, submitit.SlurmJob) for job in jobs):
+        wait_until_ended([job.job_id for job in jobs])  # so that sacct and `celeba-dist jobs` agree
     return results
 
 
@@ -237,7 +239,10 @@ def resolve_task(config: str, overrides: Sequence[str], data: Path, run_dir: Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.dry_run and args.local:
+        parser.error("--dry-run prints the sbatch script: it has no meaning with --local")
     from celeba_dist.config import ConfigError
 
     try:

@@ -59,7 +59,8 @@ def _key_value(item: str, option: str) -> tuple[str, str]:
 
 
 def _slug(key: str, value: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]", "", f"{key.rsplit('.', 1)[-1]}{value}")
+    """A folder-name piece: ``("data.image_size", "[32, 32]")`` → ``"image_size32x32"``."""
+    return re.sub(r"[^A-Za-z0-9._+-]", "", f"{key.rsplit('.', 1)[-1]}{value.replace(',', 'x')}")
 
 
 def grid_members(config: str, grid: Sequence[str]) -> list[Member]:
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.array_parallelism:
             params["array_parallelism"] = args.array_parallelism
         folder = sweep_dir / LOG_SUBDIR / "%j"
+        if args.dry_run and args.local:
+            parser.error("--dry-run prints the sbatch script: it has no meaning with --local")
         if args.dry_run:
             for member in members:
                 print(f"# {member.name}: --config {member.config} --set {' '.join([*args.set, *member.overrides])}")
