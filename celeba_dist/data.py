@@ -16,12 +16,12 @@ overlap within a pass. Samples are shuffled in a seeded buffer, and the random a
 each sample are seeded by (seed, epoch, sample id): an epoch's batches are a pure function of
 (seed, epoch, world size, workers), which is what makes mid-epoch resumption exact.
 
-The pipeline stages are webdataset's own (``tarfile_samples``, ``shuffle``); the loader is kept
-out of ``accelerator.prepare()`` on purpose: Accelerate would re-shard an already split stream.
+Samples come out of the tars through :mod:`celeba_dist.tarstream` (webdataset's grouping, a
+faster reader) and are shuffled by webdataset's ``shuffle``. The loader is kept out of
+``accelerator.prepare()`` on purpose: Accelerate would re-shard an already split stream.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import logging
@@ -36,6 +36,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from celeba_dist.manifest import load_manifest, split_shards
+from celeba_dist.tarstream import iter_samples
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,8 @@ def subset_shards(shards: list[tuple[str, int]], limit: int) -> list[tuple[str, 
 
 
 def read_part(part: ShardPart) -> Iterator[dict]:
-    """Raw samples (``__key__``, ``jpg``, ``attr.json`` bytes, …) of one shard part, via webdataset."""
-    for index, sample in enumerate(wds.tarfile_samples([{"url": part.path}])):
+    """Raw samples (``__key__``, ``jpg``, ``attr.json`` bytes, …) of one shard part."""
+    for index, sample in enumerate(iter_samples(part.path)):
         if 0 <= part.limit <= index:
             return
         if index % part.stride == part.offset:
@@ -99,30 +100,24 @@ def _mix(*numbers: int) -> int:
 
 @dataclass(frozen=True)
 class Decoder:
-    """Raw sample → (uint8 image (3, H, W), float labels (A,), key). Picklable for workers."""
+    """Raw sample → (uint8 image (3, H, W), label list (A,), key). Picklable for workers."""
 
-    transform: Callable[[bytes], torch.Tensor]
+    transform: Callable[[bytes, random.Random], torch.Tensor]
     label_index: tuple[int, ...]  # positions of the selected attributes in the manifest's order
 
-    def __call__(self, sample: dict, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
+    def __call__(self, sample: dict, seed: int = 0) -> tuple[torch.Tensor, list[int], str]:
         key = sample["__key__"]
-        # In the main process (num_workers=0) the training loop's RNG must not be reseeded.
-        isolate = seed is not None and get_worker_info() is None
-        with torch.random.fork_rng(devices=[]) if isolate else contextlib.nullcontext():
-            if seed is not None:
-                torch.manual_seed(seed)
-            try:
-                image = self.transform(sample["jpg"])
-                attrs = json.loads(sample["attr.json"])
-            except Exception as exc:  # name the sample and shard: the user has to find it
-                raise RuntimeError(f"cannot decode sample {key} of {sample.get('__url__')}: {exc}") from exc
-        labels = torch.tensor([attrs[i] for i in self.label_index], dtype=torch.float32)
-        return image, labels, key
+        try:
+            image = self.transform(sample["jpg"], random.Random(seed))
+            attrs = json.loads(sample["attr.json"])
+        except Exception as exc:  # name the sample and shard: the user has to find it
+            raise RuntimeError(f"cannot decode sample {key} of {sample.get('__url__')}: {exc}") from exc
+        return image, [attrs[i] for i in self.label_index], key
 
 
-def _collate(items: list[tuple[torch.Tensor, torch.Tensor, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def _collate(items: list[tuple[torch.Tensor, list[int], str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     images, labels, keys = zip(*items)
-    return torch.stack(images), torch.stack(labels), list(keys)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.float32), list(keys)
 
 
 def _batches(samples: Iterator, batch_size: int) -> Iterator:
@@ -178,18 +173,22 @@ class TrainStream(IterableDataset):
         return skipped, mine - skipped
 
     def _slot_samples(self, slot: int) -> Iterator[dict]:
-        """The slot's share of the epoch's shard order, over and over, reshuffled each pass."""
+        """The slot's share of the epoch's shard order, shuffled, over and over (reshuffled each pass).
+
+        The shuffle buffer works within one pass, so it never reads ahead into the next one.
+        """
         order = list(self.shards)
         random.Random(_mix(self.seed, self.epoch)).shuffle(order)  # same on every rank
         parts = deal_shards(order, self.world_size * self.workers, slot)
-        for repeat in range(1_000_000):
+        for repeat in itertools.count():
             if repeat:
                 random.Random(_mix(self.seed, self.epoch, slot, repeat)).shuffle(parts)
+            shuffle = wds.shuffle(bufsize=self.shuffle_buffer, initial=min(self.shuffle_buffer, 100),
+                                  rng=random.Random(_mix(self.seed, self.epoch, slot, repeat)))
             empty = True
-            for part in parts:
-                for sample in read_part(part):
-                    empty = False
-                    yield sample
+            for sample in shuffle(s for part in parts for s in read_part(part)):
+                empty = False
+                yield sample
             if empty:
                 return
 
@@ -200,10 +199,8 @@ class TrainStream(IterableDataset):
         logical = (worker + self.skip_batches) % self.workers
         skip, deliver = self.quota(logical, self.skip_batches)
         slot = self.rank * self.workers + logical
-        stream = wds.shuffle(bufsize=self.shuffle_buffer, initial=min(self.shuffle_buffer, 100),
-                             rng=random.Random(_mix(self.seed, self.epoch, slot)))(self._slot_samples(slot))
         # Skipped samples (a mid-epoch resume) are read but never decoded.
-        stream = itertools.islice(stream, skip * self.batch_size, (skip + deliver) * self.batch_size)
+        stream = itertools.islice(self._slot_samples(slot), skip * self.batch_size, (skip + deliver) * self.batch_size)
         decoded = (self.decoder(s, sample_seed(self.seed, self.epoch, s["__key__"])) for s in stream)
         produced = 0
         for batch in _batches(decoded, self.batch_size):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import random
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -45,7 +46,7 @@ class ImageFolderStream(IterableDataset):
             images = []
             for path in chunk:
                 try:
-                    images.append(self.transform(path.read_bytes()))
+                    images.append(self.transform(path.read_bytes(), random.Random(0)))  # eval: no randomness
                 except Exception as exc:
                     raise RuntimeError(f"cannot read image {path}: {exc}") from exc
             yield torch.stack(images), torch.zeros(len(chunk), self.num_attributes), [p.stem for p in chunk]

@@ -1,27 +1,30 @@
 """Decode + per-recipe image transforms, in one place.
 
-Every preset turns the JPEG bytes of one sample into a ``uint8`` tensor (3, H, W). Conversion
+Every preset turns the JPEG bytes of one sample (and a ``random.Random`` for its augmentations)
+into a ``uint8`` tensor (3, H, W). Conversion
 to float and normalisation happen later on whole batches, on the training device
 (:func:`normalize_batch`): a uint8 batch is a quarter of the bytes through the loader queues and
 the host-to-device copy.
 
-Decoding never runs at full size when the preset needs less: PIL's ``draft`` asks libjpeg for a
-DCT-domain downscale (1/2, 1/4, 1/8), the largest one that still covers the target, before
-cropping and resizing. Random choices use torch's global generator, which the loader seeds per
+Decoding never runs at full size when the preset needs less: libjpeg-turbo decodes straight to
+the smallest DCT scale (n/8) that still covers the target, before cropping and resizing. Random choices come from the ``rng`` argument, which the loader seeds per
 sample (see ``celeba_dist.data``), so augmentations are reproducible whatever the worker layout.
+(A plain ``random.Random`` on purpose: reseeding torch's global generator per sample also queues
+lazy seeding calls for every accelerator backend, which costs more than decoding a small JPEG.)
 """
 from __future__ import annotations
 
 import io
-import math
+import random
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 
-Transform = Callable[[bytes], torch.Tensor]
+Transform = Callable[[bytes, random.Random], torch.Tensor]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -31,10 +34,21 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 
 
-def open_jpeg(data: bytes, *, min_size: tuple[int, int] | None = None) -> Image.Image:
-    """Open JPEG bytes as RGB, decoding at the smallest DCT scale that is >= ``min_size`` (W, H)."""
+def decode_rgb(data: bytes, *, min_size: tuple[int, int] = (0, 0)) -> Image.Image:
+    """Image bytes → RGB PIL image, no smaller than ``min_size`` (W, H) where the source allows.
+
+    JPEGs go through libjpeg-turbo (simplejpeg), which decodes straight to the smallest DCT
+    scale n/8 that still covers ``min_size`` (3/8 of 178×218 for a 64×64 model); other formats
+    and colour spaces libjpeg-turbo cannot convert (CMYK) fall back to PIL.
+    """
+    if data[:2] == b"\xff\xd8":
+        try:
+            array = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=min_size[0], min_height=min_size[1])
+            return Image.fromarray(array)
+        except ValueError:
+            pass
     img = Image.open(io.BytesIO(data))
-    if min_size is not None and img.format == "JPEG":
+    if img.format == "JPEG" and min_size != (0, 0):
         img.draft("RGB", min_size)
     return img if img.mode == "RGB" else img.convert("RGB")
 
@@ -44,8 +58,8 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def _maybe_flip(img: Image.Image, train: bool) -> Image.Image:
-    if train and torch.rand(()) < 0.5:
+def _maybe_flip(img: Image.Image, train: bool, rng: random.Random) -> Image.Image:
+    if train and rng.random() < 0.5:
         return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return img
 
@@ -53,28 +67,23 @@ def _maybe_flip(img: Image.Image, train: bool) -> Image.Image:
 def crop178_resize(*, image_size: tuple[int, int], train: bool) -> Transform:
     """CenterCrop 178 → Resize → flip (train): the smiling CNN's input.
 
-    On aligned CelebA (178×218) the 178 crop is the central square of the full width; the
-    same rule (a central width×width square) makes shards pre-packed with ``--resize 64x78``
-    give the same tensors without any resize at load time.
+    On aligned CelebA (178×218) the 178 crop is the central square of the shorter side; the
+    same rule makes shards pre-packed with ``--resize 64x78`` give the same tensors with no
+    resize at load time.
     """
     out_h, out_w = image_size
+    side_min = max(out_h, out_w)
 
-    def apply(data: bytes) -> torch.Tensor:
-        img = Image.open(io.BytesIO(data))
-        width, height = img.size
-        if img.format == "JPEG":
-            scale = max(out_w, out_h) / width  # the square crop's side becomes the output side
-            img.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        side = img.width
-        top = (img.height - side) // 2
-        box = (0, top, side, top + side)
+    def apply(data: bytes, rng: random.Random) -> torch.Tensor:
+        img = decode_rgb(data, min_size=(side_min, side_min))
+        side = min(img.size)
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        box = (left, top, left + side, top + side)
         if (side, side) == (out_w, out_h):
             img = img.crop(box)
         else:  # crop and resize in one pass
             img = img.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box)
-        return to_tensor(_maybe_flip(img, train))
+        return to_tensor(_maybe_flip(img, train, rng))
 
     return apply
 
@@ -89,15 +98,14 @@ def resize_crop(*, image_size: tuple[int, int], train: bool, resize_to: tuple[in
     if crop_h > big_h or crop_w > big_w:
         raise ValueError(f"crop {image_size} larger than the resize {resize_to}")
 
-    def apply(data: bytes) -> torch.Tensor:
-        img = open_jpeg(data, min_size=(big_w, big_h)).resize((big_w, big_h), Image.Resampling.BILINEAR)
+    def apply(data: bytes, rng: random.Random) -> torch.Tensor:
+        img = decode_rgb(data, min_size=(big_w, big_h)).resize((big_w, big_h), Image.Resampling.BILINEAR)
         if train:
-            top = int(torch.randint(0, big_h - crop_h + 1, ()))
-            left = int(torch.randint(0, big_w - crop_w + 1, ()))
+            top, left = rng.randint(0, big_h - crop_h), rng.randint(0, big_w - crop_w)
         else:
             top, left = (big_h - crop_h) // 2, (big_w - crop_w) // 2
         img = img.crop((left, top, left + crop_w, top + crop_h))
-        return to_tensor(_maybe_flip(img, train))
+        return to_tensor(_maybe_flip(img, train, rng))
 
     return apply
 
@@ -106,11 +114,11 @@ def resize(*, image_size: tuple[int, int], train: bool) -> Transform:
     """Resize the whole image to ``image_size`` (H, W) → flip (train): the 224×224 ImageNet input."""
     out_h, out_w = image_size
 
-    def apply(data: bytes) -> torch.Tensor:
-        img = open_jpeg(data, min_size=(out_w, out_h))
+    def apply(data: bytes, rng: random.Random) -> torch.Tensor:
+        img = decode_rgb(data, min_size=(out_w, out_h))
         if img.size != (out_w, out_h):
             img = img.resize((out_w, out_h), Image.Resampling.BILINEAR)
-        return to_tensor(_maybe_flip(img, train))
+        return to_tensor(_maybe_flip(img, train, rng))
 
     return apply
 

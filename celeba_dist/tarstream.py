@@ -1,0 +1,116 @@
+"""Reading WebDataset samples out of a tar shard, fast.
+
+webdataset's own reader goes through Python's streaming ``tarfile``, about 100 µs per member on
+our machines; a CelebA sample has five members (jpg, attr.json, identity.txt, bbox.json,
+landmarks.json), so that alone cost more than decoding the image at the size a 64×64 model needs.
+This reader maps the file and walks the 512-byte headers directly (POSIX ustar, with GNU long
+names and pax ``path`` records), about 10× faster. It groups members into samples exactly as
+webdataset does (``dir/000001.attr.json`` → key ``dir/000001``, field ``attr.json``), and the tests
+check it against ``webdataset.WebDataset`` on real shards.
+"""
+from __future__ import annotations
+
+import mmap
+from typing import Iterator
+
+BLOCK = 512
+REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
+GNU_LONGNAME = b"L"
+PAX_HEADERS = (b"x", b"g")
+
+
+class TarFormatError(ValueError):
+    """The shard is not a tar file this reader understands (names the file and offset)."""
+
+
+def _octal(field: bytes, where: str) -> int:
+    text = field.split(b"\0", 1)[0].strip()
+    if not text:
+        return 0
+    if field[0] & 0x80:  # GNU base-256 for large sizes
+        return int.from_bytes(field[1:], "big")
+    try:
+        return int(text, 8)
+    except ValueError as exc:
+        raise TarFormatError(f"{where}: bad number {field!r} in a tar header") from exc
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The ``path`` record of a pax extended header, if any ("LEN path=VALUE\\n" records)."""
+    pos = 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1: pos + length - 1].partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8")
+        pos += length
+    return None
+
+
+def iter_members(path: str) -> Iterator[tuple[str, bytes]]:
+    """(name, content) of every regular file in the tar at ``path``, in order."""
+    with open(path, "rb") as fh:
+        if fh.seek(0, 2) == 0:
+            return
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            yield from _walk(buf, path)
+
+
+def _walk(buf: mmap.mmap, path: str) -> Iterator[tuple[str, bytes]]:
+    pos, end, long_name = 0, len(buf), None
+    while pos + BLOCK <= end:
+        header = buf[pos: pos + BLOCK]
+        if header.count(0) == BLOCK:  # end-of-archive marker
+            return
+        where = f"{path} at byte {pos}"
+        size = _octal(header[124:136], where)
+        kind = header[156:157]
+        data_start = pos + BLOCK
+        pos = data_start + (size + BLOCK - 1) // BLOCK * BLOCK
+        if pos > end:
+            raise TarFormatError(f"{where}: truncated tar member ({size} bytes past the end of the file)")
+        if kind == GNU_LONGNAME:
+            long_name = buf[data_start: data_start + size].split(b"\0", 1)[0].decode("utf-8")
+            continue
+        if kind in PAX_HEADERS:
+            long_name = _pax_path(buf[data_start: data_start + size]) or long_name
+            continue
+        name = long_name or _header_name(header)
+        long_name = None
+        if kind in REGULAR:
+            yield name, buf[data_start: data_start + size]
+
+
+def _header_name(header: bytes) -> str:
+    name = header[0:100].split(b"\0", 1)[0].decode("utf-8")
+    if header[257:262] == b"ustar":
+        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8")
+        if prefix:
+            name = f"{prefix}/{name}"
+    return name
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """``a/b/000001.attr.json`` → (``a/b/000001``, ``attr.json``), as webdataset's base_plus_ext."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1:].lower()
+
+
+def iter_samples(path: str) -> Iterator[dict]:
+    """webdataset-style samples: {"__key__", "__url__", field: bytes, ...}, consecutive members grouped."""
+    current: dict | None = None
+    for name, data in iter_members(path):
+        key, field = split_key(name)
+        if not field:
+            continue
+        if current is None or current["__key__"] != key:
+            if current is not None:
+                yield current
+            current = {"__key__": key, "__url__": path}
+        current[field] = data
+    if current is not None:
+        yield current
