@@ -663,11 +663,11 @@ def _lines(header: Iterable[str], rows: Iterable[str]) -> bytes:
 
 
 def annotation_files(faces: Sequence[Labels]) -> dict[str, bytes]:
-    """The five official text files for ``faces`` (in index order), in write order (``list_attr_celeba.txt`` last).
+    """The five official text files for ``faces`` (in index order), ``list_attr_celeba.txt`` last.
 
-    Column spacing follows the official files: the first value after the file name is unpadded,
-    later values are right-aligned (``000007.jpg 1 -1  1``, ``000001.jpg 69  109  106``,
-    ``000001.jpg    95  71 226 313``).
+    Column spacing follows the official files as published: the first value after the file name
+    is unpadded, later values are right-aligned (``000007.jpg 1 -1  1``,
+    ``000001.jpg 69  109  106``, ``000001.jpg    95  71 226 313``).
     """
     n = str(len(faces))
     return {
@@ -721,7 +721,8 @@ def _refuse_stray_images(image_dir: Path, num_images: int) -> None:
     """Raise if ``image_dir`` holds JPEGs this run would not overwrite (the rest of another set)."""
     if not image_dir.is_dir():
         return
-    stray = sorted(e.name for e in os.scandir(image_dir) if e.name.endswith(".jpg") and not _is_own_image(e.name, num_images))
+    stray = sorted(entry.name for entry in os.scandir(image_dir)
+                   if entry.name.endswith(".jpg") and not _is_own_image(entry.name, num_images))
     if stray:
         raise DifferentCelebAError(
             f"{image_dir} holds {len(stray)} image(s) this run would not write (e.g. {stray[0]}); "

@@ -77,12 +77,42 @@ def _wait_for_file(pattern_dir: Path, pattern: str, proc: subprocess.Popen, time
         time.sleep(0.2)
 
 
+def _cancel_jobs(folder: Path, job_ids: list[str] = ()) -> None:
+    """scancel ``job_ids`` and every job recorded under ``folder``, so that a failed test cannot
+    leave a job holding the two nodes (finished jobs are not affected)."""
+    ids = set(job_ids)
+    for record in folder.rglob("slurm_jobs.json"):
+        ids.update(r["job_id"].split("_")[0] for r in json.loads(record.read_text()) if r["event"] == "submitted")
+    if ids:
+        subprocess.run(["scancel", *sorted(ids)], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def job_ids(slurm_cluster, tmp_path):
+    """Job ids a test submits by hand; they and the jobs recorded under tmp_path are cancelled after it."""
+    ids: list[str] = []
+    yield ids
+    _cancel_jobs(tmp_path, ids)
+
+
+def _logs(folder: Path) -> str:
+    """The tail of every job and rank log under ``folder``, for failure messages."""
+    parts = []
+    for path in sorted([*folder.rglob("*_log.err"), *folder.rglob("*_log.out"), *folder.rglob("rank*.log"),
+                        *folder.glob("*.out")]):
+        parts.append(f"--- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-15:]))
+    return "\n".join(parts)[-6000:]
+
+
 @pytest.fixture(scope="module")
 def two_node_run(slurm_cluster, shards, tmp_path_factory):
     """An uninterrupted two-node CPU run through jobs/submit.py --wait: the reference for the others."""
     run_dir = tmp_path_factory.mktemp("slurm-runs") / "plain"
-    proc = subprocess.run(_submit_cmd(shards, run_dir, "--wait"), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    try:
+        proc = subprocess.run(_submit_cmd(shards, run_dir, "--wait"), capture_output=True, text=True, timeout=240)
+    finally:
+        _cancel_jobs(run_dir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + _logs(run_dir)
     return run_dir, proc.stdout
 
 
@@ -325,11 +355,17 @@ def allreduce_task() -> dict:
 
 
 @pytest.mark.slurm
-def test_two_node_submitit_allreduce(slurm_cluster, slurm_folder):
+def test_two_node_submitit_allreduce(slurm_folder, job_ids):
     executor = submitit.AutoExecutor(folder=slurm_folder / "%j", cluster="slurm")
-    executor.update_parameters(nodes=2, tasks_per_node=2, cpus_per_task=1, timeout_min=2, name="allreduce",
-                               slurm_additional_parameters={"requeue": True})
+    # A time limit well above submitit's 90 s signal delay: SLURM may send USR2 up to a minute
+    # early, and a USR2 before submitit's handler is installed kills the task.
+    executor.update_parameters(nodes=2, tasks_per_node=2, cpus_per_task=1, timeout_min=10, name="allreduce")
     job = executor.submit(allreduce_task)
+    job_ids.append(job.job_id)
+    deadline = time.monotonic() + 120
+    while not job.done():
+        assert time.monotonic() < deadline, f"job {job.job_id} did not finish:\n{_logs(slurm_folder)}"
+        time.sleep(1)
     results = job.results()  # one per task, rank order
     assert [r["rank"] for r in results] == [0, 1, 2, 3]
     assert {r["sum"] for r in results} == {1.0 + 2.0 + 3.0 + 4.0}
@@ -382,7 +418,7 @@ def test_jobs_lists_the_run(two_node_run, shards, capsys):
 
 
 @pytest.mark.slurm
-def test_preempted_job_checkpoints_requeues_and_finishes(two_node_run, shards, tmp_path):
+def test_preempted_job_checkpoints_requeues_and_finishes(two_node_run, shards, tmp_path, job_ids):
     run_dir = tmp_path / "preempted"
     proc = subprocess.Popen(_submit_cmd(shards, run_dir, "--wait"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -391,10 +427,12 @@ def test_preempted_job_checkpoints_requeues_and_finishes(two_node_run, shards, t
         job_id = _events(run_dir)[0]["job_id"]
         # What SLURM sends --signal-delay seconds before the time limit (#SBATCH --signal=USR2@90)
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
-        stdout, stderr = proc.communicate(timeout=240)
+        stdout, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the preempted job did not finish:\n{_logs(run_dir)}")
     finally:
         proc.kill()
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:] + _logs(run_dir)
     assert f"job {job_id}: completed at step {_total_steps(shards)}" in stdout  # --wait outlived the requeue
     events = [(e["event"], e.get("restart")) for e in _events(run_dir)]
     assert events == [("submitted", None), ("started", 0), ("requeue", 0), ("started", 1)]
@@ -411,14 +449,14 @@ def test_preempted_job_checkpoints_requeues_and_finishes(two_node_run, shards, t
 
 
 @pytest.mark.slurm
-def test_sweep_runs_as_one_job_array(slurm_cluster, shards, tmp_path, capsys):
+def test_sweep_runs_as_one_job_array(shards, tmp_path, capsys, job_ids):
     sweep_dir = tmp_path / "lr-sweep"
     cmd = [sys.executable, str(REPO / "jobs" / "sweep.py"), "--config", "smiling_simple_cnn", "--data", str(shards),
            "--run-dir", str(sweep_dir), "--grid", "optim.lr=1e-3,3e-4,1e-4", "--nodes", "1", "--gpus-per-node", "0",
            "--cpus-per-task", "1", "--time", "10", "--array-parallelism", "3", "--wait",
            "--set", *FAST[:-1], "train.epochs=1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + _logs(sweep_dir)
     sweep = json.loads((sweep_dir / "sweep.json").read_text())
     assert [m["overrides"] for m in sweep["members"]] == [["optim.lr=1e-3"], ["optim.lr=3e-4"], ["optim.lr=1e-4"]]
     array_id = sweep["members"][0]["job_id"].split("_")[0]
@@ -437,7 +475,7 @@ def test_sweep_runs_as_one_job_array(slurm_cluster, shards, tmp_path, capsys):
 
 
 @pytest.mark.slurm
-def test_train_sbatch_runs_two_nodes_and_requeues_itself(slurm_cluster, shards, tmp_path):
+def test_train_sbatch_runs_two_nodes_and_requeues_itself(shards, tmp_path, job_ids):
     run_dir = tmp_path / "sbatch-run"
     env = {**os.environ, "PYTHON": sys.executable}
     submit = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--cpus-per-task=2", "--time=10",
@@ -445,15 +483,16 @@ def test_train_sbatch_runs_two_nodes_and_requeues_itself(slurm_cluster, shards, 
                              "--config", "smiling_simple_cnn", "--data", str(shards), "--run-dir", str(run_dir),
                              "--set", *FAST], env=env, capture_output=True, text=True, timeout=60, check=True)
     job_id = submit.stdout.strip()
+    job_ids.append(job_id)
     deadline = time.monotonic() + 120
     while not (run_dir / "checkpoints" / "step-000000003.pt").exists():
-        assert time.monotonic() < deadline, "the sbatch job did not start training"
+        assert time.monotonic() < deadline, f"the sbatch job did not start training:\n{_logs(tmp_path)}"
         time.sleep(0.2)
     # USR2 to the batch script, as SLURM does before the time limit (#SBATCH --signal=B:USR2@120)
     subprocess.run(["scancel", "--batch", "--signal=USR2", job_id], check=True, timeout=30)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 150
     while [s for _, s, _ in _sacct(job_id)][-1:] != ["COMPLETED"]:
-        assert time.monotonic() < deadline, f"job {job_id}: {_sacct(job_id)}"
+        assert time.monotonic() < deadline, f"job {job_id}: {_sacct(job_id)}\n{_logs(tmp_path)}"
         time.sleep(1)
     assert _sacct(job_id) == [(job_id, "REQUEUED", "n[1-2]"), (job_id, "COMPLETED", "n[1-2]")]
     log = next(tmp_path.glob(f"*-{job_id}.out")).read_text()
