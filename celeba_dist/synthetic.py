@@ -16,8 +16,9 @@ The split keeps the official fractions (162770 / 19867 / 19962 of 202599).
 What the pixels show: the 16 ``DRAWN_ATTRIBUTES`` of :mod:`celeba_dist.attributes`, sized to survive
 CenterCrop(178) -> Resize(64):
 
-- Smiling: a wider mouth whose corners curve up; otherwise a flat or slightly downturned mouth.
-- Mouth_Slightly_Open: a dark gap between the lips (teeth showing when also smiling).
+- Smiling: a broad grin, corners curved well up, a band of white teeth always showing; otherwise a
+  narrower flat or slightly downturned mouth, never with teeth.
+- Mouth_Slightly_Open: a dark gap between the lips (below the teeth when also smiling).
 - Eyeglasses: thick dark frames round both eyes with a bridge and arms; a third are sunglasses.
 - Wearing_Hat: a brimmed hat, or a cap with a visor, over the top of the head; both are wider than
   the head and have a contrasting band. A hat hides baldness: Bald is then -1.
@@ -162,6 +163,7 @@ class Look:
     lip_thickness: float
     lip_color: RGB
     teeth: bool
+    mouth_open: bool  # a dark gap between the lips (a closed grin shows teeth only)
     mustache: bool
     goatee: bool
     jaw_beard: bool
@@ -314,16 +316,17 @@ def _sample_attributes(rnd: random.Random, ident: Identity) -> tuple[dict[str, b
 def _sample_mouth(rnd: random.Random, a: dict[str, bool]) -> dict[str, float | bool | RGB]:
     smiling, open_ = a["Smiling"], a["Mouth_Slightly_Open"]
     mid = rnd.uniform(27, 30)
-    if smiling:
-        half_width, corner = rnd.uniform(18, 21), mid - rnd.uniform(6, 9)
+    if smiling:  # a broad grin: wide, corners well up, teeth always showing
+        half_width, corner = rnd.uniform(21, 24), mid - rnd.uniform(9, 12)
+        gap = rnd.uniform(11, 14) if open_ else rnd.uniform(6, 8)
     else:
-        half_width, corner = rnd.uniform(13, 16), mid + rnd.uniform(-0.5, 2.5)
-    gap = (rnd.uniform(8, 11) if smiling else rnd.uniform(6, 9)) if open_ else 0.0
+        half_width, corner = rnd.uniform(11, 14), mid + rnd.uniform(-0.5, 2.5)
+        gap = rnd.uniform(6, 9) if open_ else 0.0
     lipstick = a["Wearing_Lipstick"]
     return dict(
         mouth_half_width=half_width, mouth_corner=corner, mouth_mid=mid, mouth_gap=gap,
         lip_thickness=rnd.uniform(4, 5.5) if lipstick else rnd.uniform(2.5, 3.5),
-        teeth=smiling and open_,
+        teeth=smiling, mouth_open=open_,
     )
 
 
@@ -516,9 +519,11 @@ def _draw_mouth(p: _Painter, look: Look) -> None:
     p.fill(np.vstack([upper, (upper - taper * lip)[::-1]]), look.lip_color)
     p.fill(np.vstack([lower, (lower + taper * lip * 1.2)[::-1]]), look.lip_color)
     if gap:
-        p.fill(np.vstack([upper, lower[::-1]]), (60, 15, 20))
-        if look.teeth:
-            p.fill(np.vstack([upper, (upper + taper * min(4.0, gap / 2))[::-1]]), (236, 236, 226))
+        if look.mouth_open:
+            p.fill(np.vstack([upper, lower[::-1]]), (60, 15, 20))
+        if look.teeth:  # the whole gap of a closed grin, the upper part of an open one
+            depth = min(6.0, gap / 2) if look.mouth_open else gap
+            p.fill(np.vstack([upper, (upper + taper * depth)[::-1]]), (236, 236, 226))
     else:
         p.stroke(upper, _scaled(look.lip_color, 0.55), 2)
 

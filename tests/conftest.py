@@ -33,11 +33,15 @@ def _cluster_problem(conf: Path) -> str | None:
     def run(*command: str) -> subprocess.CompletedProcess:
         return subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
 
-    # `scontrol ping` answers at once; sinfo retries for ~20 s when no controller runs.
-    ping = run("scontrol", "ping")
-    if ping.returncode != 0:
-        return f"the controller of {conf} is down ({ping.stdout.strip().splitlines()[0]}); {restart}"
-    out = run("sinfo", "--noheader", "--Node", "--format=%N %t").stdout
+    try:
+        # `scontrol ping` answers at once; sinfo retries for ~20 s when no controller runs.
+        ping = run("scontrol", "ping")
+        if ping.returncode != 0:
+            said = (ping.stdout.strip() or ping.stderr.strip() or "no answer").splitlines()[0]
+            return f"the controller of {conf} is down ({said}); {restart}"
+        out = run("sinfo", "--noheader", "--Node", "--format=%N %t").stdout
+    except subprocess.TimeoutExpired as exc:
+        return f"the test cluster of {conf} does not answer ({exc}); {restart}"
     up = {line.split()[0] for line in out.splitlines()
           if line.split()[1] in ("idle", "mix", "alloc", "comp")}
     if not set(SLURM_NODES) <= up:

@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import yaml
 
 JOBS_FILE = "slurm_jobs.json"
 SWEEP_FILE = "sweep.json"
-_STEP_PREFIX, _STEP_SUFFIX = "step-", ".pt"
+_STEP_FILE = re.compile(r"^step-(\d+)\.pt$")  # celeba_dist.checkpoint's names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,9 +159,9 @@ def _read_json(path: Path) -> Any:
 
 
 def _newest_checkpoint_step(run_dir: Path) -> int | None:
-    steps = [int(p.name[len(_STEP_PREFIX):-len(_STEP_SUFFIX)]) for p in (run_dir / "checkpoints").glob("step-*.pt")
-             if p.name[len(_STEP_PREFIX):-len(_STEP_SUFFIX)].isdigit()]
-    return max(steps) if steps else None
+    """The step of the newest ``checkpoints/step-NNNNNNNNN.pt`` (read from names, no torch import)."""
+    steps = [int(m.group(1)) for p in (run_dir / "checkpoints").glob("step-*.pt") if (m := _STEP_FILE.match(p.name))]
+    return max(steps, default=None)
 
 
 def _best_from_events(run_dir: Path, metric: str) -> tuple[float | None, int | None]:
@@ -238,7 +239,7 @@ def sweep_table(sweep_dir: Path, *, metric: str | None = None) -> tuple[str, lis
         for info in infos:
             if info.metric != metric:
                 info.metric = metric
-                info.best, best_step = _best_from_events(info.run_dir, metric)
+                info.best, _ = _best_from_events(info.run_dir, metric)
                 info.best_epoch = None
     infos.sort(key=lambda i: (i.best is None, -(i.best or 0.0), i.name))
     rows = [[i.name, i.job_id or "-", i.state, i.progress(), i.best_text(), " ".join(i.overrides)] for i in infos]
@@ -254,7 +255,7 @@ def runs_table(root: Path) -> tuple[str, list[RunInfo]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="celeba-dist jobs", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="celeba-dist jobs", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--run-dir", type=Path, default=Path("runs"),
                         help="a run folder, or a folder of runs and sweeps (default: runs)")
     parser.add_argument("--sweep", metavar="NAME",

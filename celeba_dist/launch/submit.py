@@ -210,7 +210,7 @@ def wait_for(jobs: Sequence[submitit.Job]) -> list[dict[str, Any] | None]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="celeba-dist submit", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="celeba-dist submit", description=__doc__.splitlines()[0].replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("--config", required=True, help="a shipped recipe name or a YAML file")
@@ -231,7 +231,8 @@ def resolve_task(config: str, overrides: Sequence[str], data: Path, run_dir: Pat
     """Validate the config here, before anything is queued; the task carries absolute paths."""
     from celeba_dist.config import load_config
 
-    config_arg = str(Path(config).resolve()) if Path(config).suffix in (".yaml", ".yml") else config
+    is_file = Path(config).suffix in (".yaml", ".yml") or Path(config).exists()
+    config_arg = str(Path(config).resolve()) if is_file else config  # the job may start in another folder
     task = TrainTask(config=config_arg, overrides=overrides, data_dir=str(data.resolve()),
                      run_dir=str(run_dir.resolve()))
     cfg = load_config(task.config, task.overrides, data_dir=task.data_dir, run_dir=task.run_dir)

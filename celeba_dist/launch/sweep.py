@@ -113,7 +113,7 @@ def variant_members(variants: str) -> list[Member]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="celeba-dist sweep", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="celeba-dist sweep", description=__doc__.splitlines()[0].replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("--config", default=None, help="the recipe every member starts from (not with --variants)")
