@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import random
+import signal
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -262,7 +263,14 @@ def make_loader(dataset: IterableDataset, *, num_workers: int, pin_memory: bool 
     """
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=False, prefetch_factor=4 if num_workers else None,
-                      generator=torch.Generator().manual_seed(0))
+                      generator=torch.Generator().manual_seed(0), worker_init_fn=_ignore_stop_signals)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers outlive a SIGTERM/SIGUSR2 sent to the whole process group (as SLURM does):
+    the training process decides when to stop, checkpoints, and then shuts its workers down."""
+    for sig in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def train_stream(data: ShardData, transform: Callable[[bytes], torch.Tensor], *, batch_size: int, rank: int,

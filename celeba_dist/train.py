@@ -281,7 +281,8 @@ def main(cfg: Config) -> dict[str, Any]:
     model, optimizer = accelerator.prepare(model, optimizer)
     state, ckpt = resume(cfg, accelerator, model, optimizer, scheduler)
     thresholds = ckpt.get("thresholds") if ckpt else None
-    board = Board(run_dir, enabled=accelerator.is_main_process, purge_step=state.global_step if ckpt else None)
+    # A resumed run drops events logged after its checkpoint's step (they will be logged again).
+    board = Board(run_dir, enabled=accelerator.is_main_process, purge_step=state.global_step + 1 if ckpt else None)
     save = make_saver(cfg, accelerator, model, optimizer, scheduler, data.attributes)
     trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, loss_fn, board, steps_per_epoch,
                       total_steps, save)

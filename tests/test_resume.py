@@ -117,11 +117,12 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(shards, tmp_path):
 def test_sigterm_checkpoints_at_the_next_step_and_exits_75(shards, tmp_path):
     run_dir = tmp_path / "term"
     cmd = train_cmd(shards, run_dir, "train.sync_every_steps=1", "train.checkpoint_every_steps=1000")
-    proc = subprocess.Popen(cmd, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not list_checkpoints(run_dir / "checkpoints"):
         time.sleep(0.05)  # the first checkpoint comes at the end of epoch 0
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole group, loader workers included, as SLURM does
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 75, out[-3000:]
     assert "stop requested" in out

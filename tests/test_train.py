@@ -165,3 +165,18 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shards, tmp_path):
     for path in (tmp_path / "nan" / "checkpoints").glob("step-*.pt"):
         state = torch.load(path, map_location="cpu", weights_only=False)["model"]
         assert all(torch.isfinite(t).all() for t in state.values()), path
+
+
+def test_accumulation_bf16_channels_last_and_tuned_thresholds(shards, tmp_path):
+    cfg = load_config("smiling_simple_cnn", [*FAST, "train.epochs=1", "train.grad_accum_steps=3", "train.precision=bf16",
+                                              "train.channels_last=true", "train.tune_thresholds=true",
+                                              "data.attributes=[Smiling, Male]"],
+                      data_dir=str(shards), run_dir=str(tmp_path / "variants"))
+    result = main(cfg)
+    batches = manifest_count(shards, "train") // 16
+    assert result["global_step"] == -(-batches // 3)  # optimizer steps: ceil(micro-batches / 3)
+    metrics = json.loads((tmp_path / "variants" / "metrics.json").read_text())
+    assert set(metrics["thresholds"]) == {"Smiling", "Male"}
+    assert all(0.0 <= t <= 1.0 for t in metrics["thresholds"].values())
+    env = json.loads((tmp_path / "variants" / "env.json").read_text())
+    assert env["mixed_precision"] == "bf16"

@@ -31,7 +31,13 @@ from celeba_dist.launch.status import record_job, wait_until_ended
 
 log = logging.getLogger(__name__)
 
-LOG_SUBDIR = "slurm"  # submitit's pickles and the tasks' stdout/stderr: RUN_DIR/slurm/<job id>_<task>_log.out
+LOG_SUBDIR = "slurm"  # submitit's pickles and the tasks' stdout/stderr: RUN_DIR/slurm/<job id>/
+
+
+def log_folder(root: Path, *, local: bool) -> Path:
+    """submitit's folder: one per SLURM job (``%j``); one for all local jobs, whose file names
+    carry the process id (submitit's local controller would create a literal ``%j`` folder)."""
+    return root / LOG_SUBDIR / ("local" if local else "%j")
 
 
 class TrainTask:
@@ -112,7 +118,7 @@ def add_resource_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mem", default=None, help="memory per node, SLURM syntax: 64G, 4000M")
     group.add_argument("--time", type=int, default=60, help="time limit in minutes (default 60)")
     group.add_argument("--signal-delay", type=int, default=90,
-                       help="seconds before the time limit when SLURM sends USR2 to checkpoint and requeue (default 90)")
+                       help="seconds before the time limit when SLURM sends USR2: checkpoint and requeue (default 90)")
     group.add_argument("--partition", default=None)
     group.add_argument("--account", default=None)
     group.add_argument("--qos", default=None)
@@ -124,7 +130,8 @@ def add_resource_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--local", action="store_true",
                        help="run on this machine with submitit's LocalExecutor (one node) instead of SLURM")
     group.add_argument("--dry-run", action="store_true", help="print the sbatch script and submit nothing")
-    group.add_argument("--wait", action="store_true", help="block until the job ends; exit non-zero unless it completed")
+    group.add_argument("--wait", action="store_true",
+                       help="block until the job ends; exit non-zero unless it completed")
 
 
 def parse_slurm_options(items: Sequence[str]) -> dict[str, Any]:
@@ -249,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         task, cfg = resolve_task(args.config, args.set, args.data, args.run_dir)
         params = slurm_parameters(args, job_name=args.job_name or cfg.run_dir.name)
-        folder = cfg.run_dir / LOG_SUBDIR / "%j"
+        folder = log_folder(cfg.run_dir, local=args.local)
         if args.dry_run:
             print(sbatch_script(params, folder))
             return 0

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from celeba_dist.launch.status import SWEEP_FILE, record_job, sweep_table
-from celeba_dist.launch.submit import (LOG_SUBDIR, add_resource_arguments, build_executor, check_data,
-                                       resolve_task, sbatch_script, slurm_parameters, wait_for)
+from celeba_dist.launch.submit import (add_resource_arguments, build_executor, check_data, log_folder, resolve_task,
+                                       sbatch_script, slurm_parameters, wait_for)
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("--config", default=None, help="the recipe every member starts from (not with --variants)")
     parser.add_argument("--data", required=True, type=Path, help="the packed shards folder")
-    parser.add_argument("--run-dir", required=True, type=Path, help="the sweep's folder; members go in RUN_DIR/<member>/")
+    parser.add_argument("--run-dir", required=True, type=Path,
+                        help="the sweep's folder; members go in RUN_DIR/<member>/")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides shared by all members")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--grid", nargs="+", metavar="KEY=V1,V2", help="every combination of the values")
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         params = slurm_parameters(args, job_name=args.job_name or sweep_dir.name)
         if args.array_parallelism:
             params["array_parallelism"] = args.array_parallelism
-        folder = sweep_dir / LOG_SUBDIR / "%j"
+        folder = log_folder(sweep_dir, local=args.local)
         if args.dry_run and args.local:
             parser.error("--dry-run prints the sbatch script: it has no meaning with --local")
         if args.dry_run:
