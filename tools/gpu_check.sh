@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# What only a GPU shows, in one go: bf16/fp16 AMP and torch.compile end to end, training-step
+# throughput of every model, and the loader with many workers. Run from the repository root on a
+# CUDA machine with the package importable (pip install -e ., or PYTHONPATH=.); results land in
+# $OUT (default /tmp/celeba-gpu-check). Parts: train | bench | loader (default: all).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/celeba-gpu-check}
+WORK=${WORK:-/tmp/celeba-gpu-work}
+PARTS=${*:-train bench loader}
+mkdir -p "$OUT" "$WORK"
+PY=${PYTHON:-python3}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+$PY -c "import torch, torchvision, accelerate; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'accelerate', accelerate.__version__)" | tee -a "$OUT/gpu.txt"
+
+if [ ! -f "$WORK/shards/manifest.json" ]; then
+  $PY -m celeba_dist synth "$WORK/celeba" --num-images 6000 --workers 8 >/dev/null
+  $PY -m celeba_dist pack "$WORK/celeba" "$WORK/shards" --workers 8 >/dev/null
+fi
+
+for part in $PARTS; do
+  case $part in
+  train)
+    for run in "bf16" "fp16" "no" "bf16 compile"; do
+      set -- $run
+      name="run-$1${2:+-compile}"
+      start=$(date +%s)
+      $PY -m celeba_dist train --config smiling_simple_cnn --data "$WORK/shards" --run-dir "$WORK/$name" \
+        --set train.epochs=3 train.precision=$1 ${2:+train.compile=true} data.attributes=drawn data.batch_size=128 \
+        data.num_workers=6 log.progress_bar=false optim.lr=0.003 model.dropout=0.0 >"$OUT/$name.log" 2>&1
+      code=$?
+      echo "$name: exit $code in $(( $(date +%s) - start )) s; test mean accuracy" \
+        "$($PY -c "import json;print(round(json.load(open('$WORK/$name/metrics.json'))['test']['mean']['accuracy'],4))" 2>/dev/null)" \
+        | tee -a "$OUT/train.txt"
+    done ;;
+  bench)
+    for p in bf16 no; do
+      $PY tools/bench_train.py --models simple_cnn celeb_cnn resnext50_32x4d resnet18_lstm_attn \
+        --precision $p --batch-size 128 --steps 40 --repeats 2 2>&1 | grep -v Warning | tee -a "$OUT/bench_train.txt"
+    done ;;
+  loader)
+    $PY tools/bench_loader.py --num-images 6000 --workers 8 --repeats 2 --work-dir "$WORK/loader" 2>&1 \
+      | grep -v "INFO\|Warning" | tee "$OUT/bench_loader.txt" ;;
+  esac
+done
