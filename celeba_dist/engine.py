@@ -66,28 +66,35 @@ def prepare_batch(images: torch.Tensor, labels: torch.Tensor, *, device: torch.d
     return x, labels.to(device, non_blocking=True)
 
 
-@dataclass
 class _Meter:
-    """Loss and timing since the last log line, kept on the device to avoid a sync per step."""
+    """Losses and timing since the last check, kept on the device: one copy kernel per step, no sync."""
 
-    device: torch.device
-    loss_sum: torch.Tensor = None
-    first_bad: torch.Tensor = None
-    count: int = 0
-    images: int = 0
-    wait: float = 0.0
-    start: float = field(default_factory=time.perf_counter)
-
-    def __post_init__(self) -> None:
-        self.loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        self.first_bad = torch.full((), -1, device=self.device, dtype=torch.int64)
+    def __init__(self, device: torch.device, capacity: int):
+        self.losses = torch.zeros(capacity, device=device)
+        self.first_step = 0  # global step of losses[0]
+        self.count = self.images = 0
+        self.wait = 0.0
+        self.start = time.perf_counter()
 
     def add(self, loss: torch.Tensor, step: int) -> None:
-        loss = loss.detach().double()
-        self.loss_sum += loss
-        bad = (~torch.isfinite(loss)) & (self.first_bad < 0)
-        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
+        if self.count == 0:
+            self.first_step = step
+        self.losses[self.count] = loss.detach()
         self.count += 1
+
+    def reset(self) -> None:
+        self.count = self.images = 0
+        self.wait = 0.0
+        self.start = time.perf_counter()
+
+    def summary(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of the losses, index of the first non-finite one or -1), still on the device."""
+        window = self.losses[: self.count]
+        if self.count == 0:
+            return window.double().sum(), torch.tensor(-1)
+        bad = ~torch.isfinite(window)
+        first = torch.where(bad.any(), bad.int().argmax(), torch.tensor(-1, device=window.device))
+        return window.double().sum(), first
 
 
 def _agree(trainer: Trainer, meter: _Meter) -> tuple[float, bool]:
@@ -95,10 +102,12 @@ def _agree(trainer: Trainer, meter: _Meter) -> tuple[float, bool]:
 
     Raises :class:`NonFiniteLossError` (on every rank) naming the first bad step.
     """
+    total, first = meter.summary()
+    first_bad = int(first)
     loss_sum, count, bad, stop = all_sum(trainer.accelerator, [
-        float(meter.loss_sum), meter.count, float(meter.first_bad >= 0), float(signals.stop_requested())])
+        float(total) if first_bad < 0 else 0.0, meter.count, float(first_bad >= 0), float(signals.stop_requested())])
     if bad:
-        steps = gather_list(trainer.accelerator, [int(meter.first_bad)])
+        steps = gather_list(trainer.accelerator, [meter.first_step + first_bad if first_bad >= 0 else -1])
         step = min(s for s in steps if s >= 0)
         raise NonFiniteLossError(f"non-finite loss at optimizer step {step}; stopping without saving these "
                                  f"weights (the last good checkpoint stays in {trainer.cfg.run_dir / 'checkpoints'})")
@@ -131,7 +140,7 @@ def train_one_epoch(trainer: Trainer, loader: Iterable, state: TrainState) -> st
     cfg, acc, model = trainer.cfg, trainer.accelerator, trainer.model
     accum, n = cfg.train.grad_accum_steps, trainer.steps_per_epoch
     model.train()
-    meter = _Meter(acc.device)
+    meter = _Meter(acc.device, capacity=cfg.train.log_every_steps)  # reset at every log line
     bar = tqdm(total=n, initial=state.batch_in_epoch, desc=f"epoch {state.epoch}", dynamic_ncols=True,
                disable=not (acc.is_main_process and cfg.log.progress_bar), leave=False)
     fetched = time.perf_counter()
@@ -146,7 +155,7 @@ def train_one_epoch(trainer: Trainer, loader: Iterable, state: TrainState) -> st
             with acc.autocast():
                 out = model(x)
             loss = trainer.loss_fn(out.float(), y)  # (B, A) logits → scalar, in float32
-            acc.backward(loss / group_size)
+            acc.backward(loss / group_size if group_size > 1 else loss)
         state.batch_in_epoch += 1
         state.samples_seen += y.shape[0]
         meter.images += y.shape[0]
@@ -181,7 +190,7 @@ def _optimizer_step(trainer: Trainer, state: TrainState, meter: _Meter, loss: to
         mean_loss, stop = _agree(trainer, meter)
         if step % cfg.train.log_every_steps == 0:
             _log_step(trainer, state, meter, mean_loss, bar)
-            meter.__init__(acc.device)
+            meter.reset()
         if stop:
             log.warning("stop requested (signal %s): checkpointing at step %d", signals.received_signals() or "flag", step)
             trainer.save(state)
