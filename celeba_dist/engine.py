@@ -152,9 +152,8 @@ def train_one_epoch(trainer: Trainer, loader: Iterable, state: TrainState) -> st
         x, y = prepare_batch(images, labels, device=acc.device, normalize=cfg.data.normalize,
                              channels_last=cfg.train.channels_last)
         with contextlib.nullcontext() if sync else acc.no_sync(model):
-            with acc.autocast():
-                out = model(x)
-            loss = trainer.loss_fn(out.float(), y)  # (B, A) logits → scalar, in float32
+            out = model(x)  # accelerator.prepare() made forward run under autocast and return float32
+            loss = trainer.loss_fn(out, y)  # (B, A) logits → scalar
             acc.backward(loss / group_size if group_size > 1 else loss)
         state.batch_in_epoch += 1
         state.samples_seen += y.shape[0]
