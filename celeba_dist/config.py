@@ -413,7 +413,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="default", help="a shipped recipe name (celeba-dist recipes) or a YAML file")
     parser.add_argument("--data", default=None, help="the packed shards folder (with manifest.json)")
     parser.add_argument("--run-dir", default=None, help="the run directory (default runs/<recipe>)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=3e-4")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=3e-4")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

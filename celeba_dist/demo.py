@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-images", type=int, default=4000)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2, help="processes for making and packing the data")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="training overrides")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="training overrides")
     args = parser.parse_args(argv)
     setup_logging()
 

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="shards folder (default: the one the run trained on)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--out", help="write the metrics as JSON here (default RUN/eval_<split>.json with --run)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. data.num_workers=4")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="e.g. data.num_workers=4")
     args = parser.parse_args(argv)
     try:
         path = checkpoint_path(args.run, args.checkpoint)

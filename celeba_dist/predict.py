@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the CSV to write")
     parser.add_argument("--split", choices=["train", "val", "test"], help="shards input: only this split")
     parser.add_argument("--batch-size", type=int, default=0)
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. data.num_workers=4")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="e.g. data.num_workers=4")
     args = parser.parse_args(argv)
     try:
         rows = predict(Path(args.checkpoint), Path(args.input), Path(args.out), split=args.split,

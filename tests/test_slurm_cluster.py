@@ -296,6 +296,17 @@ def test_sweep_dry_run_is_one_array(capsys, tmp_path):
     assert out.count("# 0") == 3 and not (tmp_path / "sw").exists()
 
 
+def test_repeated_grid_and_set_flags_combine(capsys, tmp_path):
+    argv = ["--config", "smiling_simple_cnn", "--data", str(tmp_path), "--run-dir", str(tmp_path / "sw"),
+            "--grid", "optim.lr=1e-3,3e-4", "--grid", "data.batch_size=64,128",
+            "--set", "train.epochs=1", "--set", "data.num_workers=0", "--dry-run"]
+    assert sweep_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --array=0-3%4" in out.splitlines()
+    assert "# 03-lr3e-4-batch_size128: --config smiling_simple_cnn --set train.epochs=1 data.num_workers=0 " \
+           "optim.lr=3e-4 data.batch_size=128" in out.splitlines()
+
+
 def test_job_records(tmp_path):
     record_job(tmp_path, "submitted", job_id="7", executor="slurm")
     record_job(tmp_path, "started", job_id="7", restart=0)

@@ -125,7 +125,7 @@ def add_resource_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--constraint", default=None)
     group.add_argument("--job-name", default=None, help="default: the run folder's name")
     group.add_argument("--exclusive", action="store_true", help="whole nodes for this job")
-    group.add_argument("--slurm", nargs="*", default=[], metavar="KEY=VALUE",
+    group.add_argument("--slurm", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                        help="any other sbatch option, e.g. mail-type=END reservation=demo (KEY alone: a flag)")
     group.add_argument("--local", action="store_true",
                        help="run on this machine with submitit's LocalExecutor (one node) instead of SLURM")
@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="a shipped recipe name or a YAML file")
     parser.add_argument("--data", required=True, type=Path, help="the packed shards folder (manifest.json inside)")
     parser.add_argument("--run-dir", required=True, type=Path, help="the run folder (checkpoints, logs, TensorBoard)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted config overrides")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="dotted config overrides")
     add_resource_arguments(parser)
     return parser
 
