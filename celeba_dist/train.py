@@ -196,14 +196,15 @@ def resume(cfg: Config, accelerator: Accelerator, model, optimizer, scheduler) -
 
 
 def validate(trainer: Trainer, data: ShardData, split: str, state: TrainState, *,
-             thresholds: list[float] | None = None) -> tuple[dict, Predictions]:
+             thresholds: list[float] | None = None, log_scalars: bool = True) -> tuple[dict, Predictions]:
     cfg, acc = trainer.cfg, trainer.accelerator
     preds = evaluate(trainer.model, eval_loader(cfg, data, split, acc), accelerator=acc, cfg=cfg,
                      to_prob=LOSSES[cfg.loss.name].to_prob, expected=data.split(split).num_samples, split=split,
                      num_attributes=len(data.attributes))
     metrics = compute_metrics(preds.probs, preds.targets, data.attributes,
                               torch.tensor(thresholds) if thresholds else 0.5)
-    trainer.board.split_metrics(split, metrics, state.global_step)
+    if log_scalars:
+        trainer.board.split_metrics(split, metrics, state.global_step)
     return metrics, preds
 
 
@@ -348,7 +349,8 @@ def _final_test(trainer: Trainer, data: ShardData, state: TrainState) -> dict[st
     thresholds = best.get("thresholds")
     results = {}
     for split in cfg.train.eval_splits:
-        metrics, _ = validate(trainer, data, split, state, thresholds=thresholds)
+        # val was logged at every epoch end already; a second point at the last step would duplicate it
+        metrics, _ = validate(trainer, data, split, state, thresholds=thresholds, log_scalars=split != "val")
         results[split] = metrics
         if acc.is_main_process:
             log.info("%s", format_table(metrics, title=f"{split} (best epoch {state.best_epoch})"))

@@ -191,7 +191,8 @@ if [[ ! -d "$DIR/db/data/mysql" ]]; then
     runuser -u mysql -- mariadb-install-db --no-defaults --datadir="$DIR/db/data" \
         --auth-root-authentication-method=socket >"$DIR/log/mariadb-install.log" 2>&1
 fi
-mariadbd --no-defaults --user=mysql --datadir="$DIR/db/data" --bind-address=127.0.0.1 \
+# setsid: its own session, so the database outlives the shell that started it (slurm* daemonize)
+setsid mariadbd --no-defaults --user=mysql --datadir="$DIR/db/data" --bind-address=127.0.0.1 \
     --port="$DB_PORT" --socket="$DIR/db/mariadbd.sock" --pid-file="$DIR/db/mariadbd.pid" \
     --log-error="$DIR/db/mariadbd.log" --innodb-buffer-pool-size=32M 2>>"$DIR/db/mariadbd.log" &
 disown
