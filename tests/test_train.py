@@ -183,3 +183,16 @@ def test_accumulation_bf16_channels_last_and_tuned_thresholds(shards, tmp_path):
     assert all(0.0 <= t <= 1.0 for t in metrics["thresholds"].values())
     env = json.loads((tmp_path / "variants" / "env.json").read_text())
     assert env["mixed_precision"] == "bf16"
+
+
+def test_attention_model_draws_its_attention_in_tensorboard(shards, tmp_path):
+    # ResNet-18 + BiLSTM + attention at 64x64 (a 2x2 region map) keeps this fast on a CPU
+    cfg = load_config("male_resnet18_lstm_attn", [*FAST, "train.epochs=1", "model.pretrained=none",
+                                                   "data.image_size=[64, 64]", "log.image_grid_size=4"],
+                      data_dir=str(shards), run_dir=str(tmp_path / "attn"))
+    assert main(cfg)["status"] == "completed"
+    acc = EventAccumulator(str(tmp_path / "attn" / "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    assert {"val/attention", "val/predictions", "val/attribute_accuracy"} <= set(acc.Tags()["images"])
+    image = acc.Images("val/attention")[-1]
+    assert image.width > 0 and image.height > 0
