@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from celeba_dist import signals
 from celeba_dist.attributes import resolve_attributes
+from celeba_dist.cli_args import positive_int
 from celeba_dist.images import Encoded, ImageEncoder, encoded_images
 from celeba_dist.manifest import MANIFEST_NAME, SPLITS, ManifestError, load_manifest
 from celeba_dist.pack_manifest import build_manifest, log_summary, write_manifest_if_changed
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "or img_align_celeba.zip) or hf:PATH_OR_NAME")
     p.add_argument("out_dir", type=Path, help="output folder: manifest.json and <split>/celeba-<split>-NNNNNN.tar")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--samples-per-shard", type=_positive_int, default=None,
+    size.add_argument("--samples-per-shard", type=positive_int, default=None,
                       help=f"images per shard (default {DEFAULT_SAMPLES_PER_SHARD})")
     size.add_argument("--max-shard-bytes", type=_byte_size, default=None,
                       help="cap on a shard's size instead, e.g. 100000000 or 100M "
@@ -83,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize", type=_resize, default=None, metavar="WxH",
                    help="resize every whole image to W x H (bicubic, aspect ratio not kept) and re-encode it")
     p.add_argument("--quality", type=_quality, default=95, help="JPEG quality of re-encoded images (default 95)")
-    p.add_argument("--workers", type=_positive_int, default=default_workers(), help="image-decoding processes")
-    p.add_argument("--limit", type=_positive_int, default=None,
+    p.add_argument("--workers", type=positive_int, default=default_workers(), help="image-decoding processes")
+    p.add_argument("--limit", type=positive_int, default=None,
                    help="pack N images in all, each split keeping its share, chosen by --seed (see below)")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip bad rows and missing or corrupt images (listed in the manifest) instead of failing")
@@ -99,13 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id-column", default=None, help="hf: the image id / file name column")
     p.add_argument("--identity-column", default=None, help="hf: the person identity column (default: celeb_id)")
     return p
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _byte_size(text: str) -> int:
@@ -182,7 +176,7 @@ def build_verify_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="celeba-dist verify", description="Check packed shards against their manifest: "
                                 "files, sizes, sha256, sample counts, keys, every image decodes, every label list.")
     p.add_argument("out_dir", type=Path, help="a folder written by celeba-dist pack")
-    p.add_argument("--workers", type=_positive_int, default=default_workers(), help="processes checking shards")
+    p.add_argument("--workers", type=positive_int, default=default_workers(), help="processes checking shards")
     return p
 
 
