@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import random
 import signal
 import zlib
@@ -50,10 +49,6 @@ class ShardPart:
     stride: int = 1
     offset: int = 0
     limit: int = -1  # -1: to the end of the shard
-
-    def count(self, shard_samples: int) -> int:
-        n = shard_samples if self.limit < 0 else min(self.limit, shard_samples)
-        return max(0, math.ceil((n - self.offset) / self.stride))
 
 
 def deal_shards(shards: list[tuple[str, int]], num_slots: int, slot: int) -> list[ShardPart]:

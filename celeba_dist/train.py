@@ -281,7 +281,6 @@ def main(cfg: Config) -> dict[str, Any]:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     state, ckpt = resume(cfg, accelerator, model, optimizer, scheduler)
-    thresholds = ckpt.get("thresholds") if ckpt else None
     # A resumed run drops events logged after its checkpoint's step (they will be logged again).
     board = Board(run_dir, enabled=accelerator.is_main_process, purge_step=state.global_step + 1 if ckpt else None)
     save = make_saver(cfg, accelerator, model, optimizer, scheduler, data.attributes)
@@ -291,7 +290,7 @@ def main(cfg: Config) -> dict[str, Any]:
              run_dir, cfg.model.name, accelerator.num_processes, len(data.attributes), steps_per_epoch, total_steps)
     signals.install_stop_handlers()
     try:
-        status = _fit(trainer, data, train_ds, state, thresholds)
+        status = _fit(trainer, data, train_ds, state)
         if status == "stopped":
             return _result("preempted", cfg, state, {})
         results = _final_test(trainer, data, state)
@@ -302,8 +301,8 @@ def main(cfg: Config) -> dict[str, Any]:
         _write_rank_stats(run_dir, accelerator.process_index, state)
 
 
-def _fit(trainer: Trainer, data: ShardData, train_ds, state: TrainState, thresholds) -> str:
-    cfg, acc = trainer.cfg, trainer.accelerator
+def _fit(trainer: Trainer, data: ShardData, train_ds, state: TrainState) -> str:
+    cfg = trainer.cfg
     while state.epoch < cfg.train.epochs and not (cfg.train.max_steps and state.global_step >= cfg.train.max_steps):
         train_ds.epoch, train_ds.skip_batches = state.epoch, state.batch_in_epoch
         loader = make_loader(train_ds, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
