@@ -88,6 +88,7 @@ class TrainConfig:
     compile: bool = False
     log_every_steps: int = 50
     sync_every_steps: int = 10  # how often ranks agree on stop requests and a finite loss
+    collective_timeout_min: int = 30  # a collective that waits longer (a dead or hung rank) is an error
     checkpoint_every_steps: int = 500  # 0: only at epoch ends
     keep_last: int = 2
     select_metric: str = "accuracy"  # mean validation metric that picks the best epoch

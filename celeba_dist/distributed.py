@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import InitProcessGroupKwargs, gather_object
 
 from celeba_dist.config import Config
 
@@ -23,7 +24,10 @@ def build_accelerator(cfg: Config) -> Accelerator:
     precision = cfg.train.precision
     if cpu and precision == "fp16":
         raise ValueError("train.precision=fp16 needs a GPU; use bf16 or no on the CPU")
-    return Accelerator(cpu=cpu, mixed_precision=precision, step_scheduler_with_optimizer=False)
+    # A dead or hung peer turns into an error after this long instead of holding the allocation forever.
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.train.collective_timeout_min))
+    return Accelerator(cpu=cpu, mixed_precision=precision, step_scheduler_with_optimizer=False,
+                       kwargs_handlers=[timeout])
 
 
 def gather_rows(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:

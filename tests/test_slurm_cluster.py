@@ -35,7 +35,9 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 # Shared set-up: tiny real shards, fast training overrides, helpers
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = ["data.batch_size=16", "data.num_workers=1", "data.image_size=[32, 32]", "log.progress_bar=false",
+# data.num_workers=0: loader worker processes in a distributed job are covered by test_train/test_resume;
+# here the job itself is under test (one unexplained hang at a final evaluation was seen with workers).
+FAST = ["data.batch_size=16", "data.num_workers=0", "data.image_size=[32, 32]", "log.progress_bar=false",
         "log.image_grid_size=0", "train.log_every_steps=2", "train.checkpoint_every_steps=3",
         "train.sync_every_steps=1", "train.epochs=5"]
 TWO_CPU_NODES = ["--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "2", "--time", "10"]
