@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", default="shards/synthetic", help="where its shards go")
     parser.add_argument("--run-dir", default="runs/demo")
     parser.add_argument("--num-images", type=int, default=4000)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--workers", type=int, default=2, help="processes for making and packing the data")
     parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="training overrides")
     args = parser.parse_args(argv)
