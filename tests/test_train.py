@@ -195,3 +195,15 @@ def test_attention_model_draws_its_attention_in_tensorboard(shards, tmp_path):
     assert {"val/attention", "val/predictions", "val/attribute_accuracy"} <= set(acc.Tags()["images"])
     image = acc.Images("val/attention")[-1]
     assert image.width > 0 and image.height > 0
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    """The README's first command, small: synthetic data -> shards -> train -> test table."""
+    args = ["-m", "celeba_dist", "demo", "--data-dir", str(tmp_path / "data"), "--shards", str(tmp_path / "shards"),
+            "--run-dir", str(tmp_path / "run"), "--num-images", "240", "--epochs", "1",
+            "--set", "data.batch_size=16", "log.progress_bar=false"]
+    proc = subprocess.run([sys.executable, *args], env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "tensorboard --logdir" in proc.stdout and "Smiling" in proc.stdout
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["test"]["mean"]["num_samples"] == manifest_count(tmp_path / "shards", "test")
