@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 # here the job itself is under test (one unexplained hang at a final evaluation was seen with workers).
 FAST = ["data.batch_size=16", "data.num_workers=0", "data.image_size=[32, 32]", "log.progress_bar=false",
         "log.image_grid_size=0", "train.log_every_steps=2", "train.checkpoint_every_steps=3",
-        "train.sync_every_steps=1", "train.epochs=5"]
+        "train.sync_every_steps=1", "train.keep_last=100", "train.epochs=12"]  # long enough to signal mid-run
 TWO_CPU_NODES = ["--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "2", "--time", "10"]
 
 
@@ -118,7 +118,7 @@ def two_node_run(slurm_cluster, shards, tmp_path_factory):
     return run_dir, proc.stdout
 
 
-def _total_steps(shards: Path, *, world_size: int = 2, batch_size: int = 16, epochs: int = 5) -> int:
+def _total_steps(shards: Path, *, world_size: int = 2, batch_size: int = 16, epochs: int = 12) -> int:
     train = json.loads((shards / "manifest.json").read_text())["splits"]["train"]["num_samples"]
     return train // (batch_size * world_size) * epochs
 
@@ -426,7 +426,7 @@ def test_jobs_lists_the_run(two_node_run, shards, capsys):
     assert status_main(["--run-dir", str(run_dir.parent)]) == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("plain"))
-    assert "COMPLETED" in row and f"step {_total_steps(shards)}, epoch 5/5" in row and "accuracy=" in row
+    assert "COMPLETED" in row and f"step {_total_steps(shards)}, epoch 12/12" in row and "accuracy=" in row
     assert f"tensorboard --logdir {run_dir.parent}" in out
 
 
