@@ -30,6 +30,19 @@ def build_accelerator(cfg: Config) -> Accelerator:
                        kwargs_handlers=[timeout])
 
 
+def leave_process_group(accelerator: Accelerator) -> None:
+    """All ranks meet, then tear the process group down together; call on the normal path only.
+
+    A process that exits with its Gloo/NCCL group still alive can crash or hang in interpreter
+    finalization (the group's worker threads race the GIL teardown), which holds a whole job
+    after its results are written. Not after an error: a peer may still be inside a collective,
+    and a collective teardown would then deadlock (the collective timeout handles that case).
+    """
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
 def gather_rows(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate each rank's (n_i, ...) rows in rank order, without padding or duplicates."""
     if accelerator.num_processes == 1:

@@ -17,7 +17,7 @@ import torch
 from celeba_dist.checkpoint import BEST, load_checkpoint
 from celeba_dist.config import ConfigError, config_from_tree
 from celeba_dist.data import ShardData
-from celeba_dist.distributed import build_accelerator
+from celeba_dist.distributed import build_accelerator, leave_process_group
 from celeba_dist.engine import evaluate
 from celeba_dist.logs import setup_logging
 from celeba_dist.losses import LOSSES
@@ -55,7 +55,9 @@ def evaluate_checkpoint(path: Path, *, split: str, data_dir: str | None, overrid
                               torch.tensor(thresholds) if thresholds else 0.5)
     metrics["checkpoint"], metrics["split"] = str(path), split
     metrics["world_size"] = accelerator.num_processes
-    return metrics if accelerator.is_main_process else {}
+    main_process = accelerator.is_main_process
+    leave_process_group(accelerator)
+    return metrics if main_process else {}
 
 
 def main(argv: list[str] | None = None) -> int:

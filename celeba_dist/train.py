@@ -29,7 +29,7 @@ from celeba_dist.checkpoint import (BEST, atomic_save, link_best, load_checkpoin
                                     rng_state, set_rng_state, step_path)
 from celeba_dist.config import Config, ConfigError, add_config_arguments, config_from_args, save_config
 from celeba_dist.data import ShardData, eval_stream, make_loader, train_stream
-from celeba_dist.distributed import build_accelerator, gather_list
+from celeba_dist.distributed import build_accelerator, gather_list, leave_process_group
 from celeba_dist.engine import (NonFiniteLossError, Predictions, TrainState, Trainer, evaluate, prepare_batch,
                                 supports_attention, train_one_epoch)
 from celeba_dist.logs import setup_logging
@@ -291,14 +291,13 @@ def main(cfg: Config) -> dict[str, Any]:
     signals.install_stop_handlers()
     try:
         status = _fit(trainer, data, train_ds, state)
-        if status == "stopped":
-            return _result("preempted", cfg, state, {})
-        results = _final_test(trainer, data, state)
-        return _result("completed", cfg, state, results)
+        results = {} if status == "stopped" else _final_test(trainer, data, state)
     finally:
         signals.restore_handlers()
         board.close()
         _write_rank_stats(run_dir, accelerator.process_index, state)
+    leave_process_group(accelerator)
+    return _result("preempted" if status == "stopped" else "completed", cfg, state, results)
 
 
 def _fit(trainer: Trainer, data: ShardData, train_ds, state: TrainState) -> str:
