@@ -38,9 +38,11 @@ def leave_process_group(accelerator: Accelerator) -> None:
     after its results are written. Not after an error: a peer may still be inside a collective,
     and a collective teardown would then deadlock (the collective timeout handles that case).
     """
-    if accelerator.num_processes > 1:
-        accelerator.wait_for_everyone()
+    if accelerator.num_processes == 1:
+        return
+    accelerator.wait_for_everyone()
     accelerator.end_training()
+    log.info("rank %d left the process group", accelerator.process_index)
 
 
 def gather_rows(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:

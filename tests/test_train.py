@@ -114,6 +114,9 @@ def test_two_process_ddp_on_cpu_with_accelerate_launch(shards, tmp_path):
     assert metrics["history"][0]["step"] == steps
     # the log line of every epoch is printed once, by rank 0 only
     assert proc.stdout.count("epoch 0: val") == 1
+    # both ranks tore the process group down together before exiting (an exit with a live Gloo group can hang)
+    for r in (0, 1):
+        assert f"rank {r} left the process group" in (run_dir / "logs" / f"rank{r}.log").read_text()
 
 
 def test_eval_one_and_two_processes_count_identically(trained, shards, tmp_path):
