@@ -42,7 +42,11 @@ def leave_process_group(accelerator: Accelerator) -> None:
         return
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    log.info("rank %d left the process group", accelerator.process_index)
+    # Say what happened, not what was asked: end_training() skips the teardown for fork launches.
+    if torch.distributed.is_initialized():
+        log.warning("rank %d: the process group is still alive after end_training()", accelerator.process_index)
+    else:
+        log.info("rank %d left the process group", accelerator.process_index)
 
 
 def gather_rows(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:

@@ -55,9 +55,8 @@ def evaluate_checkpoint(path: Path, *, split: str, data_dir: str | None, overrid
                               torch.tensor(thresholds) if thresholds else 0.5)
     metrics["checkpoint"], metrics["split"] = str(path), split
     metrics["world_size"] = accelerator.num_processes
-    main_process = accelerator.is_main_process
-    leave_process_group(accelerator)
-    return metrics if main_process else {}
+    leave_process_group(accelerator)  # the rank and world size stay readable afterwards
+    return metrics if accelerator.is_main_process else {}
 
 
 def main(argv: list[str] | None = None) -> int:
