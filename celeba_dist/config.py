@@ -37,6 +37,7 @@ class DataConfig:
     normalize: str = "unit"  # unit (x/255) | imagenet
     shuffle_buffer: int = 1000
     train_subset: int = 0  # 0: every training sample; N: a fixed subset of N samples
+    check_shards: str = "size"  # before the first step: size (a stat per shard) | sha256 | none
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "run.resume": (),  # free-form: auto | none | path
     "sched.cyclic_mode": ("triangular", "triangular2", "exp_range"),
     "data.normalize": ("unit", "imagenet"),
+    "data.check_shards": ("size", "sha256", "none"),
 }
 
 

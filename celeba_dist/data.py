@@ -22,11 +22,15 @@ faster reader) and are shuffled by webdataset's ``shuffle``. The loader is kept 
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
+import multiprocessing
 import random
 import signal
+import threading
+import time
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -35,10 +39,18 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from celeba_dist.manifest import load_manifest, split_shards
+from celeba_dist.manifest import ManifestError, load_manifest, shard_problems, split_shards
 from celeba_dist.tarstream import iter_samples
 
 log = logging.getLogger(__name__)
+
+
+class DataError(RuntimeError):
+    """A shard or a sample cannot be read; the message names the shard file and the sample."""
+
+
+class ShardCheckError(ManifestError):
+    """Shards the manifest lists are missing or differ from it (found before training starts)."""
 
 
 @dataclass(frozen=True)
@@ -78,12 +90,18 @@ def subset_shards(shards: list[tuple[str, int]], limit: int) -> list[tuple[str, 
 
 
 def read_part(part: ShardPart) -> Iterator[dict]:
-    """Raw samples (``__key__``, ``jpg``, ``attr.json`` bytes, …) of one shard part."""
-    for index, sample in enumerate(iter_samples(part.path)):
-        if 0 <= part.limit <= index:
-            return
-        if index % part.stride == part.offset:
-            yield sample
+    """Raw samples (``__key__``, ``jpg``, ``attr.json`` bytes, …) of one shard part.
+
+    Raises :class:`DataError` naming the shard (and, for a damaged one, where in it).
+    """
+    try:
+        for index, sample in enumerate(iter_samples(part.path)):
+            if 0 <= part.limit <= index:
+                return
+            if index % part.stride == part.offset:
+                yield sample
+    except (OSError, ValueError) as exc:  # missing or unreadable file, a tar cut short or damaged
+        raise DataError(f"cannot read shard {part.path}: {exc}") from exc
 
 
 def sample_seed(seed: int, epoch: int, key: str) -> int:
@@ -107,7 +125,7 @@ class Decoder:
             image = self.transform(sample["jpg"], random.Random(seed))
             attrs = json.loads(sample["attr.json"])
         except Exception as exc:  # name the sample and shard: the user has to find it
-            raise RuntimeError(f"cannot decode sample {key} of {sample.get('__url__')}: {exc}") from exc
+            raise DataError(f"cannot decode sample {key} of shard {sample.get('__url__')}: {exc}") from exc
         return image, [attrs[i] for i in self.label_index], key
 
 
@@ -232,6 +250,11 @@ class ShardData:
         shards = split_shards(self.manifest, self.root, name)
         return SplitInfo(sum(n for _, n in shards), shards)
 
+    def check_files(self, splits: list[str] | tuple[str, ...], *, sha256: bool = False,
+                    part: tuple[int, int] = (0, 1)) -> list[str]:
+        """Problems with the shard files of ``splits`` (see :func:`celeba_dist.manifest.shard_problems`)."""
+        return shard_problems(self.manifest, self.root, splits, sha256=sha256, part=part)
+
     def positive_rates(self, split: str = "train") -> list[float]:
         rates = self.manifest["splits"][split]["positive_rates"]
         return [float(rates[a]) for a in self.attributes]
@@ -263,9 +286,54 @@ def make_loader(dataset: IterableDataset, *, num_workers: int, pin_memory: bool 
 
 def _ignore_stop_signals(worker_id: int) -> None:
     """Loader workers outlive a SIGTERM/SIGUSR2 sent to the whole process group (as SLURM does):
-    the training process decides when to stop, checkpoints, and then shuts its workers down."""
+    the training process decides when to stop, checkpoints, and then shuts its workers down
+    (:func:`owned_workers` makes sure of it on every path out)."""
     for sig in (signal.SIGTERM, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def owned_workers(*, grace_s: float = 5.0) -> Iterator[None]:
+    """Loader worker processes started inside the block are gone when it ends, whatever happened.
+
+    Workers ignore SIGTERM (above), so after an error neither the DataLoader's ``terminate()``
+    nor multiprocessing's exit handler can stop one that is still running; the exit handler then
+    joins it forever and the run never ends. On an error, every worker started in the block is
+    killed at once (workers hold nothing that needs saving); on a normal exit the DataLoader has
+    shut them down already, and any straggler gets ``grace_s`` before it is killed.
+    """
+    before = set(multiprocessing.active_children())
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        _end_children([p for p in multiprocessing.active_children() if p not in before],
+                      grace_s=0.0 if failed else grace_s)
+
+
+def _end_children(children: list, *, grace_s: float) -> None:
+    deadline = time.monotonic() + grace_s
+    for child in children:
+        child.join(timeout=max(0.0, deadline - time.monotonic()))
+    stray = [child for child in children if child.is_alive()]
+    if not stray:
+        return
+    # The DataLoader's SIGCHLD handler would report our own kills as worker failures and raise
+    # over the error that brought us here: these deaths are ours, so it is off while they happen.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL) if in_main else None
+    try:
+        for child in stray:
+            child.kill()
+        for child in stray:
+            child.join(timeout=grace_s + 5.0)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGCHLD, previous)
+    log.debug("killed %d loader worker(s): %s", len(stray), [child.pid for child in stray])
 
 
 def train_stream(data: ShardData, transform: Callable[[bytes], torch.Tensor], *, batch_size: int, rank: int,

@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from celeba_dist.manifest import MANIFEST_NAME, SPLITS, write_json_atomic
+from celeba_dist.manifest import MANIFEST_NAME, SPLITS, file_sha256, write_json_atomic
 from celeba_dist.pack_options import PackError, PackOptions
-from celeba_dist.shard_writer import file_sha256
 from celeba_dist.sources import SourceData
 from celeba_dist.splits import Plan
 

@@ -6,14 +6,13 @@ never see half of one.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from celeba_dist.manifest import fsync_dir, shard_file
+from celeba_dist.manifest import file_sha256, fsync_dir, shard_file
 
 SHARD_MTIME = 946684800  # 2000-01-01: fixed tar metadata makes the shards byte-identical across runs
 SHARD_USER = "celeba"
@@ -29,15 +28,6 @@ def tar_bytes(member_bytes: int) -> int:
 def sample_member_bytes(sample: dict[str, Any]) -> int:
     """Bytes the members of ``sample`` take in a tar: a header block each, data padded to whole blocks."""
     return sum(_TAR_BLOCK + math.ceil(len(v) / _TAR_BLOCK) * _TAR_BLOCK for k, v in sample.items() if k != "__key__")
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of the file at ``path``, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ShardWriter:

@@ -103,7 +103,15 @@ def split_key(name: str) -> tuple[str, str]:
 def iter_samples(path: str) -> Iterator[dict]:
     """webdataset-style samples: {"__key__", "__url__", field: bytes, ...}, consecutive members grouped."""
     current: dict | None = None
-    for name, data in iter_members(path):
+    members = iter_members(path)
+    while True:
+        try:
+            name, data = next(members)
+        except StopIteration:
+            break
+        except TarFormatError as exc:  # name the last sample read whole: the damage lies past it
+            after = f" (after sample {current['__key__']})" if current else " (before its first sample)"
+            raise TarFormatError(f"{exc}{after}") from exc
         key, field = split_key(name)
         if not field:
             continue

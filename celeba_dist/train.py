@@ -28,7 +28,7 @@ from celeba_dist.board import Board, accuracy_bars, attention_overlay, predictio
 from celeba_dist.checkpoint import (BEST, atomic_save, link_best, load_checkpoint, load_newest_valid, prune,
                                     rng_state, set_rng_state, step_path)
 from celeba_dist.config import Config, ConfigError, add_config_arguments, config_from_args, save_config
-from celeba_dist.data import ShardData, eval_stream, make_loader, train_stream
+from celeba_dist.data import DataError, ShardCheckError, ShardData, eval_stream, make_loader, owned_workers, train_stream
 from celeba_dist.distributed import build_accelerator, gather_list, leave_process_group
 from celeba_dist.engine import (NonFiniteLossError, Predictions, TrainState, Trainer, evaluate, prepare_batch,
                                 supports_attention, train_one_epoch)
@@ -96,6 +96,25 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
     tmp.replace(path)
+
+
+def check_data(cfg: Config, data: ShardData, accelerator: Accelerator, splits: tuple[str, ...]) -> None:
+    """Every shard of ``splits`` exists with the manifest's size (``data.check_shards``), before any model is built.
+
+    ``sha256`` also hashes them, each rank a share, and every rank raises the same error.
+    """
+    if cfg.data.check_shards == "none":
+        return
+    problems = data.check_files(splits)
+    if not problems and cfg.data.check_shards == "sha256":
+        mine = data.check_files(splits, sha256=True, part=(accelerator.process_index, accelerator.num_processes))
+        problems = gather_list(accelerator, mine)
+    if problems:
+        shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise ShardCheckError(f"{len(problems)} shard(s) of {data.root} ({', '.join(splits)}) do not match its "
+                              f"manifest.json:\n  {shown}\nre-copy or re-pack them; `celeba-dist verify {data.root}` "
+                              "checks every shard and sample")
+    log.info("shards of %s (%s) checked against the manifest (%s)", data.root, ", ".join(splits), cfg.data.check_shards)
 
 
 def build_model_for(cfg: Config, num_attributes: int) -> torch.nn.Module:
@@ -258,9 +277,10 @@ def main(cfg: Config) -> dict[str, Any]:
     accelerator = build_accelerator(cfg)
     setup_logging(rank=accelerator.process_index, is_main=accelerator.is_main_process,
                   log_dir=cfg.run_dir / "logs")
+    data = ShardData(cfg.data.root, cfg.data.attributes)
+    check_data(cfg, data, accelerator, ("train", *cfg.train.eval_splits))
     run_dir = build_run_dir(cfg, accelerator)
     seed_everything(cfg)
-    data = ShardData(cfg.data.root, cfg.data.attributes)
     model = build_model_for(cfg, len(data.attributes))
     train_ds = train_stream(
         data, build_transform(cfg.data.transform, image_size=cfg.data.image_size, train=True),
@@ -290,8 +310,9 @@ def main(cfg: Config) -> dict[str, Any]:
              run_dir, cfg.model.name, accelerator.num_processes, len(data.attributes), steps_per_epoch, total_steps)
     signals.install_stop_handlers()
     try:
-        status = _fit(trainer, data, train_ds, state)
-        results = {} if status == "stopped" else _final_test(trainer, data, state)
+        with owned_workers():  # an error anywhere ends this rank's loader workers too
+            status = _fit(trainer, data, train_ds, state)
+            results = {} if status == "stopped" else _final_test(trainer, data, state)
     finally:
         signals.restore_handlers()
         board.close()
@@ -379,18 +400,34 @@ def cli_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="celeba-dist train", description=__doc__.splitlines()[0])
     add_config_arguments(parser)
     parser.add_argument("--resume", default=None, help="auto (default), none, or a checkpoint file")
+    parser.add_argument("--verify-shards", action="store_true",
+                        help="check every shard's sha256 against the manifest before the first step")
     args = parser.parse_args(argv)
     if args.resume:
         args.set = [*args.set, f"run.resume={args.resume}"]
+    if args.verify_shards:
+        args.set = [*args.set, "data.check_shards=sha256"]
     try:
         result = main(config_from_args(args))
-    except (ConfigError, ManifestError, NonFiniteLossError, FileNotFoundError) as exc:
-        logging.getLogger("celeba_dist").error("%s", exc)
-        print(f"celeba-dist train: error: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:
+        if not isinstance(exc, (ConfigError, ManifestError, NonFiniteLossError, FileNotFoundError, DataError)):
+            logging.getLogger("celeba_dist").debug("run failed", exc_info=True)  # the rank's log file keeps it
+        return _report_error(exc)
     if result["status"] == "preempted":
         return EXIT_PREEMPTED
     return 0 if result["status"] == "completed" else 1
+
+
+def _report_error(exc: BaseException) -> int:
+    """One error line (the DataLoader wraps a worker's error in a copy of its traceback: the last line
+    of that names the shard and sample); exit status 1."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:  # "Caught DataError in DataLoader worker process 1. ... module.DataError: msg"
+        lines = text.splitlines()
+        text = f"{lines[0].removeprefix('Caught ').rstrip('.')}: {lines[-1].partition(': ')[2]}"
+    logging.getLogger("celeba_dist").error("%s: %s", type(exc).__name__, text)
+    print(f"celeba-dist train: error: {text}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -16,9 +16,8 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from celeba_dist.manifest import SPLITS, ManifestError, load_manifest
+from celeba_dist.manifest import SPLITS, ManifestError, file_sha256, load_manifest
 from celeba_dist.samples import sample_members
-from celeba_dist.shard_writer import file_sha256
 from celeba_dist.worker_pool import process_pool
 
 

@@ -1,0 +1,218 @@
+"""Runs that go wrong end promptly, say what went wrong, keep what was trained, and resume.
+
+Each fault is checked the same way: the exit code, how long the run took to end, what is left in
+the run folder, and that the same command, run again once the fault is gone, finishes the run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from celeba_dist.checkpoint import list_checkpoints
+from shardkit import synthetic_shards
+from test_train import accelerate_cmd, cpu_env
+
+# Loader workers on (the default is 2): the hang this file guards against needs them.
+FAST = ["data.batch_size=16", "data.num_workers=2", "data.image_size=[32, 32]", "log.progress_bar=false",
+        "log.image_grid_size=0", "train.log_every_steps=2", "train.sync_every_steps=2",
+        "train.checkpoint_every_steps=4", "train.keep_last=100", "train.epochs=1", "train.eval_splits=[val]"]
+ENDS_WITHIN_S = 60
+MISSING = "train/celeba-train-000003.tar"
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    return synthetic_shards(tmp_path_factory.mktemp("failures"), num_images=300, samples_per_shard=16)
+
+
+@pytest.fixture
+def shards(pristine, tmp_path) -> Path:
+    """A copy of the shards this test may damage."""
+    return Path(shutil.copytree(pristine, tmp_path / "shards"))
+
+
+def train_cmd(shards: Path, run_dir: Path, *extra: str, processes: int = 1) -> list[str]:
+    args = ["-m", "celeba_dist.train", "--config", "smiling_simple_cnn", "--data", str(shards),
+            "--run-dir", str(run_dir), "--set", *FAST, *extra]
+    return accelerate_cmd(*args, processes=processes) if processes > 1 else [sys.executable, *args]
+
+
+def run(cmd: list[str], timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.monotonic()
+    proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+    return proc, time.monotonic() - started
+
+
+def total_steps(shards: Path, *, world: int = 1, epochs: int = 1) -> int:
+    train = json.loads((shards / "manifest.json").read_text())["splits"]["train"]["num_samples"]
+    return train // (16 * world) * epochs
+
+
+def finished_step(run_dir: Path) -> int:
+    assert (run_dir / "metrics.json").is_file()
+    return json.loads((run_dir / "rank_stats" / "rank0.json").read_text())["global_step"]
+
+
+def assert_no_leftover_processes(run_dir: Path) -> None:
+    """No process of the run (ranks or their loader workers) outlives it."""
+    leftovers = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(run_dir) in cmdline:
+                leftovers.append(f"{proc.name}: {cmdline}")
+    assert not leftovers, leftovers
+
+
+def cut_member_header(shard: Path, member_index: int) -> str | None:
+    """Make one member's tar header claim more bytes than the file holds.
+
+    The file keeps its size (the start-up size check passes); its sha256 changes. Returns the
+    key of the sample before the damaged member (None for the first).
+    """
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    with open(shard, "r+b") as fh:
+        fh.seek(members[member_index].offset + 124)
+        fh.write(b"77777777777\0")  # the size field: 8 GiB
+    return members[member_index - 1].name.split(".")[0] if member_index else None
+
+
+# ---------------------------------------------------------------------------------------------
+# A shard the manifest lists is missing
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_missing_shard_is_caught_before_the_model_is_built(shards, tmp_path, processes):
+    (shards / MISSING).rename(tmp_path / "aside.tar")
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(shards, run_dir, processes=processes)
+    proc, seconds = run(cmd)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert seconds < ENDS_WITHIN_S, seconds
+    assert f"{MISSING}: missing" in out and f"celeba-dist verify {shards}" in out
+    assert "built simple_cnn" not in out  # before the model, let alone a step
+    assert not (run_dir / "config.yaml").exists() and not (run_dir / "checkpoints").exists()
+    assert_no_leftover_processes(run_dir)
+    (tmp_path / "aside.tar").rename(shards / MISSING)
+    proc, _ = run(cmd)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert finished_step(run_dir) == total_steps(shards, world=processes)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_missing_shard_without_the_check_still_ends_the_run(shards, tmp_path, processes):
+    """The loader workers' error reaches the training process, which ends, workers and peers included."""
+    (shards / MISSING).rename(tmp_path / "aside.tar")
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(shards, run_dir, "data.check_shards=none", processes=processes)
+    proc, seconds = run(cmd)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert seconds < ENDS_WITHIN_S, seconds
+    assert f"cannot read shard {shards / MISSING}" in out and "No such file" in out
+    assert not (run_dir / "metrics.json").exists()
+    assert_no_leftover_processes(run_dir)
+    (tmp_path / "aside.tar").rename(shards / MISSING)
+    proc, _ = run(cmd)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert finished_step(run_dir) == total_steps(shards, world=processes)
+
+
+# ---------------------------------------------------------------------------------------------
+# A shard damaged inside, at its manifest size
+
+
+def test_damaged_shard_ends_the_run_naming_shard_and_sample_then_resumes(shards, tmp_path, pristine):
+    shard = shards / "train" / "celeba-train-000005.tar"
+    previous = cut_member_header(shard, member_index=5 * 8)  # the 9th sample's first member (5 per sample)
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(shards, run_dir, "data.check_shards=size")
+    proc, seconds = run(cmd)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert seconds < ENDS_WITHIN_S, seconds
+    assert f"cannot read shard {shard}" in out and f"truncated tar member" in out
+    assert f"(after sample {previous})" in out
+    assert not (run_dir / "metrics.json").exists()
+    for ckpt in list_checkpoints(run_dir / "checkpoints"):  # what was saved before the error is intact
+        torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert_no_leftover_processes(run_dir)
+    shutil.copyfile(pristine / shard.relative_to(shards), shard)
+    proc, _ = run(cmd)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert finished_step(run_dir) == total_steps(shards)
+
+
+def test_verify_shards_catches_the_damage_before_training(shards, tmp_path):
+    cut_member_header(shards / "val" / "celeba-val-000001.tar", member_index=0)
+    run_dir = tmp_path / "run"
+    proc, seconds = run([*train_cmd(shards, run_dir, processes=2), "--verify-shards"])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert seconds < ENDS_WITHIN_S, seconds
+    assert "val/celeba-val-000001.tar: sha256 differs from the manifest" in out
+    assert "built simple_cnn" not in out and not (run_dir / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# One rank of a DDP run dies
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
+    """The pid of the training process with RANK=rank among the launcher's children."""
+    for task in Path(f"/proc/{launcher.pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env:
+                return int(child)
+    return None
+
+
+def test_sigkill_of_one_rank_ends_the_other_and_the_run_resumes(pristine, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(pristine, run_dir, "train.epochs=2", processes=2)
+    launcher = subprocess.Popen(cmd, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list_checkpoints(run_dir / "checkpoints"):
+            assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint before the kill"
+            time.sleep(0.05)
+        victim = _rank_pid(launcher, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        out, _ = launcher.communicate(timeout=120)
+        seconds = time.monotonic() - killed
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode != 0, out[-3000:]
+    assert seconds < ENDS_WITHIN_S, seconds
+    assert not (run_dir / "metrics.json").exists()
+    assert_no_leftover_processes(run_dir)
+    newest = list_checkpoints(run_dir / "checkpoints")[0]
+    saved = torch.load(newest, map_location="cpu", weights_only=False)["state"]["global_step"]
+    assert 0 < saved < total_steps(pristine, world=2, epochs=2)
+    proc, _ = run(cmd)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert f"resumed from {newest}" in proc.stdout + proc.stderr
+    assert finished_step(run_dir) == total_steps(pristine, world=2, epochs=2)
