@@ -1,7 +1,9 @@
-"""Argument types shared by the command-line parsers: integers with a lower bound."""
+"""What the command-line programs share: integer argument types, and how an error is reported."""
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 from typing import Callable
 
 
@@ -19,3 +21,18 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
 
 positive_int = int_at_least(1)
+
+
+def report_error(prog: str, exc: BaseException) -> int:
+    """Log and print one error line for ``exc``; returns the exit status, 1.
+
+    The DataLoader re-raises a worker's error with a copy of the worker's traceback in the
+    message; its last line is the one that names the shard and sample, so only that is kept.
+    """
+    text = str(exc).strip()
+    if "Original Traceback" in text:  # "Caught DataError in DataLoader worker process 1. ... module.DataError: msg"
+        lines = text.splitlines()
+        text = f"{lines[0].removeprefix('Caught ').rstrip('.')}: {lines[-1].partition(': ')[2]}"
+    logging.getLogger("celeba_dist").error("%s: %s", type(exc).__name__, text)
+    print(f"{prog}: error: {text}", file=sys.stderr)
+    return 1

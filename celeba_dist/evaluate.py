@@ -9,21 +9,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 import torch
 
+from celeba_dist.cli_args import report_error
 from celeba_dist.checkpoint import BEST, load_checkpoint
 from celeba_dist.config import ConfigError, config_from_tree
-from celeba_dist.data import ShardData
+from celeba_dist.data import ShardData, owned_workers
 from celeba_dist.distributed import build_accelerator, leave_process_group
 from celeba_dist.engine import evaluate
 from celeba_dist.logs import setup_logging
 from celeba_dist.losses import LOSSES
 from celeba_dist.manifest import ManifestError
 from celeba_dist.metrics import compute_metrics, format_table
-from celeba_dist.train import build_model_for, eval_loader
+from celeba_dist.train import build_model_for, check_data, eval_loader
 
 log = logging.getLogger("celeba_dist.evaluate")  # not __name__: this module also runs as __main__
 
@@ -45,11 +45,13 @@ def evaluate_checkpoint(path: Path, *, split: str, data_dir: str | None, overrid
     accelerator = build_accelerator(cfg)
     setup_logging(rank=accelerator.process_index, is_main=accelerator.is_main_process)
     data = ShardData(cfg.data.root, ckpt["attributes"])
+    check_data(cfg, data, accelerator, (split,))
     model = build_model_for(cfg, len(data.attributes)).to(accelerator.device)
     model.load_state_dict(ckpt["model"])
-    preds = evaluate(model, eval_loader(cfg, data, split, accelerator), accelerator=accelerator, cfg=cfg,
-                     to_prob=LOSSES[cfg.loss.name].to_prob, expected=data.split(split).num_samples, split=split,
-                     num_attributes=len(data.attributes))
+    with owned_workers():
+        preds = evaluate(model, eval_loader(cfg, data, split, accelerator), accelerator=accelerator, cfg=cfg,
+                         to_prob=LOSSES[cfg.loss.name].to_prob, expected=data.split(split).num_samples,
+                         split=split, num_attributes=len(data.attributes))
     thresholds = ckpt.get("thresholds")
     metrics = compute_metrics(preds.probs, preds.targets, data.attributes,
                               torch.tensor(thresholds) if thresholds else 0.5)
@@ -73,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         path = checkpoint_path(args.run, args.checkpoint)
         metrics = evaluate_checkpoint(path, split=args.split, data_dir=args.data, overrides=args.set)
     except (ConfigError, ManifestError, FileNotFoundError, RuntimeError, ValueError) as exc:
-        print(f"celeba-dist eval: error: {exc}", file=sys.stderr)
-        return 1
+        return report_error("celeba-dist eval", exc)
     if metrics:
         print(format_table(metrics, title=f"{args.split}: {path}"))
         out = Path(args.out) if args.out else (Path(args.run) / f"eval_{args.split}.json" if args.run else None)

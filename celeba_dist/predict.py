@@ -10,16 +10,16 @@ import argparse
 import csv
 import os
 import random
-import sys
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from celeba_dist.cli_args import report_error
 from celeba_dist.checkpoint import load_checkpoint
 from celeba_dist.config import Config, ConfigError, config_from_tree
-from celeba_dist.data import ShardData, eval_stream, make_loader
+from celeba_dist.data import ShardData, eval_stream, make_loader, owned_workers
 from celeba_dist.engine import prepare_batch
 from celeba_dist.losses import LOSSES
 from celeba_dist.manifest import MANIFEST_NAME, ManifestError
@@ -88,7 +88,7 @@ def predict(checkpoint: Path, source: Path, out: Path, *, split: str | None = No
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     rows = 0
     try:
-        with open(tmp, "w", newline="") as fh:
+        with owned_workers(), open(tmp, "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["id", *attributes, *[f"{a}_prob" for a in attributes]])
             for images, labels, keys in batches(cfg, source, attributes, split, batch_size or cfg.data.batch_size):
@@ -118,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = predict(Path(args.checkpoint), Path(args.input), Path(args.out), split=args.split,
                        batch_size=args.batch_size, overrides=args.set)
     except (ConfigError, ManifestError, FileNotFoundError, RuntimeError) as exc:
-        print(f"celeba-dist predict: error: {exc}", file=sys.stderr)
-        return 1
+        return report_error("celeba-dist predict", exc)
     print(f"wrote {rows} predictions to {args.out}")
     return 0
 

@@ -25,6 +25,7 @@ from accelerate.utils import set_seed
 
 from celeba_dist import __version__, signals
 from celeba_dist.board import Board, accuracy_bars, attention_overlay, prediction_grid
+from celeba_dist.cli_args import report_error
 from celeba_dist.checkpoint import (BEST, atomic_save, link_best, load_checkpoint, load_newest_valid, prune,
                                     rng_state, set_rng_state, step_path)
 from celeba_dist.config import Config, ConfigError, add_config_arguments, config_from_args, save_config
@@ -412,22 +413,10 @@ def cli_main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if not isinstance(exc, (ConfigError, ManifestError, NonFiniteLossError, FileNotFoundError, DataError)):
             logging.getLogger("celeba_dist").debug("run failed", exc_info=True)  # the rank's log file keeps it
-        return _report_error(exc)
+        return report_error("celeba-dist train", exc)
     if result["status"] == "preempted":
         return EXIT_PREEMPTED
     return 0 if result["status"] == "completed" else 1
-
-
-def _report_error(exc: BaseException) -> int:
-    """One error line (the DataLoader wraps a worker's error in a copy of its traceback: the last line
-    of that names the shard and sample); exit status 1."""
-    text = str(exc).strip()
-    if "Original Traceback" in text:  # "Caught DataError in DataLoader worker process 1. ... module.DataError: msg"
-        lines = text.splitlines()
-        text = f"{lines[0].removeprefix('Caught ').rstrip('.')}: {lines[-1].partition(': ')[2]}"
-    logging.getLogger("celeba_dist").error("%s: %s", type(exc).__name__, text)
-    print(f"celeba-dist train: error: {text}", file=sys.stderr)
-    return 1
 
 
 if __name__ == "__main__":

@@ -112,6 +112,13 @@ def test_missing_shard_is_caught_before_the_model_is_built(shards, tmp_path, pro
     proc, _ = run(cmd)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert finished_step(run_dir) == total_steps(shards, world=processes)
+    if processes == 1:  # `eval` reads through the same loader: a worker's error ends it as well
+        val_shard = shards / "val" / "celeba-val-000001.tar"
+        val_shard.unlink()
+        proc, seconds = run([sys.executable, "-m", "celeba_dist.evaluate", "--run", str(run_dir), "--split", "val",
+                             "--set", "data.check_shards=none", "data.num_workers=2"])
+        assert proc.returncode == 1 and seconds < ENDS_WITHIN_S, (proc.stdout + proc.stderr)[-3000:]
+        assert f"cannot read shard {val_shard}" in proc.stderr
 
 
 @pytest.mark.parametrize("processes", [1, 2])
@@ -146,7 +153,7 @@ def test_damaged_shard_ends_the_run_naming_shard_and_sample_then_resumes(shards,
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-3000:]
     assert seconds < ENDS_WITHIN_S, seconds
-    assert f"cannot read shard {shard}" in out and f"truncated tar member" in out
+    assert f"cannot read shard {shard}" in out and "truncated tar member" in out
     assert f"(after sample {previous})" in out
     assert not (run_dir / "metrics.json").exists()
     for ckpt in list_checkpoints(run_dir / "checkpoints"):  # what was saved before the error is intact
