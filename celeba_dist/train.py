@@ -23,16 +23,16 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from celeba_dist import __version__, signals
+from celeba_dist import __version__, runlock, signals
 from celeba_dist.board import Board, accuracy_bars, attention_overlay, prediction_grid
 from celeba_dist.checkpoint import (BEST, atomic_save, link_best, load_checkpoint, load_newest_valid, prune,
                                     rng_state, set_rng_state, step_path)
 from celeba_dist.config import Config, ConfigError, add_config_arguments, config_from_args, save_config
 from celeba_dist.data import ShardData, eval_stream, make_loader, train_stream
-from celeba_dist.distributed import build_accelerator, gather_list, leave_process_group
+from celeba_dist.distributed import build_accelerator, from_main, gather_list, leave_process_group
 from celeba_dist.engine import (NonFiniteLossError, Predictions, TrainState, Trainer, evaluate, prepare_batch,
                                 supports_attention, train_one_epoch)
-from celeba_dist.logs import setup_logging
+from celeba_dist.logs import attach_log_file, setup_logging
 from celeba_dist.manifest import ManifestError
 from celeba_dist.losses import LOSSES, build_loss, positive_weights
 from celeba_dist.metrics import balanced_thresholds, compute_metrics, format_table, write_attribute_csv
@@ -57,6 +57,22 @@ def seed_everything(cfg: Config) -> None:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     set_seed(cfg.train.seed, device_specific=True)
+
+
+def lock_run_dir(cfg: Config, accelerator: Accelerator) -> runlock.RunLock | None:
+    """Rank 0 locks the run folder before anything is written into it; every rank learns the outcome,
+    so all ranks of a second run on the folder raise the same error and none of them writes."""
+    lock, error = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = runlock.acquire(cfg.run_dir, stale_s=cfg.run.lock_stale_s)
+        except (runlock.RunLockedError, OSError) as exc:
+            error = exc
+    error = from_main(accelerator, error)
+    if error is not None:
+        leave_process_group(accelerator)  # every rank is here: leave together (see distributed.py)
+        raise error
+    return lock
 
 
 def build_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
@@ -254,10 +270,29 @@ def write_results(run_dir: Path, results: dict[str, dict], state: TrainState, th
 
 
 def main(cfg: Config) -> dict[str, Any]:
-    """Train ``cfg`` on every rank; returns {"status", "run_dir", "global_step", "best", "metrics"}."""
+    """Train ``cfg`` on every rank; returns {"status", "run_dir", "global_step", "best", "metrics"}.
+
+    The run folder is locked for the whole run (:mod:`celeba_dist.runlock`): a second run on it
+    raises :class:`runlock.RunLockedError` before it writes anything, and so does this run at its end if
+    another process took its lock over meanwhile.
+    """
     accelerator = build_accelerator(cfg)
-    setup_logging(rank=accelerator.process_index, is_main=accelerator.is_main_process,
-                  log_dir=cfg.run_dir / "logs")
+    setup_logging(rank=accelerator.process_index, is_main=accelerator.is_main_process, pending_file=True)
+    lock = lock_run_dir(cfg, accelerator)
+    try:
+        attach_log_file(cfg.run_dir / "logs", rank=accelerator.process_index)
+        result = _train(cfg, accelerator)
+    finally:
+        if lock is not None:
+            lock.release()
+    if lock is not None and lock.lost.is_set():
+        raise runlock.RunLockedError(f"another process took the lock of {cfg.run_dir} over during this run: "
+                                     f"its files may be mixed with this run's (see the error logged then)")
+    return result
+
+
+def _train(cfg: Config, accelerator: Accelerator) -> dict[str, Any]:
+    """The run itself, with the run folder locked."""
     run_dir = build_run_dir(cfg, accelerator)
     seed_everything(cfg)
     data = ShardData(cfg.data.root, cfg.data.attributes)
@@ -384,7 +419,8 @@ def cli_main(argv: list[str] | None = None) -> int:
         args.set = [*args.set, f"run.resume={args.resume}"]
     try:
         result = main(config_from_args(args))
-    except (ConfigError, ManifestError, NonFiniteLossError, FileNotFoundError) as exc:
+    except (ConfigError, ManifestError, NonFiniteLossError, FileNotFoundError,
+            runlock.RunLockedError) as exc:
         logging.getLogger("celeba_dist").error("%s", exc)
         print(f"celeba-dist train: error: {exc}", file=sys.stderr)
         return 1
