@@ -261,10 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(sbatch_script(params, folder))
             return 0
-        check_data(args.data)
         holder = runlock.live_holder(cfg.run_dir, stale_s=cfg.run.lock_stale_s)
         if holder is not None:  # its tasks would stop at once
             raise ValueError(runlock.locked_message(cfg.run_dir, holder, stale_s=cfg.run.lock_stale_s))
+        check_data(args.data)
         executor = build_executor(args, folder, params=params, max_requeues=cfg.run.max_requeues)
     except (ConfigError, ValueError) as exc:
         print(f"celeba-dist submit: error: {exc}", file=sys.stderr)
