@@ -109,6 +109,7 @@ class RunConfig:
     name: str = "run"
     resume: str = "auto"  # auto | none | path to a checkpoint folder
     max_requeues: int = 3  # SLURM: how often a preempted or timed-out job requeues itself
+    lock_stale_s: float = 300.0  # a run folder's lock not refreshed for this long is taken over
 
 
 @dataclass(frozen=True)
@@ -363,6 +364,9 @@ def validate_choices(config: Config) -> None:
         minimum = 0 if name == "num_workers" else 1
         if getattr(getattr(config, section), name) < minimum:
             raise ConfigError(f"{key} must be >= {minimum}")
+    if config.run.lock_stale_s < 10:
+        raise ConfigError(f"run.lock_stale_s must be >= 10 (seconds), got {config.run.lock_stale_s:g}: a live "
+                          f"run refreshes its lock every min(30, lock_stale_s / 4) s")
     bad = [s for s in config.train.eval_splits if s not in ("val", "test")]
     if bad:
         raise ConfigError(f"train.eval_splits: {bad} not in ['val', 'test']")

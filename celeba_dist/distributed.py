@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
+from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, gather_object
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object
 
 from celeba_dist.config import Config
 
@@ -63,6 +64,13 @@ def gather_rows(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
 def gather_list(accelerator: Accelerator, items: list) -> list:
     """Concatenate each rank's Python list in rank order."""
     return items if accelerator.num_processes == 1 else gather_object(items)
+
+
+def from_main(accelerator: Accelerator, obj: Any) -> Any:
+    """Rank 0's ``obj`` (any picklable object) on every rank (one collective)."""
+    if accelerator.num_processes == 1:
+        return obj
+    return broadcast_object_list([obj], from_process=0)[0]
 
 
 def all_sum(accelerator: Accelerator, values: list[float]) -> list[float]:

@@ -1,6 +1,7 @@
 """Logging: INFO to stdout on the main process only, everything to a per-rank file in the run."""
 from __future__ import annotations
 
+import collections
 import logging
 import sys
 from pathlib import Path
@@ -18,8 +19,24 @@ class _RankFilter(logging.Filter):
         return True
 
 
-def setup_logging(*, rank: int = 0, is_main: bool = True, log_dir: Path | None = None, level: int = logging.INFO) -> None:
-    """Configure the ``celeba_dist`` logger; safe to call again (handlers are replaced)."""
+class _Backlog(logging.Handler):
+    """Records kept until the rank's log file may be opened (see :func:`attach_log_file`)."""
+
+    def __init__(self, capacity: int = 10_000):
+        super().__init__(logging.DEBUG)
+        self.records: collections.deque[logging.LogRecord] = collections.deque(maxlen=capacity)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def setup_logging(*, rank: int = 0, is_main: bool = True, log_dir: Path | None = None, level: int = logging.INFO,
+                  pending_file: bool = False) -> None:
+    """Configure the ``celeba_dist`` logger; safe to call again (handlers are replaced).
+
+    ``pending_file``: no file yet (the run folder may not be written before its lock is held);
+    the records are kept and written first into the file :func:`attach_log_file` opens.
+    """
     logger = logging.getLogger("celeba_dist")
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
@@ -40,9 +57,21 @@ def setup_logging(*, rank: int = 0, is_main: bool = True, log_dir: Path | None =
         errors.setFormatter(logging.Formatter(FORMAT))
         logger.addHandler(errors)
     if log_dir is not None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(log_dir / f"rank{rank}.log")
-        file_handler.setLevel(logging.DEBUG)
-        file_handler.addFilter(rank_filter)
-        file_handler.setFormatter(logging.Formatter(FORMAT))
-        logger.addHandler(file_handler)
+        attach_log_file(log_dir, rank=rank)
+    elif pending_file:
+        logger.addHandler(_Backlog())
+
+
+def attach_log_file(log_dir: Path, *, rank: int) -> None:
+    """Log everything to ``log_dir/rank<rank>.log``, starting with what was kept since :func:`setup_logging`."""
+    logger = logging.getLogger("celeba_dist")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(log_dir / f"rank{rank}.log")
+    file_handler.setLevel(logging.DEBUG)
+    file_handler.addFilter(_RankFilter(rank))
+    file_handler.setFormatter(logging.Formatter(FORMAT))
+    for backlog in [h for h in logger.handlers if isinstance(h, _Backlog)]:
+        logger.removeHandler(backlog)
+        for record in backlog.records:
+            file_handler.handle(record)
+    logger.addHandler(file_handler)

@@ -23,17 +23,17 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from celeba_dist import __version__, signals
+from celeba_dist import __version__, runlock, signals
 from celeba_dist.board import Board, accuracy_bars, attention_overlay, prediction_grid
 from celeba_dist.cli_args import report_error
 from celeba_dist.checkpoint import (BEST, atomic_save, link_best, load_checkpoint, load_newest_valid, prune,
                                     rng_state, set_rng_state, step_path)
 from celeba_dist.config import Config, ConfigError, add_config_arguments, config_from_args, save_config
 from celeba_dist.data import DataError, ShardCheckError, ShardData, eval_stream, make_loader, owned_workers, train_stream
-from celeba_dist.distributed import build_accelerator, gather_list, leave_process_group
+from celeba_dist.distributed import build_accelerator, from_main, gather_list, leave_process_group
 from celeba_dist.engine import (NonFiniteLossError, Predictions, TrainState, Trainer, evaluate, prepare_batch,
                                 supports_attention, train_one_epoch)
-from celeba_dist.logs import setup_logging
+from celeba_dist.logs import attach_log_file, setup_logging
 from celeba_dist.manifest import ManifestError
 from celeba_dist.losses import LOSSES, build_loss, positive_weights
 from celeba_dist.metrics import balanced_thresholds, compute_metrics, format_table, write_attribute_csv
@@ -58,6 +58,22 @@ def seed_everything(cfg: Config) -> None:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     set_seed(cfg.train.seed, device_specific=True)
+
+
+def lock_run_dir(cfg: Config, accelerator: Accelerator) -> runlock.RunLock | None:
+    """Rank 0 locks the run folder before anything is written into it; every rank learns the outcome,
+    so all ranks of a second run on the folder raise the same error and none of them writes."""
+    lock, error = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = runlock.acquire(cfg.run_dir, stale_s=cfg.run.lock_stale_s)
+        except (runlock.RunLockedError, OSError) as exc:
+            error = exc
+    error = from_main(accelerator, error)
+    if error is not None:
+        leave_process_group(accelerator)  # every rank is here: leave together (see distributed.py)
+        raise error
+    return lock
 
 
 def build_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
@@ -111,6 +127,7 @@ def check_data(cfg: Config, data: ShardData, accelerator: Accelerator, splits: t
         mine = data.check_files(splits, sha256=True, part=(accelerator.process_index, accelerator.num_processes))
         problems = gather_list(accelerator, mine)
     if problems:
+        leave_process_group(accelerator)  # every rank is here with the same verdict: leave together
         shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
         raise ShardCheckError(f"{len(problems)} shard(s) of {data.root} ({', '.join(splits)}) do not match its "
                               f"manifest.json:\n  {shown}\nre-copy or re-pack them; `celeba-dist verify {data.root}` "
@@ -274,12 +291,31 @@ def write_results(run_dir: Path, results: dict[str, dict], state: TrainState, th
 
 
 def main(cfg: Config) -> dict[str, Any]:
-    """Train ``cfg`` on every rank; returns {"status", "run_dir", "global_step", "best", "metrics"}."""
+    """Train ``cfg`` on every rank; returns {"status", "run_dir", "global_step", "best", "metrics"}.
+
+    The run folder is locked for the whole run (:mod:`celeba_dist.runlock`): a second run on it
+    raises :class:`runlock.RunLockedError` before it writes anything, and so does this run at its end if
+    another process took its lock over meanwhile.
+    """
     accelerator = build_accelerator(cfg)
-    setup_logging(rank=accelerator.process_index, is_main=accelerator.is_main_process,
-                  log_dir=cfg.run_dir / "logs")
+    setup_logging(rank=accelerator.process_index, is_main=accelerator.is_main_process, pending_file=True)
     data = ShardData(cfg.data.root, cfg.data.attributes)
     check_data(cfg, data, accelerator, ("train", *cfg.train.eval_splits))
+    lock = lock_run_dir(cfg, accelerator)
+    try:
+        attach_log_file(cfg.run_dir / "logs", rank=accelerator.process_index)
+        result = _train(cfg, accelerator, data)
+    finally:
+        if lock is not None:
+            lock.release()
+    if lock is not None and lock.lost.is_set():
+        raise runlock.RunLockedError(f"another process took the lock of {cfg.run_dir} over during this run: "
+                                     f"its files may be mixed with this run's (see the error logged then)")
+    return result
+
+
+def _train(cfg: Config, accelerator: Accelerator, data: ShardData) -> dict[str, Any]:
+    """The run itself, with the run folder locked and the shards checked."""
     run_dir = build_run_dir(cfg, accelerator)
     seed_everything(cfg)
     model = build_model_for(cfg, len(data.attributes))
@@ -411,7 +447,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     try:
         result = main(config_from_args(args))
     except Exception as exc:
-        if not isinstance(exc, (ConfigError, ManifestError, NonFiniteLossError, FileNotFoundError, DataError)):
+        expected = (ConfigError, ManifestError, NonFiniteLossError, FileNotFoundError, DataError, runlock.RunLockedError)
+        if not isinstance(exc, expected):
             logging.getLogger("celeba_dist").debug("run failed", exc_info=True)  # the rank's log file keeps it
         return report_error("celeba-dist train", exc)
     if result["status"] == "preempted":

@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.dry_run and args.local:
         parser.error("--dry-run prints the sbatch script: it has no meaning with --local")
+    from celeba_dist import runlock
     from celeba_dist.config import ConfigError
 
     try:
@@ -260,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(sbatch_script(params, folder))
             return 0
+        holder = runlock.live_holder(cfg.run_dir, stale_s=cfg.run.lock_stale_s)
+        if holder is not None:  # its tasks would stop at once
+            raise ValueError(runlock.locked_message(cfg.run_dir, holder, stale_s=cfg.run.lock_stale_s))
         check_data(args.data)
         executor = build_executor(args, folder, params=params, max_requeues=cfg.run.max_requeues)
     except (ConfigError, ValueError) as exc:
