@@ -272,6 +272,31 @@ def steps_per_epoch(num_samples: int, *, batch_size: int, world_size: int) -> in
     return steps
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)  # what schedulers send the whole process group
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose worker processes never die of a stop signal sent to the process group.
+
+    PyTorch's workers install a SIGTERM handler of their own as they start (it exits quietly on
+    the parent's SIGTERM and dies of anyone else's) before ``worker_init_fn`` runs, so a group
+    SIGTERM in that window would kill a worker and crash the run instead of checkpointing it.
+    The stop signals are therefore blocked while the workers are forked: they start with them
+    blocked, :func:`_ignore_stop_signals` sets them to ignored and only then unblocks them. The
+    parent unblocks them right after the fork, and a stop signal that arrived meanwhile is
+    delivered to it then.
+    """
+
+    def __iter__(self):
+        if self.num_workers == 0 or threading.current_thread() is not threading.main_thread():
+            return super().__iter__()
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 def make_loader(dataset: IterableDataset, *, num_workers: int, pin_memory: bool = False) -> DataLoader:
     """A DataLoader over a stream that batches itself (batch_size=None).
 
@@ -279,17 +304,19 @@ def make_loader(dataset: IterableDataset, *, num_workers: int, pin_memory: bool 
     RNG, and a run resumed mid-epoch would then see different dropout masks than an
     uninterrupted one. The streams seed their randomness themselves and do not use it.
     """
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=False, prefetch_factor=4 if num_workers else None,
-                      generator=torch.Generator().manual_seed(0), worker_init_fn=_ignore_stop_signals)
+    return _Loader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                   persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                   generator=torch.Generator().manual_seed(0), worker_init_fn=_ignore_stop_signals)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
     """Loader workers outlive a SIGTERM/SIGUSR2 sent to the whole process group (as SLURM does):
     the training process decides when to stop, checkpoints, and then shuts its workers down
-    (:func:`owned_workers` makes sure of it on every path out)."""
-    for sig in (signal.SIGTERM, signal.SIGUSR2):
+    (:func:`owned_workers` makes sure of it on every path out). They start with the signals
+    blocked (see :class:`_Loader`); a pending one is discarded once they are ignored."""
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 @contextlib.contextmanager

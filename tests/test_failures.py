@@ -177,6 +177,47 @@ def test_verify_shards_catches_the_damage_before_training(shards, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Group signals and loader workers
+
+STORM = """
+import os, signal, sys, threading, time
+import torch
+from torch.utils.data import IterableDataset
+from celeba_dist.data import make_loader
+
+class One(IterableDataset):
+    def __iter__(self):
+        yield torch.zeros(1)
+
+received = []
+signal.signal(signal.SIGTERM, lambda sig, frame: received.append(sig))  # the training process's stop flag
+def storm():
+    while True:
+        os.killpg(0, signal.SIGTERM)  # to every process of the group, as SLURM and torchrun do
+        time.sleep(0.002)
+threading.Thread(target=storm, daemon=True).start()
+loaders, deadline = 0, time.monotonic() + float(sys.argv[1])
+while time.monotonic() < deadline:
+    assert [b.item() for b in make_loader(One(), num_workers=2)] == [0.0, 0.0]
+    loaders += 1
+print(f"{loaders} loaders, {len(received)} SIGTERMs")
+"""
+
+
+def test_a_sigterm_storm_never_kills_a_starting_loader_worker():
+    """PyTorch's workers die of a SIGTERM that reaches them before ``worker_init_fn`` ignores it.
+
+    Without the signals blocked across the fork this fails within a second or two here
+    ("DataLoader worker ... exited unexpectedly").
+    """
+    proc = subprocess.run([sys.executable, "-c", STORM, "4"], env=cpu_env(), capture_output=True, text=True,
+                          timeout=120, start_new_session=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaders, signals_received = proc.stdout.split()[0::2]
+    assert int(loaders) >= 5 and int(signals_received) >= 100, proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
 # One rank of a DDP run dies
 
 
