@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -346,14 +347,17 @@ def _train(cfg: Config, accelerator: Accelerator, data: ShardData) -> dict[str, 
     log.info("run %s: %s on %d process(es), %d attributes, %d batches/epoch/process, %d optimizer steps",
              run_dir, cfg.model.name, accelerator.num_processes, len(data.attributes), steps_per_epoch, total_steps)
     signals.install_stop_handlers()
+    trained = None
     try:
         with owned_workers():  # an error anywhere ends this rank's loader workers too
             status = _fit(trainer, data, train_ds, state)
+            trained = param_checksum(accelerator.unwrap_model(model, keep_torch_compile=False))  # before best.pt's load
             results = {} if status == "stopped" else _final_test(trainer, data, state)
     finally:
         signals.restore_handlers()
         board.close()
-        _write_rank_stats(run_dir, accelerator.process_index, state)
+        _write_rank_stats(run_dir, accelerator.process_index, state,
+                          trained or param_checksum(accelerator.unwrap_model(model, keep_torch_compile=False)))
     leave_process_group(accelerator)
     return _result("preempted" if status == "stopped" else "completed", cfg, state, results)
 
@@ -424,13 +428,28 @@ def _result(status: str, cfg: Config, state: TrainState, results: dict) -> dict[
                                            "value": state.best_metric}, "metrics": results}
 
 
-def _write_rank_stats(run_dir: Path, rank: int, state: TrainState) -> None:
-    """What this rank trained on (no collective: it also runs when a peer has died)."""
+def param_checksum(model: torch.nn.Module) -> dict[str, Any]:
+    """This rank's weights in brief: the float64 sum of |p| and the sha256 of the parameters' bytes.
+
+    DDP keeps the parameters identical on every rank, to the bit; equal checksums across ranks are
+    the evidence that gradients really were synchronised (a rank training alone drifts away).
+    """
+    digest, total = hashlib.sha256(), 0.0
+    for p in model.parameters():
+        t = p.detach().cpu().contiguous().reshape(-1)
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+        total += float(t.double().abs().sum())
+    return {"abs_sum": total, "sha256": digest.hexdigest()}
+
+
+def _write_rank_stats(run_dir: Path, rank: int, state: TrainState, checksum: dict[str, Any]) -> None:
+    """What this rank trained on, and the checksum of the weights it trained (no collective: this also runs
+    when a peer has died)."""
     folder = run_dir / "rank_stats"
     folder.mkdir(parents=True, exist_ok=True)
     _write_json(folder / f"rank{rank}.json", {"rank": rank, "host": platform.node(), "pid": os.getpid(),
                                               "samples_seen": state.samples_seen, "global_step": state.global_step,
-                                              "epoch": state.epoch})
+                                              "epoch": state.epoch, "param_checksum": checksum})
 
 
 def cli_main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from celeba_dist.attributes import DRAWN_ATTRIBUTES
 from celeba_dist.config import load_config
 from celeba_dist.train import main
 from shardkit import synthetic_shards
-from test_train import accelerate_cmd, cpu_env
+from test_train import accelerate_cmd, assert_ranks_hold_the_same_weights, cpu_env, rank_stats
 
 # The smiling recipe's model and optimizer; a cosine schedule and no dropout make 16 epochs of 3,200 images enough.
 RECIPE = ["data.attributes=drawn", "train.epochs=16", "optim.lr=0.003", "sched.name=cosine", "model.dropout=0.0",
@@ -51,4 +51,5 @@ def test_two_process_ddp_learns_the_same(shards, tmp_path):
     proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads((run_dir / "env.json").read_text())["world_size"] == 2
+    assert_ranks_hold_the_same_weights(rank_stats(run_dir))
     check_bar(json.loads((run_dir / "metrics.json").read_text()))

@@ -50,6 +50,18 @@ def accelerate_cmd(*args: str, processes: int = 2) -> list[str]:
     return [*launcher, *args]
 
 
+def rank_stats(run_dir, world: int = 2) -> list[dict]:
+    return [json.loads((run_dir / "rank_stats" / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def assert_ranks_hold_the_same_weights(stats: list[dict]) -> None:
+    """DDP's evidence: every rank ends with the same parameters, to the bit. Ranks start from different
+    seeds (DDP broadcasts rank 0's weights) and read different shards, so a rank training alone differs."""
+    sums = [s["param_checksum"] for s in stats]
+    assert all(c == sums[0] for c in sums), sums
+    assert sums[0]["abs_sum"] > 0
+
+
 def test_run_directory_holds_everything(trained, shards):
     run_dir, result = trained
     assert result["status"] == "completed"
@@ -106,9 +118,10 @@ def test_two_process_ddp_on_cpu_with_accelerate_launch(shards, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     env = json.loads((run_dir / "env.json").read_text())
     assert env["world_size"] == 2 and "MULTI_CPU" in env["distributed_type"]
-    stats = [json.loads((run_dir / "rank_stats" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    stats = rank_stats(run_dir)
     steps = manifest_count(shards, "train") // (16 * 2)
     assert [s["samples_seen"] for s in stats] == [steps * 16, steps * 16]  # both ranks trained, equally
+    assert_ranks_hold_the_same_weights(stats)  # and their gradients were synchronised
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test"]["mean"]["num_samples"] == manifest_count(shards, "test")
     assert metrics["history"][0]["step"] == steps
