@@ -8,9 +8,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from celeba_dist.checkpoint import list_checkpoints, load_newest_valid
 from shardkit import synthetic_shards
@@ -37,16 +39,18 @@ def run_to_end(cmd: list[str]) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def kill_mid_epoch(cmd: list[str], run_dir: Path, *, after_step: int) -> int:
-    """Start ``cmd``, SIGKILL its whole process group once a checkpoint past ``after_step`` exists."""
+def newest_step(run_dir: Path) -> int:
+    ckpts = list_checkpoints(run_dir / "checkpoints")
+    return int(ckpts[0].stem.split("-")[1]) if ckpts else -1
+
+
+def kill_when(cmd: list[str], run_dir: Path, ready: Callable[[], bool]) -> int:
+    """Start ``cmd``, SIGKILL its whole process group once ``ready()``; returns the newest checkpoint's step."""
     proc = subprocess.Popen(cmd, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 300
     try:
-        while time.time() < deadline and proc.poll() is None:
-            ckpts = list_checkpoints(run_dir / "checkpoints")
-            if ckpts and int(ckpts[0].stem.split("-")[1]) >= after_step:
-                break
+        while time.time() < deadline and proc.poll() is None and not ready():
             time.sleep(0.02)
     finally:
         if proc.poll() is None:
@@ -54,7 +58,19 @@ def kill_mid_epoch(cmd: list[str], run_dir: Path, *, after_step: int) -> int:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (run_dir / "metrics.json").exists()
-    return int(list_checkpoints(run_dir / "checkpoints")[0].stem.split("-")[1])
+    return newest_step(run_dir)
+
+
+def kill_mid_epoch(cmd: list[str], run_dir: Path, *, after_step: int) -> int:
+    """Start ``cmd``, SIGKILL its whole process group once a checkpoint past ``after_step`` exists."""
+    return kill_when(cmd, run_dir, lambda: newest_step(run_dir) >= after_step)
+
+
+def event_steps(run_dir: Path) -> dict[str, list[int]]:
+    """Each scalar tag's steps as TensorBoard's own reader shows them (purging included)."""
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def final_state(run_dir: Path) -> tuple[dict, dict]:
@@ -96,6 +112,26 @@ def test_deterministic_resume_gives_bit_identical_weights(shards, tmp_path):
     assert w1.keys() == w2.keys()
     for name in w1:
         assert torch.equal(w1[name], w2[name]), name
+
+
+def test_resume_purges_events_logged_after_the_checkpoint(shards, tmp_path):
+    """Killed with train/loss events on disk past its last checkpoint, the resumed run logs those steps again;
+    TensorBoard must show every step once (the resume purges the stale events) and the curve must continue."""
+    run_dir = tmp_path / "purge"
+    cmd = train_cmd(shards, run_dir, "train.epochs=1", "train.log_every_steps=1", "train.checkpoint_every_steps=20")
+
+    def events_past_checkpoint() -> bool:
+        step = newest_step(run_dir)
+        return step > 0 and max(event_steps(run_dir).get("train/loss", [0])) >= step + 3
+
+    checkpoint = kill_when(cmd, run_dir, events_past_checkpoint)
+    logged = event_steps(run_dir)["train/loss"]
+    assert checkpoint in (20, 40) and max(logged) > checkpoint, (checkpoint, logged)  # stale events to purge
+    run_to_end(cmd)
+    steps = event_steps(run_dir)
+    assert steps["train/loss"] == list(range(1, steps_per_epoch(shards, 1) + 1))  # every step once: continued, not restarted or doubled
+    for tag, seen in steps.items():
+        assert seen == sorted(set(seen)), (tag, seen)  # strictly increasing
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(shards, tmp_path):
