@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 
@@ -171,15 +173,50 @@ def test_predict_writes_one_row_per_image(trained, shards, tmp_path):
     assert len(list(csv.DictReader(open(out2)))) == 300
 
 
+def checkpointed_steps_all_finite(run_dir) -> list[int]:
+    """The steps of the run's checkpoints, after checking that every one of them holds finite weights only."""
+    steps = []
+    for path in sorted((run_dir / "checkpoints").glob("step-*.pt")):
+        state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+        assert all(torch.isfinite(t).all() for t in state.values()), path
+        steps.append(int(path.stem.split("-")[1]))
+    assert not list((run_dir / "checkpoints").glob(".*tmp*")), "a half-written checkpoint was left"
+    return steps
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shards, tmp_path):
+    # Adam at lr 1e30: step 1 moves the weights by ~1e30 (finite), step 2's loss then overflows.
     cfg = load_config("smiling_simple_cnn", [*FAST, "train.epochs=3", "optim.lr=1e30", "train.sync_every_steps=1",
                                               "train.checkpoint_every_steps=1", "train.keep_last=100"],
                       data_dir=str(shards), run_dir=str(tmp_path / "nan"))
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at optimizer step \d+"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at optimizer step \d+") as err:
         main(cfg)
-    for path in (tmp_path / "nan" / "checkpoints").glob("step-*.pt"):
-        state = torch.load(path, map_location="cpu", weights_only=False)["model"]
-        assert all(torch.isfinite(t).all() for t in state.values()), path
+    bad_step = int(re.search(r"optimizer step (\d+)", str(err.value)).group(1))
+    assert bad_step >= 2
+    # every step before the bad one was checkpointed (checkpoint_every_steps=1), and nothing after it
+    assert checkpointed_steps_all_finite(tmp_path / "nan") == list(range(1, bad_step))
+
+
+def test_non_finite_weights_with_a_finite_loss_are_not_checkpointed(shards, tmp_path):
+    """The saver's own check, which the loss check cannot pre-empt: pretrained weights where one channel of the
+    first conv has bias -inf. ReLU turns that channel into zeros, so the loss and the gradients stay finite and
+    training goes on, but the weights are not finite and must never reach a checkpoint."""
+    from celeba_dist.models import build_model
+
+    weights = build_model("simple_cnn", num_attributes=1).state_dict()
+    weights["features.0.bias"][0] = -math.inf
+    torch.save(weights, tmp_path / "dead_channel.pt")
+    run_dir = tmp_path / "inf"
+    cfg = load_config("smiling_simple_cnn", [*FAST, "train.epochs=1", f"model.pretrained={tmp_path / 'dead_channel.pt'}",
+                                              "train.sync_every_steps=1", "train.checkpoint_every_steps=3",
+                                              "log.image_grid_size=0"],
+                      data_dir=str(shards), run_dir=str(run_dir))
+    with pytest.raises(NonFiniteLossError, match=r"optimizer step 3: weights \['features.0.bias'\] are not finite"):
+        main(cfg)
+    assert checkpointed_steps_all_finite(run_dir) == []
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [(e.step, math.isfinite(e.value)) for e in acc.Scalars("train/loss")] == [(2, True)]  # the loss was fine
 
 
 def test_accumulation_bf16_channels_last_and_tuned_thresholds(shards, tmp_path):
