@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -185,10 +186,19 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(shards, tmp_path):
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated
     path, ckpt = load_newest_valid(run_dir / "checkpoints")
     assert path == ckpts[1]
+    previous = ckpt["state"]["global_step"]
     proc = subprocess.run(train_cmd(shards, run_dir, "train.epochs=1"), env=cpu_env(), capture_output=True, text=True,
                           timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "unreadable" in proc.stdout + proc.stderr  # the broken file is reported
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert f"{newest} is unreadable" in out  # the broken file is reported by name
+    # it continued from the one before, not from scratch, and trained only the steps that were missing
+    assert f"resumed from {ckpts[1]}: epoch 0, batch {previous} of the epoch, step {previous}" in out, out[-3000:]
+    end = steps_per_epoch(shards, 1)
+    assert re.findall(r"checkpoint (step-\d+)\.pt \(", out) == [f"step-{end:09d}"]  # from scratch: 7, 14, ...
+    state, _ = final_state(run_dir)
+    assert state["global_step"] == end > previous
+    assert [h["epoch"] for h in state["history"]] == [0]
 
 
 def test_sigterm_checkpoints_at_the_next_step_and_exits_75(shards, tmp_path):
