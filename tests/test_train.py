@@ -152,25 +152,73 @@ def test_eval_one_and_two_processes_count_identically(trained, shards, tmp_path)
         assert v["auroc"] == pytest.approx(m2["attributes"][name]["auroc"], abs=1e-9)
 
 
+def eval_probabilities(checkpoint, split: str) -> dict[str, list[float]]:
+    """Per sample id, the probabilities ``celeba-dist eval`` scores the split with (its steps, in this process)."""
+    from celeba_dist.checkpoint import load_checkpoint
+    from celeba_dist.config import config_from_tree
+    from celeba_dist.data import ShardData
+    from celeba_dist.distributed import build_accelerator
+    from celeba_dist.engine import evaluate
+    from celeba_dist.losses import LOSSES
+    from celeba_dist.train import build_model_for, eval_loader
+
+    ckpt = load_checkpoint(checkpoint)
+    cfg = config_from_tree(ckpt["config"], ["model.pretrained=none", "run.resume=none"])
+    accelerator = build_accelerator(cfg)
+    data = ShardData(cfg.data.root, ckpt["attributes"])
+    model = build_model_for(cfg, len(data.attributes))
+    model.load_state_dict(ckpt["model"])
+    preds = evaluate(model, eval_loader(cfg, data, split, accelerator), accelerator=accelerator, cfg=cfg,
+                     to_prob=LOSSES[cfg.loss.name].to_prob, expected=data.split(split).num_samples, split=split,
+                     num_attributes=len(data.attributes))
+    return dict(zip(preds.keys, preds.probs.tolist()))
+
+
+def split_ids(shards, split: str) -> list[str]:
+    """The split's sample ids, read from the tar files with plain webdataset."""
+    import webdataset as wds
+
+    manifest = json.loads((shards / "manifest.json").read_text())
+    urls = [str(shards / s["file"]) for s in manifest["splits"][split]["shards"]]
+    return sorted(s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False))
+
+
 def test_predict_writes_one_row_per_image(trained, shards, tmp_path):
+    """predict's probabilities are eval's, for shards and for a folder of the same images searched recursively."""
+    import shutil
+
     from celeba_dist.predict import main as predict_main
 
     run_dir, _ = trained
+    best = run_dir / "checkpoints" / "best.pt"
+    attributes = ["Smiling", "Male", "Eyeglasses"]
+    expected = eval_probabilities(best, "test")
+    ids = split_ids(shards, "test")
+    assert sorted(expected) == ids
+
+    def check(rows: list[dict]) -> None:
+        assert sorted(r["id"] for r in rows) == ids
+        for row in rows:
+            probs = [float(row[f"{a}_prob"]) for a in attributes]
+            assert probs == pytest.approx(expected[row["id"]], abs=1e-6), row["id"]  # the CSV keeps 6 decimals
+            assert [int(row[a]) for a in attributes] == [int(p >= 0.5) for p in expected[row["id"]]]
+
     out = tmp_path / "pred.csv"
-    assert predict_main(["--checkpoint", str(run_dir / "checkpoints" / "best.pt"), "--input", str(shards),
-                         "--split", "test", "--out", str(out)]) == 0
+    assert predict_main(["--checkpoint", str(best), "--input", str(shards), "--split", "test", "--out", str(out)]) == 0
     rows = list(csv.DictReader(open(out)))
-    assert len(rows) == manifest_count(shards, "test")
-    assert set(rows[0]) == {"id", "Smiling", "Male", "Eyeglasses", "Smiling_prob", "Male_prob", "Eyeglasses_prob"}
-    for row in rows:
-        p = float(row["Smiling_prob"])
-        assert 0.0 <= p <= 1.0 and int(row["Smiling"]) == int(p >= 0.5)
-    # a plain folder of images works too
-    folder = shards.parent / "celeba-300-0" / "img_align_celeba"
+    assert list(rows[0]) == ["id", *attributes, *[f"{a}_prob" for a in attributes]]
+    check(rows)
+    # the same images as files, spread over nested folders beside a file that is not an image
+    images = shards.parent / "celeba-300-0" / "img_align_celeba"
+    folder = tmp_path / "photos"
+    for k, key in enumerate(ids):
+        target = folder / ("a" if k % 2 else "b/c") / f"{key}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(images / f"{key}.jpg", target)
+    (folder / "b" / "notes.txt").write_text("not an image")
     out2 = tmp_path / "folder.csv"
-    assert predict_main(["--checkpoint", str(run_dir / "checkpoints" / "best.pt"), "--input", str(folder),
-                         "--out", str(out2)]) == 0
-    assert len(list(csv.DictReader(open(out2)))) == 300
+    assert predict_main(["--checkpoint", str(best), "--input", str(folder), "--out", str(out2)]) == 0
+    check(list(csv.DictReader(open(out2))))
 
 
 def checkpointed_steps_all_finite(run_dir) -> list[int]:
