@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from celeba_dist.config import load_config
 from celeba_dist.engine import NonFiniteLossError
 from celeba_dist.train import main
+from evalkit import eval_probabilities
 from shardkit import synthetic_shards
 
 FAST = ["data.batch_size=16", "data.num_workers=1", "data.image_size=[32, 32]", "log.progress_bar=false",
@@ -152,28 +154,6 @@ def test_eval_one_and_two_processes_count_identically(trained, shards, tmp_path)
         assert v["auroc"] == pytest.approx(m2["attributes"][name]["auroc"], abs=1e-9)
 
 
-def eval_probabilities(checkpoint, split: str) -> dict[str, list[float]]:
-    """Per sample id, the probabilities ``celeba-dist eval`` scores the split with (its steps, in this process)."""
-    from celeba_dist.checkpoint import load_checkpoint
-    from celeba_dist.config import config_from_tree
-    from celeba_dist.data import ShardData
-    from celeba_dist.distributed import build_accelerator
-    from celeba_dist.engine import evaluate
-    from celeba_dist.losses import LOSSES
-    from celeba_dist.train import build_model_for, eval_loader
-
-    ckpt = load_checkpoint(checkpoint)
-    cfg = config_from_tree(ckpt["config"], ["model.pretrained=none", "run.resume=none"])
-    accelerator = build_accelerator(cfg)
-    data = ShardData(cfg.data.root, ckpt["attributes"])
-    model = build_model_for(cfg, len(data.attributes))
-    model.load_state_dict(ckpt["model"])
-    preds = evaluate(model, eval_loader(cfg, data, split, accelerator), accelerator=accelerator, cfg=cfg,
-                     to_prob=LOSSES[cfg.loss.name].to_prob, expected=data.split(split).num_samples, split=split,
-                     num_attributes=len(data.attributes))
-    return dict(zip(preds.keys, preds.probs.tolist()))
-
-
 def split_ids(shards, split: str) -> list[str]:
     """The split's sample ids, read from the tar files with plain webdataset."""
     import webdataset as wds
@@ -267,22 +247,58 @@ def test_non_finite_weights_with_a_finite_loss_are_not_checkpointed(shards, tmp_
     assert [(e.step, math.isfinite(e.value)) for e in acc.Scalars("train/loss")] == [(2, True)]  # the loss was fine
 
 
+def loss_at(run_dir, step: int) -> float:
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return next(e.value for e in acc.Scalars("train/loss") if e.step == step)
+
+
 def test_accumulation_bf16_channels_last_and_tuned_thresholds(shards, tmp_path):
+    from celeba_dist.checkpoint import step_path
+    from celeba_dist.metrics import balanced_thresholds, compute_metrics
+
+    attributes = ["Smiling", "Male"]
+    variants = [*FAST, "train.grad_accum_steps=3", "train.channels_last=true", "train.tune_thresholds=true",
+                f"data.attributes=[{', '.join(attributes)}]", "train.keep_last=5", "log.image_grid_size=0"]
+    run_dir = tmp_path / "variants"
     # A process of its own: Accelerate's state (the precision) is set once per process.
     cmd = [sys.executable, "-m", "celeba_dist.train", "--config", "smiling_simple_cnn", "--data", str(shards),
-           "--run-dir", str(tmp_path / "variants"), "--set", *FAST, "train.epochs=1", "train.grad_accum_steps=3",
-           "train.precision=bf16", "train.channels_last=true", "train.tune_thresholds=true",
-           "data.attributes=[Smiling, Male]"]
+           "--run-dir", str(run_dir), "--set", *variants, "train.epochs=2", "train.precision=bf16"]
     proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    batches = manifest_count(shards, "train") // 16
-    state = torch.load(tmp_path / "variants" / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)["state"]
-    assert state["global_step"] == -(-batches // 3)  # optimizer steps: ceil(micro-batches / 3)
-    metrics = json.loads((tmp_path / "variants" / "metrics.json").read_text())
-    assert set(metrics["thresholds"]) == {"Smiling", "Male"}
-    assert all(0.0 <= t <= 1.0 for t in metrics["thresholds"].values())
-    env = json.loads((tmp_path / "variants" / "env.json").read_text())
-    assert env["mixed_precision"] == "bf16"
+    per_epoch = -(-(manifest_count(shards, "train") // 16) // 3)  # optimizer steps: ceil(micro-batches / 3)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [h["step"] for h in metrics["history"]] == [per_epoch, 2 * per_epoch]
+
+    # The final test used the best epoch's checkpoint and the thresholds tuned on validation with its weights.
+    best_path = run_dir / "checkpoints" / "best.pt"
+    best = torch.load(best_path, map_location="cpu", weights_only=False)
+    assert best["state"]["global_step"] == metrics["best_step"] == metrics["history"][metrics["best_epoch"]]["step"]
+    assert os.path.samefile(best_path, step_path(run_dir / "checkpoints", metrics["best_step"]))  # a hard link
+    scored = tmp_path / "scored.json"  # eval's scores of best.pt, in bf16 like the run: a process of its own
+    probe = subprocess.run([sys.executable, str(Path(__file__).with_name("evalkit.py")), str(best_path), str(scored),
+                            "val", "test"], env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    val, test = (json.loads(scored.read_text())[s] for s in ("val", "test"))
+    tuned = balanced_thresholds(torch.tensor(val["probs"]), torch.tensor(val["targets"])).tolist()
+    assert best["thresholds"] == tuned and tuned != [0.5, 0.5]
+    assert metrics["thresholds"] == dict(zip(attributes, tuned))
+    expected = compute_metrics(torch.tensor(test["probs"]), torch.tensor(test["targets"]), attributes,
+                               torch.tensor(tuned))
+    for name in attributes:  # decisions at validation's thresholds, unchanged: the same confusion counts
+        counts = ("tp", "fp", "tn", "fn")
+        assert [metrics["test"]["attributes"][name][k] for k in counts] == [expected["attributes"][name][k] for k in counts]
+
+    # channels_last: the weights trained, and were checkpointed, in channels-last layout
+    weight = best["model"]["features.0.weight"]
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    # bf16: the same first two steps in fp32 (same seed, same batches) give a close but different loss
+    assert json.loads((run_dir / "env.json").read_text())["mixed_precision"] == "bf16"
+    fp32 = tmp_path / "fp32"
+    main(load_config("smiling_simple_cnn", [*variants, "train.max_steps=2", "train.precision=no"],
+                     data_dir=str(shards), run_dir=str(fp32)))
+    assert loss_at(run_dir, 2) != loss_at(fp32, 2)
+    assert loss_at(run_dir, 2) == pytest.approx(loss_at(fp32, 2), abs=0.05)
 
 
 def test_attention_model_draws_its_attention_in_tensorboard(shards, tmp_path):
