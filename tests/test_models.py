@@ -175,10 +175,28 @@ def test_state_dict_file_of_another_model_is_refused(tmp_path: Path) -> None:
         build_model("simple_cnn", num_attributes=N, pretrained=str(tmp_path / "no_such_file.pt"))
 
 
+def readme_models() -> dict[str, tuple[str, str, str]]:
+    """The README's model table: name -> (parameters, trainable, input HxW) as printed."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = text.split("| name | parameters (40 attr.) |", 1)[1].split("\n\n", 1)[0]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[1]:  # `torchvision:<any>` has no counts
+            rows[cells[0].strip("`")] = (cells[1], cells[2], cells[3].split()[0].replace("×", "x"))
+    return rows
+
+
 def test_list_main_prints_every_model_with_counts(capsys: pytest.CaptureFixture[str]) -> None:
     assert list_main([]) == 0
     out = capsys.readouterr().out
+    printed = {line.split()[0]: line.split()[1:4] for line in out.splitlines() if line and not line.startswith("model")}
     for name in MODELS:
-        total, _ = count_parameters(build_model(name, num_attributes=N))
-        assert name in out and f"{total:,}" in out
+        total, trainable = count_parameters(build_model(name, num_attributes=N, **model_spec(name).options))
+        assert printed[name][:2] == [f"{total:,}", f"{trainable:,}"], name
+    # the README's table says what the command prints (and so what the models really have)
+    documented = readme_models()
+    assert set(MODELS) <= set(documented) and "torchvision:convnext_tiny" in documented
+    for name, row in documented.items():
+        assert tuple(printed[name]) == row, name
     assert "torchvision:resnet50" in out and "torchvision:<name>" in out

@@ -1,4 +1,4 @@
-"""Bad input: a clear error naming the file and line (or image), a non-zero exit, nothing half-written.
+"""Bad input: a clear error naming the file and line (or image), exit code 1, nothing half-written.
 
 Images the packer can repair (grayscale, CMYK, PNG) are not errors: they are converted and counted.
 """
@@ -26,7 +26,7 @@ def run_failing(src: Path, out: Path, capsys, *extra: str) -> str:
     """Pack, expect failure; return stderr after checking nothing half-written is left."""
     code = main([str(src), str(out), "--workers", "1", *extra])
     err = capsys.readouterr().err
-    assert code != 0, err
+    assert code == 1, err  # the README promises 1 for bad input
     assert not (out / MANIFEST_NAME).exists()
     assert not list(out.rglob("*.tmp")) if out.exists() else True
     return err
@@ -201,7 +201,7 @@ def test_error_through_the_tool_script(src, tmp_path):
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, str(REPO / "tools" / "pack_shards.py"), str(src.source), str(out)],
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0
+    assert done.returncode == 1, done.stderr
     assert "list_eval_partition.txt line 7 (000007.jpg): partition 5" in done.stderr
     assert not out.exists()
 

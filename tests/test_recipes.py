@@ -25,19 +25,22 @@ def test_recipe_takes_a_training_step(name):
     h, w = cfg.data.image_size
     images = torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8)
     targets = torch.tensor([[1.0] * len(attributes), [0.0] * len(attributes)])
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.train()
     out = model(normalize_batch(images, cfg.data.normalize))
     assert out.shape == (2, len(attributes))
     loss = loss_fn(out, targets)
     assert torch.isfinite(loss)
     loss.backward()
-    lr_before = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()
-    assert optimizer.param_groups[0]["lr"] > 0 and lr_before > 0
+    assert optimizer.param_groups[0]["lr"] > 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    # The step moved every parameter with a real gradient (Adam's eps is 1e-8: far smaller ones may move by
+    # less than float32 resolves at the first warm-up step's lr) and none of the frozen ones.
+    assert {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().max() > 1e-4} <= changed
+    assert changed and all(p.requires_grad for n, p in model.named_parameters() if n in changed)
     probs = LOSSES[cfg.loss.name].to_prob(out.detach())
     assert ((probs >= 0) & (probs <= 1)).all()
     assert sum(p.numel() for p in trainable_parameters(model)) == sum(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -10,14 +11,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from celeba_dist.config import load_config
-from celeba_dist.engine import NonFiniteLossError
-from celeba_dist.train import main
-from evalkit import eval_probabilities
+from celeba_dist.board import attention_overlay
+from celeba_dist.checkpoint import load_checkpoint
+from celeba_dist.config import config_from_tree, load_config
+from celeba_dist.data import ShardData, eval_stream
+from celeba_dist.engine import NonFiniteLossError, prepare_batch
+from celeba_dist.metrics import compute_metrics
+from celeba_dist.train import build_model_for, main
+from celeba_dist.transforms import build_transform
+from evalkit import eval_predictions, eval_probabilities
 from shardkit import synthetic_shards
 
 FAST = ["data.batch_size=16", "data.num_workers=1", "data.image_size=[32, 32]", "log.progress_bar=false",
@@ -72,15 +80,20 @@ def test_run_directory_holds_everything(trained, shards):
     for name in ("config.yaml", "env.json", "metrics.json", "metrics_per_attribute.csv", "checkpoints/best.pt"):
         assert (run_dir / name).is_file(), name
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    attributes = ["Smiling", "Male", "Eyeglasses"]
+    rows = list(csv.DictReader(open(run_dir / "metrics_per_attribute.csv")))
+    assert [(r["split"], r["attribute"]) for r in rows] == [(s, a) for s in ("val", "test") for a in attributes]
     for split in ("val", "test"):
+        # the reported metrics are those of eval's scores of the best checkpoint, recomputed here
+        preds = eval_predictions(run_dir / "checkpoints" / "best.pt", split)
+        recomputed = json.loads(json.dumps(compute_metrics(preds.probs, preds.targets, attributes)))
+        assert metrics[split] == recomputed
         assert metrics[split]["mean"]["num_samples"] == manifest_count(shards, split)
-        assert set(metrics[split]["attributes"]) == {"Smiling", "Male", "Eyeglasses"}
-        for name in ("accuracy", "balanced_accuracy", "f1", "auroc"):
-            assert 0.0 <= metrics[split]["mean"][name] <= 1.0
+        for row in (r for r in rows if r["split"] == split):  # and the CSV holds the same counts
+            counts = ("tp", "fp", "tn", "fn")
+            assert [int(row[k]) for k in counts] == [recomputed["attributes"][row["attribute"]][k] for k in counts]
     assert metrics["best_epoch"] in (0, 1)
     assert [h["epoch"] for h in metrics["history"]] == [0, 1]
-    rows = list(csv.DictReader(open(run_dir / "metrics_per_attribute.csv")))
-    assert len(rows) == 6 and {r["split"] for r in rows} == {"val", "test"}
 
 
 def test_tensorboard_has_scalars_images_and_hparams(trained):
@@ -255,7 +268,7 @@ def loss_at(run_dir, step: int) -> float:
 
 def test_accumulation_bf16_channels_last_and_tuned_thresholds(shards, tmp_path):
     from celeba_dist.checkpoint import step_path
-    from celeba_dist.metrics import balanced_thresholds, compute_metrics
+    from celeba_dist.metrics import balanced_thresholds
 
     attributes = ["Smiling", "Male"]
     variants = [*FAST, "train.grad_accum_steps=3", "train.channels_last=true", "train.tune_thresholds=true",
@@ -310,8 +323,35 @@ def test_attention_model_draws_its_attention_in_tensorboard(shards, tmp_path):
     acc = EventAccumulator(str(tmp_path / "attn" / "tensorboard"), size_guidance={"images": 0})
     acc.Reload()
     assert {"val/attention", "val/predictions", "val/attribute_accuracy"} <= set(acc.Tags()["images"])
-    image = acc.Images("val/attention")[-1]
-    assert image.width > 0 and image.height > 0
+    # The picture is the model's own attention over the first validation images, drawn with the weights of the
+    # epoch end (the only epoch: best.pt), pixel for pixel.
+    ckpt = load_checkpoint(tmp_path / "attn" / "checkpoints" / "best.pt")
+    run_cfg = config_from_tree(ckpt["config"], ["model.pretrained=none"])
+    transform = build_transform(run_cfg.data.transform, image_size=run_cfg.data.image_size, train=False)
+    stream = eval_stream(ShardData(str(shards), ckpt["attributes"]), "val", transform, batch_size=4, rank=0, world_size=1)
+    images, labels, _ = next(iter(stream))
+    model = build_model_for(run_cfg, len(ckpt["attributes"])).eval()
+    model.load_state_dict(ckpt["model"])
+    x, _ = prepare_batch(images, labels, device=torch.device("cpu"), normalize=run_cfg.data.normalize,
+                         channels_last=run_cfg.train.channels_last)
+    with torch.no_grad():
+        _, attention = model(x, return_attention=True)
+    drawn = np.asarray(Image.open(io.BytesIO(acc.Images("val/attention")[-1].encoded_image_string)).convert("RGB"))
+    expected = attention_overlay(images, attention)
+    assert drawn.shape == expected.shape == (66, 4 * 66, 3)  # four 64x64 tiles with their 2-pixel borders
+    assert np.array_equal(drawn, expected)  # PNG is lossless
+    uniform = attention_overlay(images, torch.full_like(attention, 1 / attention.shape[-1]))
+    assert not np.array_equal(drawn, uniform)  # after one epoch the 2x2 attention is close to uniform, not equal
+
+
+def test_train_command_exits_1_on_bad_input(shards, tmp_path, capsys):
+    from celeba_dist.train import cli_main
+
+    base = ["--config", "smiling_simple_cnn", "--run-dir", str(tmp_path / "run")]
+    assert cli_main([*base, "--data", str(shards), "--set", "optim.lrr=1"]) == 1
+    assert "unknown key optim.lrr" in capsys.readouterr().err
+    assert cli_main([*base, "--data", str(tmp_path / "no_shards"), "--set", *FAST]) == 1
+    assert "no_shards" in capsys.readouterr().err
 
 
 def test_demo_runs_end_to_end(tmp_path):
