@@ -78,3 +78,18 @@ def test_bad_yaml_names_file(tmp_path):
     path.write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="broken.yaml"):
         load_config(str(path))
+
+
+def test_recipes_show_prints_the_resolved_config(capsys, tmp_path):
+    from celeba_dist.config import recipes_main
+
+    assert recipes_main(["--show", "attrs40_resnext50"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    expected = load_config("attrs40_resnext50").to_dict()
+    assert shown == expected
+    # every key, the recipe's own values and the defaults: the printed file is a complete config again
+    assert shown["model"]["name"] == "resnext50_32x4d" and shown["loss"]["name"] == "mse_pm1"
+    assert shown["train"]["log_every_steps"] == 50
+    path = tmp_path / "attrs40_resnext50.yaml"
+    path.write_text(yaml.safe_dump(shown))
+    assert load_config(str(path)).to_dict() == expected

@@ -91,6 +91,30 @@ def test_hf_dataset_dict_matches_its_rows(tmp_path, encoding):
         row += counts[hf_split]
 
 
+@pytest.mark.parametrize("kind", ["parquet", "arrow"])
+def test_hf_parquet_and_arrow_files_pack_their_rows(tmp_path, kind):
+    """``hf:FILE``: one .parquet or .arrow file is one split, split 80/10/10 here; every row packed as it is."""
+    import datasets
+
+    hf = write_hf_celeba(tmp_path / "hf", {"train": 20}, seed=2)
+    if kind == "parquet":
+        source = tmp_path / "celeba.parquet"
+        datasets.load_from_disk(str(hf.path))["train"].to_parquet(str(source))
+    else:  # the Arrow file that save_to_disk wrote
+        (source,) = (hf.path / "train").glob("*.arrow")
+    out = tmp_path / "out"
+    assert main([f"hf:{source}", str(out), "--workers", "1", "--stratify", "none"]) == 0
+    manifest = load_manifest(out)
+    assert manifest["source"]["kind"] == "hf" and manifest["source"]["partition"] == "generated"
+    samples = [s for split in ("train", "val", "test") for s in read_split(out, split)]
+    assert sorted(s["__key__"] for s in samples) == [f"{i:06d}" for i in range(1, 21)]
+    for sample in samples:
+        row = int(sample["__key__"]) - 1
+        assert sample["jpg"] == hf.images["train"][row]
+        assert decoded(sample)["attr"] == hf.labels["train"][row].tolist()
+        assert decoded(sample)["identity"] == hf.identity["train"][row]
+
+
 def test_hf_id_column_gives_the_ids(tmp_path):
     names = [f"{100 + i:06d}.jpg" for i in range(8)]
     hf = write_hf_celeba(tmp_path / "hf", {"train": 6, "validation": 2}, columns={"image_id": names})
