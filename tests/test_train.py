@@ -18,7 +18,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from celeba_dist.board import attention_overlay
-from celeba_dist.checkpoint import load_checkpoint
+from celeba_dist.checkpoint import list_checkpoints, load_checkpoint
 from celeba_dist.config import config_from_tree, load_config
 from celeba_dist.data import ShardData, eval_stream
 from celeba_dist.engine import NonFiniteLossError, prepare_batch
@@ -62,6 +62,10 @@ def accelerate_cmd(*args: str, processes: int = 2) -> list[str]:
     return [*launcher, *args]
 
 
+def step_of(path) -> int:
+    return int(path.stem.split("-")[1])
+
+
 def rank_stats(run_dir, world: int = 2) -> list[dict]:
     return [json.loads((run_dir / "rank_stats" / f"rank{r}.json").read_text()) for r in range(world)]
 
@@ -94,6 +98,16 @@ def test_run_directory_holds_everything(trained, shards):
             assert [int(row[k]) for k in counts] == [recomputed["attributes"][row["attribute"]][k] for k in counts]
     assert metrics["best_epoch"] in (0, 1)
     assert [h["epoch"] for h in metrics["history"]] == [0, 1]
+    # pruned to train.keep_last (2) of the checkpoints every 5 steps and at epoch ends; best.pt is the best step's
+    spe = manifest_count(shards, "train") // 16
+    saved = sorted(set(range(5, 2 * spe + 1, 5)) | {spe, 2 * spe})
+    assert [step_of(p) for p in list_checkpoints(run_dir / "checkpoints")] == saved[::-1][:2]
+    best = run_dir / "checkpoints" / "best.pt"
+    assert load_checkpoint(best)["state"]["global_step"] == metrics["best_step"]
+    if metrics["best_step"] in saved[-2:]:
+        assert os.path.samefile(best, run_dir / "checkpoints" / f"step-{metrics['best_step']:09d}.pt")
+    else:  # a hard link outlives the pruned file's name
+        assert best.stat().st_nlink == 1
 
 
 def test_tensorboard_has_scalars_images_and_hparams(trained):
@@ -352,6 +366,81 @@ def test_train_command_exits_1_on_bad_input(shards, tmp_path, capsys):
     assert "unknown key optim.lrr" in capsys.readouterr().err
     assert cli_main([*base, "--data", str(tmp_path / "no_shards"), "--set", *FAST]) == 1
     assert "no_shards" in capsys.readouterr().err
+
+
+def test_clip_grad_norm_bounds_the_step(shards, tmp_path):
+    """One step of plain SGD at lr 1 from known weights moves them by the clipped gradient: norm clip_grad_norm."""
+    from celeba_dist.models import build_model
+
+    start = build_model("simple_cnn", num_attributes=1).state_dict()
+    torch.save(start, tmp_path / "start.pt")
+    run_dir = tmp_path / "clip"
+    cfg = load_config("smiling_simple_cnn", [*FAST, "train.max_steps=1", "optim.name=sgd", "optim.lr=1.0",
+                                              "optim.momentum=0.0", "optim.weight_decay=0.0", "train.clip_grad_norm=0.001",
+                                              f"model.pretrained={tmp_path / 'start.pt'}", "log.image_grid_size=0",
+                                              "train.eval_splits=[val]"],
+                      data_dir=str(shards), run_dir=str(run_dir))
+    assert main(cfg)["global_step"] == 1
+    end = load_checkpoint(list_checkpoints(run_dir / "checkpoints")[0])["model"]
+    moved = math.sqrt(sum(float(((end[k].double() - start[k].double()) ** 2).sum()) for k in start))
+    assert moved == pytest.approx(0.001, rel=1e-3)  # unclipped, the gradient's norm is far larger
+
+
+def last_run_log(run_dir) -> str:
+    """The lines of the run folder's latest run (a run's first line is its model's 'built ...')."""
+    return (run_dir / "logs" / "rank0.log").read_text().rsplit("celeba_dist.models: built ", 1)[1]
+
+
+def test_resume_from_a_given_checkpoint_or_from_none(trained, shards, tmp_path):
+    import shutil
+
+    from celeba_dist.train import cli_main
+
+    run_dir, _ = trained
+    copy = tmp_path / "copy"  # the fixture's run stays as it is
+    shutil.copytree(run_dir, copy)
+    args = ["--config", "smiling_simple_cnn", "--data", str(shards), "--run-dir", str(copy), "--set", *FAST,
+            "train.epochs=2", "data.attributes=[Smiling, Male, Eyeglasses]", "log.image_grid_size=0"]
+    older = list_checkpoints(copy / "checkpoints")[-1]  # not the newest: auto would not pick it
+    spe, step = manifest_count(shards, "train") // 16, step_of(older)
+    # --resume FILE: continues from that file's step and trains only what is left
+    assert cli_main([*args, "--resume", str(older)]) == 0
+    log = last_run_log(copy)
+    assert f"resumed from {older}: epoch {step // spe}, batch {step % spe} of the epoch, step {step}" in log
+    assert re.findall(r"checkpoint (step-\d+)\.pt \(", log) == [f"step-{2 * spe:09d}"]
+    # --resume none: the finished run trains again from step 0 (auto would resume at step 30 and train nothing)
+    assert cli_main([*args, "train.max_steps=3", "--resume", "none"]) == 0
+    log = last_run_log(copy)
+    assert "resumed from" not in log and "run " in log
+    assert [h["step"] for h in json.loads((copy / "metrics.json").read_text())["history"]] == [3]
+
+
+def test_random_sweep_members_each_have_their_own_hparams(shards, tmp_path):
+    """``sweep --random`` through submitit's local executor: each member a run of its own with its drawn value in
+    its own HParams entry (the SLURM job array is tested in test_slurm_cluster.py)."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from celeba_dist.launch.sweep import random_members
+
+    sweep = tmp_path / "rand"
+    drawn = ["--random", "2", "--range", "optim.lr=1e-4:1e-2:log", "--seed", "3"]
+    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "jobs" / "sweep.py"), "--config",
+           "smiling_simple_cnn", "--data", str(shards), "--run-dir", str(sweep), *drawn, "--local", "--wait",
+           "--gpus-per-node", "0", "--set", *FAST, "train.max_steps=2", "log.image_grid_size=0"]
+    proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads((sweep / "sweep.json").read_text())
+    expected = random_members("smiling_simple_cnn", 2, ["optim.lr=1e-4:1e-2:log"], seed=3)
+    assert record["mode"] == "random" and [m["overrides"] for m in record["members"]] == [m.overrides for m in expected]
+    lrs = [float(m.overrides[0].split("=")[1]) for m in expected]
+    assert lrs[0] != lrs[1]
+    for member, lr in zip(record["members"], lrs):
+        acc = EventAccumulator(str(Path(member["run_dir"]) / "tensorboard"), size_guidance={"tensors": 0})
+        acc.Reload()
+        content = acc.PluginTagToContent("hparams")
+        start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+        assert start.hparams["optim.lr"].number_value == pytest.approx(lr)
+        assert "hparam/test_accuracy" in acc.Tags()["scalars"]
 
 
 def test_demo_runs_end_to_end(tmp_path):
