@@ -37,8 +37,8 @@ def train_cmd(shards: Path, run_dir: Path, *extra: str, processes: int = 1) -> l
     return accelerate_cmd(*args, processes=processes) if processes > 1 else [sys.executable, *args]
 
 
-def run_to_end(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=600)
+def run_to_end(cmd: list[str], env: dict[str, str] | None = None) -> None:
+    proc = subprocess.run(cmd, env=env or cpu_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -174,6 +174,26 @@ def test_resume_purges_events_logged_after_the_checkpoint(shards, tmp_path):
     assert steps["train/loss"] == list(range(1, steps_per_epoch(shards, 1) + 1))  # every step once: continued, not restarted or doubled
     for tag, seen in steps.items():
         assert seen == sorted(set(seen)), (tag, seen)  # strictly increasing
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 needs CUDA: build_accelerator refuses fp16 on the "
+                    "CPU, so no grad scaler exists here; tools/gpu_check.sh (part 'tests') runs this on a GPU")
+def test_fp16_grad_scaler_state_survives_a_resume(shards, tmp_path):
+    """The scaler's scale and growth tracker are checkpointed and restored: a run stopped at step 20 and resumed
+    ends with the scaler state of an uninterrupted run (a fresh scaler would restart its growth tracker)."""
+    gpu = {k: v for k, v in cpu_env().items() if k != "CUDA_VISIBLE_DEVICES"}
+    # not train.deterministic: AdaptiveAvgPool2d has no deterministic CUDA backward, and the scaler state
+    # depends only on which steps overflowed, not on the last bits of the weights
+    extra = ("train.precision=fp16", "train.epochs=1")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_to_end(train_cmd(shards, straight, *extra), gpu)
+    run_to_end(train_cmd(shards, resumed, *extra, "train.max_steps=20"), gpu)
+    stopped = load_newest_valid(resumed / "checkpoints")[1]
+    assert stopped["state"]["global_step"] == 20 and stopped["scaler"]["scale"] > 0
+    run_to_end(train_cmd(shards, resumed, *extra), gpu)
+    (_, a), (_, b) = load_newest_valid(straight / "checkpoints"), load_newest_valid(resumed / "checkpoints")
+    assert a["state"]["global_step"] == b["state"]["global_step"] == steps_per_epoch(shards, 1)
+    assert a["scaler"] == b["scaler"]
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(shards, tmp_path):

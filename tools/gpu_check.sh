@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# What only a GPU shows, in one go: bf16/fp16 AMP and torch.compile end to end, training-step
-# throughput of every model, and the loader with many workers. Run from the repository root on a
-# CUDA machine with the package importable (pip install -e ., or PYTHONPATH=.); results land in
-# $OUT (default /tmp/celeba-gpu-check). Parts: train | bench | loader (default: all).
+# What only a GPU shows, in one go: bf16/fp16 AMP and torch.compile end to end, the tests that skip
+# without CUDA (the fp16 grad scaler's checkpoint round trip), training-step throughput of every
+# model, and the loader with many workers. Run from the repository root on a CUDA machine with the
+# package importable (pip install -e '.[test]', or PYTHONPATH=.); results land in $OUT (default
+# /tmp/celeba-gpu-check). Parts: train | tests | bench | loader (default: all).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/celeba-gpu-check}
 WORK=${WORK:-/tmp/celeba-gpu-work}
-PARTS=${*:-train bench loader}
+PARTS=${*:-train tests bench loader}
 mkdir -p "$OUT" "$WORK"
 PY=${PYTHON:-python3}
 
@@ -34,6 +35,9 @@ for part in $PARTS; do
         "$($PY -c "import json;print(round(json.load(open('$WORK/$name/metrics.json'))['test']['mean']['accuracy'],4))" 2>/dev/null)" \
         | tee -a "$OUT/train.txt"
     done ;;
+  tests)
+    # -rs lists skips with their reason: on a GPU nothing here may be skipped
+    $PY -m pytest -q -rs tests/test_resume.py -k fp16 2>&1 | tee "$OUT/tests.txt" ;;
   bench)
     for p in bf16 no; do
       $PY tools/bench_train.py --models simple_cnn celeb_cnn resnext50_32x4d resnet18_lstm_attn \
