@@ -27,8 +27,8 @@ from accelerate.utils import set_seed
 from celeba_dist import __version__, runlock, signals
 from celeba_dist.board import Board, accuracy_bars, attention_overlay, prediction_grid
 from celeba_dist.cli_args import report_error
-from celeba_dist.checkpoint import (BEST, atomic_save, link_best, load_checkpoint, load_newest_valid, prune,
-                                    rng_state, set_rng_state, step_path)
+from celeba_dist.checkpoint import (BEST, atomic_save, link_best, list_checkpoints, load_checkpoint,
+                                    load_newest_valid, prune, rng_state, set_rng_state, step_path)
 from celeba_dist.config import Config, ConfigError, add_config_arguments, config_from_args, save_config
 from celeba_dist.data import DataError, ShardCheckError, ShardData, eval_stream, make_loader, owned_workers, train_stream
 from celeba_dist.distributed import build_accelerator, from_main, gather_list, leave_process_group
@@ -193,6 +193,26 @@ def make_saver(cfg: Config, accelerator: Accelerator, model, optimizer, schedule
     return save
 
 
+def refuse_fresh_start_over_checkpoints(cfg: Config) -> None:
+    """``run.resume=none`` in a folder that holds checkpoints would mix two runs: their checkpoints
+    (pruning would keep the old run's higher steps), their TensorBoard steps and a later auto-resume."""
+    if cfg.run.resume == "none" and (found := list_checkpoints(cfg.run_dir / "checkpoints")):
+        raise ConfigError(f"run.resume=none: {cfg.run_dir} already holds checkpoints of a run (newest "
+                          f"{found[0].name}); train from scratch in a new --run-dir, or remove "
+                          f"{cfg.run_dir / 'checkpoints'} first")
+
+
+def adopt_best(ckpt_dir: Path, resumed_from: Path) -> None:
+    """A run continued from another folder's checkpoint takes that run's best.pt along (or, without
+    one, the checkpoint itself): the best epoch so far may lie before the resume."""
+    if (ckpt_dir / BEST).exists() or resumed_from.parent.resolve() == ckpt_dir.resolve():
+        return
+    source = resumed_from.parent / BEST if (resumed_from.parent / BEST).is_file() else resumed_from
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    link_best(ckpt_dir, source)
+    log.info("best checkpoint so far: %s, taken into %s", source, ckpt_dir)
+
+
 def resume(cfg: Config, accelerator: Accelerator, model, optimizer, scheduler) -> tuple[TrainState, Any]:
     """Restore the newest valid checkpoint (``run.resume=auto``) or a given one; else a fresh state."""
     fresh = TrainState(world_size=accelerator.num_processes, batch_size=cfg.data.batch_size)
@@ -206,6 +226,8 @@ def resume(cfg: Config, accelerator: Accelerator, model, optimizer, scheduler) -
     else:
         path = Path(cfg.run.resume)
         ckpt = load_checkpoint(path)
+        if accelerator.is_main_process:
+            adopt_best(cfg.run_dir / "checkpoints", path)
     accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
@@ -317,6 +339,7 @@ def main(cfg: Config) -> dict[str, Any]:
 
 def _train(cfg: Config, accelerator: Accelerator, data: ShardData) -> dict[str, Any]:
     """The run itself, with the run folder locked and the shards checked."""
+    refuse_fresh_start_over_checkpoints(cfg)
     run_dir = build_run_dir(cfg, accelerator)
     seed_everything(cfg)
     model = build_model_for(cfg, len(data.attributes))

@@ -408,11 +408,20 @@ def test_resume_from_a_given_checkpoint_or_from_none(trained, shards, tmp_path):
     log = last_run_log(copy)
     assert f"resumed from {older}: epoch {step // spe}, batch {step % spe} of the epoch, step {step}" in log
     assert re.findall(r"checkpoint (step-\d+)\.pt \(", log) == [f"step-{2 * spe:09d}"]
-    # --resume none: the finished run trains again from step 0 (auto would resume at step 30 and train nothing)
-    assert cli_main([*args, "train.max_steps=3", "--resume", "none"]) == 0
-    log = last_run_log(copy)
+    # --resume FILE into a new folder: the source run's best.pt comes along, the run finishes there
+    elsewhere = tmp_path / "elsewhere"
+    assert cli_main([*args[:5], str(elsewhere), *args[6:], "--resume", str(older)]) == 0
+    assert (elsewhere / "checkpoints" / "best.pt").is_file() and (elsewhere / "metrics.json").is_file()
+    # --resume none over a folder with checkpoints would mix two runs: refused, nothing touched
+    before = sorted(p.name for p in (copy / "checkpoints").iterdir())
+    assert cli_main([*args, "train.max_steps=3", "--resume", "none"]) == 1
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == before
+    # --resume none in a fresh folder trains from step 0
+    fresh = tmp_path / "fresh"
+    assert cli_main([*args[:5], str(fresh), *args[6:], "train.max_steps=3", "--resume", "none"]) == 0
+    log = last_run_log(fresh)
     assert "resumed from" not in log and "run " in log
-    assert [h["step"] for h in json.loads((copy / "metrics.json").read_text())["history"]] == [3]
+    assert [h["step"] for h in json.loads((fresh / "metrics.json").read_text())["history"]] == [3]
 
 
 def test_random_sweep_members_each_have_their_own_hparams(shards, tmp_path):
