@@ -90,11 +90,15 @@ def _local_state(pid: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Scheduler state
 
+ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}
+
 
 def scheduler_states(job_ids: list[str]) -> dict[str, str]:
     """Job id → state (``RUNNING``, ``COMPLETED``, ``PENDING``...) from sacct, and from
-    ``scontrol show job`` for the ids sacct does not answer for: a cluster without accounting, or a
-    job the database has not heard of yet. ``scontrol`` knows a job until ``MinJobAge`` after it ends.
+    ``scontrol show job`` where sacct does not answer or lags: a cluster without accounting, a job
+    the database has not recorded yet, and every job sacct still calls active (after a requeue sacct
+    says REQUEUED for a while when the controller already has the job PENDING again). ``scontrol``
+    knows a job until ``MinJobAge`` after it ends.
 
     Array members are keyed ``ARRAYID_INDEX``; ids neither knows are left out.
     """
@@ -102,9 +106,14 @@ def scheduler_states(job_ids: list[str]) -> dict[str, str]:
     if not ids:
         return {}
     states = _sacct_states(ids)
-    missing = [i for i in ids if not any(j == i or j.startswith(f"{i}_") for j in states)]
-    if missing:
-        states.update(controller_states(missing))
+
+    def settled(base: str) -> bool:
+        known = [state for job, state in states.items() if job.split("_")[0] == base]
+        return bool(known) and not any(state in ACTIVE_STATES for state in known)
+
+    ask = [i for i in ids if not settled(i)]
+    if ask:
+        states.update(controller_states(ask))
     return states
 
 
@@ -158,8 +167,6 @@ def _expand_tasks(spec: str) -> list[str]:
             tasks.extend(str(t) for t in range(int(low), int(high or low) + 1))
     return tasks
 
-
-ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}
 
 
 def wait_until_ended(job_ids: list[str], *, timeout_s: float = 60) -> dict[str, str]:
