@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -97,21 +98,27 @@ class _Meter:
         return window.double().sum(), first
 
 
-def _agree(trainer: Trainer, meter: _Meter) -> tuple[float, bool]:
-    """One collective: mean loss since the last check, and whether any rank was asked to stop.
+def _agree(trainer: Trainer, meter: _Meter) -> tuple[float, str | None]:
+    """One collective: mean loss since the last check, and whether any rank was asked to stop and why.
 
-    Raises :class:`NonFiniteLossError` (on every rank) naming the first bad step.
+    The stop reason is agreed too (SIGTERM on any rank wins over SIGUSR2), so every rank returns
+    the same status. Raises :class:`NonFiniteLossError` (on every rank) naming the first bad step.
     """
     total, first = meter.summary()
     first_bad = int(first)
-    loss_sum, count, bad, stop = all_sum(trainer.accelerator, [
-        float(total) if first_bad < 0 else 0.0, meter.count, float(first_bad >= 0), float(signals.stop_requested())])
+    reason = signals.stop_reason()
+    loss_sum, count, bad, preempt, terminate = all_sum(trainer.accelerator, [
+        float(total) if first_bad < 0 else 0.0, meter.count, float(first_bad >= 0),
+        float(reason == signals.PREEMPT), float(reason == signals.TERMINATE)])
     if bad:
         steps = gather_list(trainer.accelerator, [meter.first_step + first_bad if first_bad >= 0 else -1])
         step = min(s for s in steps if s >= 0)
         raise NonFiniteLossError(f"non-finite loss at optimizer step {step}; stopping without saving these "
                                  f"weights (the last good checkpoint stays in {trainer.cfg.run_dir / 'checkpoints'})")
-    return loss_sum / max(count, 1), stop > 0
+    agreed = signals.TERMINATE if terminate else signals.PREEMPT if preempt else None
+    if agreed:
+        signals.adopt(agreed)
+    return loss_sum / max(count, 1), agreed
 
 
 def _log_step(trainer: Trainer, state: TrainState, meter: _Meter, mean_loss: float, bar: tqdm) -> None:
@@ -191,7 +198,8 @@ def _optimizer_step(trainer: Trainer, state: TrainState, meter: _Meter, loss: to
             _log_step(trainer, state, meter, mean_loss, bar)
             meter.reset()
         if stop:
-            log.warning("stop requested (signal %s): checkpointing at step %d", signals.received_signals() or "flag", step)
+            log.warning("stop requested by %s (%s): checkpointing at step %d",
+                        _signal_names(signals.received_signals()) or "another rank", stop, step)
             trainer.save(state)
             return "stopped"
         if save_due:
@@ -240,3 +248,7 @@ def evaluate(trainer_model: torch.nn.Module, loader: Iterable, *, accelerator: A
 
 def supports_attention(model: torch.nn.Module) -> bool:
     return "return_attention" in inspect.signature(model.forward).parameters
+
+
+def _signal_names(received: list[int]) -> str:
+    return ", ".join(dict.fromkeys(signal.Signals(n).name for n in received))

@@ -46,6 +46,8 @@ log = logging.getLogger("celeba_dist.train")  # not __name__: this module also r
 # Exit status of a run stopped by SIGTERM/SIGUSR2 after checkpointing (sysexits' EX_TEMPFAIL):
 # nothing is lost, run the same command again to continue.
 EXIT_PREEMPTED = 75
+# main's status for each stop reason of celeba_dist.signals: SIGUSR2 asks for a requeue, SIGTERM does not.
+STOPPED = {signals.PREEMPT: "preempted", signals.TERMINATE: "terminated"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,6 +371,7 @@ def _train(cfg: Config, accelerator: Accelerator, data: ShardData) -> dict[str, 
                       total_steps, save)
     log.info("run %s: %s on %d process(es), %d attributes, %d batches/epoch/process, %d optimizer steps",
              run_dir, cfg.model.name, accelerator.num_processes, len(data.attributes), steps_per_epoch, total_steps)
+    signals.clear()  # a stop requested of an earlier run in this process is not this run's
     signals.install_stop_handlers()
     trained = None
     try:
@@ -382,7 +385,7 @@ def _train(cfg: Config, accelerator: Accelerator, data: ShardData) -> dict[str, 
         _write_rank_stats(run_dir, accelerator.process_index, state,
                           trained or param_checksum(accelerator.unwrap_model(model, keep_torch_compile=False)))
     leave_process_group(accelerator)
-    return _result("preempted" if status == "stopped" else "completed", cfg, state, results)
+    return _result(STOPPED[signals.stop_reason()] if status == "stopped" else "completed", cfg, state, results)
 
 
 def _fit(trainer: Trainer, data: ShardData, train_ds, state: TrainState) -> str:
@@ -493,7 +496,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         if not isinstance(exc, expected):
             logging.getLogger("celeba_dist").debug("run failed", exc_info=True)  # the rank's log file keeps it
         return report_error("celeba-dist train", exc)
-    if result["status"] == "preempted":
+    if result["status"] in STOPPED.values():
         return EXIT_PREEMPTED
     return 0 if result["status"] == "completed" else 1
 

@@ -22,7 +22,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from celeba_dist.launch import cluster_env
 from celeba_dist.launch.cluster_env import expand_nodelist, expand_tasks_per_node, from_environ, master_port
-from celeba_dist.launch.status import last_submission, main as status_main, read_jobs, record_job
+from celeba_dist.launch.status import (last_submission, main as status_main, read_jobs, record_job,
+                                      run_state)
 from celeba_dist.launch.submit import main as submit_main, parse_slurm_options
 from celeba_dist.launch.sweep import grid_members, main as sweep_main, random_members, variant_members
 from shardkit import synthetic_shards
@@ -40,6 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 FAST = ["data.batch_size=16", "data.num_workers=0", "data.image_size=[32, 32]", "log.progress_bar=false",
         "log.image_grid_size=0", "train.log_every_steps=2", "train.checkpoint_every_steps=3",
         "train.sync_every_steps=1", "train.keep_last=100", "train.epochs=12"]  # long enough to signal mid-run
+# The stop/requeue tests: 3 epochs of 7 steps, room to stop twice mid-run at a fraction of the cost.
+SHORT = [*FAST[:-1], "train.epochs=3"]
 TWO_CPU_NODES = ["--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "2", "--time", "10"]
 
 
@@ -48,9 +51,9 @@ def shards(tmp_path_factory):
     return synthetic_shards(tmp_path_factory.mktemp("slurm-data"), num_images=300, samples_per_shard=16)
 
 
-def _submit_cmd(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+def _submit_cmd(shards: Path, run_dir: Path, *extra: str, overrides: list[str] = FAST) -> list[str]:
     return [sys.executable, str(REPO / "jobs" / "submit.py"), "--config", "smiling_simple_cnn", "--data",
-            str(shards), "--run-dir", str(run_dir), *TWO_CPU_NODES, *extra, "--set", *FAST]
+            str(shards), "--run-dir", str(run_dir), *TWO_CPU_NODES, *extra, "--set", *overrides]
 
 
 def _events(run_dir: Path) -> list[dict]:
@@ -63,6 +66,73 @@ def _sacct(job_id: str) -> list[tuple[str, str, str]]:
                           "--format=JobID,State,NodeList", "--jobs", job_id], capture_output=True, text=True,
                          timeout=30, check=True).stdout
     return [tuple(line.split("|")) for line in out.splitlines()]
+
+
+def _scontrol(job_id: str) -> dict[str, str]:
+    """The controller's record of the job (JobState, Restarts...); {} once it has forgotten the job."""
+    proc = subprocess.run(["scontrol", "--oneliner", "show", "job", job_id], capture_output=True, text=True,
+                          timeout=30)
+    return dict(f.split("=", 1) for f in proc.stdout.split() if "=" in f) if proc.returncode == 0 else {}
+
+
+def _squeue(job_id: str) -> str:
+    return subprocess.run(["squeue", "--noheader", "--jobs", job_id, "--format=%i %T"], capture_output=True,
+                          text=True, timeout=30).stdout.strip()
+
+
+def _wait_until(predicate, what: str, proc: subprocess.Popen | None = None, timeout_s: float = 120,
+                logs: Path | None = None):
+    """Poll ``predicate`` until it returns something true; fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        assert proc is None or proc.poll() is None, f"the submitter ended early: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"{what}: not after {timeout_s} s\n{_logs(logs) if logs else ''}"
+        time.sleep(0.2)
+    return value
+
+
+def _checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.stem.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*.pt"))
+
+
+def _newest_checkpoint_step(run_dir: Path) -> int:
+    """The newest step checkpoint, loaded with torch.load: its training step."""
+    path = run_dir / "checkpoints" / f"step-{max(_checkpoint_steps(run_dir)):09d}.pt"
+    return torch.load(path, map_location="cpu", weights_only=False)["state"]["global_step"]
+
+
+def _job_events(run_dir: Path, job_id: str) -> list[dict]:
+    return [e for e in _events(run_dir) if e["job_id"] == job_id]
+
+
+def _jobs_row(run_dir: Path, capsys) -> list[str]:
+    """``celeba-dist jobs`` for one run: its row's cells (columns are two or more spaces apart)."""
+    capsys.readouterr()
+    assert status_main(["--run-dir", str(run_dir)]) == 0
+    return _row_cells(capsys.readouterr().out)
+
+
+def _row_cells(table: str) -> list[str]:
+    header, row = table.splitlines()[:2]
+    starts = [i for i, c in enumerate(header) if c != " " and (i == 0 or header[i - 2:i] == "  ")]
+    return [row[a:b].strip() for a, b in zip(starts, [*starts[1:], None])]
+
+
+def _jobs_without(run_dir: Path, tmp_path: Path, tools: tuple[str, ...]) -> list[str]:
+    """``celeba-dist jobs`` in a process where ``tools`` fail as they do on a cluster without accounting
+    (sacct) or for a job the controller has forgotten (scontrol)."""
+    fake = tmp_path / f"no-{'-'.join(tools)}"
+    fake.mkdir(exist_ok=True)
+    errors = {"sacct": "sacct: error: Slurm accounting storage is disabled",
+              "scontrol": "slurm_load_jobs error: Invalid job id specified"}
+    for tool in tools:
+        (fake / tool).write_text(f"#!/bin/sh\necho '{errors[tool]}' >&2\nexit 1\n")
+        (fake / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "status.py"), "--run-dir", str(run_dir)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return _row_cells(proc.stdout)
 
 
 def _scalar_steps(run_dir: Path, tag: str) -> list[int]:
@@ -316,6 +386,19 @@ def test_job_records(tmp_path):
     assert last_submission(tmp_path)["job_id"] == "7"
 
 
+def test_run_state_reads_the_records():
+    started, stop = {"event": "started"}, {"event": "terminated", "step": 5}
+    assert run_state("PENDING", [], finished=False) == "PENDING"  # never started yet
+    assert run_state("PENDING", [started, stop], finished=False) == "PENDING(requeued)"
+    assert run_state("CANCELLED", [started, stop], finished=False) == "CANCELLED"
+    assert run_state("COMPLETED", [started, {"event": "preempted"}], finished=False) == "PREEMPTED(not requeued)"
+    assert run_state("COMPLETED", [started], finished=True) == "COMPLETED"
+    # neither sacct nor scontrol knows the job: the run folder answers
+    assert run_state(None, [started], finished=True) == "COMPLETED(folder)"
+    assert run_state(None, [started, stop], finished=False) == "TERMINATED(folder)"
+    assert run_state(None, [started], finished=False) == "UNKNOWN"
+
+
 def test_local_executor_runs_the_training(shards, tmp_path):
     """--local: the same task through submitit's LocalExecutor (no SLURM involved)."""
     run_dir = tmp_path / "local"
@@ -514,3 +597,176 @@ def test_train_sbatch_runs_two_nodes_and_requeues_itself(shards, tmp_path, job_i
     assert env_json["world_size"] == 2 and "MULTI_CPU" in env_json["distributed_type"]
     stats = json.loads((run_dir / "rank_stats" / "rank1.json").read_text())
     assert stats["global_step"] == _total_steps(shards)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every way a job ends: USR2 with no requeue left, scancel, scontrol requeue; `jobs` on the way
+
+
+def _same_curves(run_dir: Path, reference: Path, total: int) -> None:
+    """Each TensorBoard tag has the reference run's points up to ``total``: no gap, no step twice."""
+    for tag in ("train/loss", "val/accuracy"):
+        steps = _scalar_steps(run_dir, tag)
+        assert steps == sorted(set(steps)) == [s for s in _scalar_steps(reference, tag) if s <= total], tag
+
+
+@pytest.mark.slurm
+def test_jobs_shows_a_pending_job(shards, tmp_path, capsys, job_ids):
+    """A job that has not started yet (held back by --begin): PENDING, no start; then cancelled."""
+    run_dir = tmp_path / "pending"
+    proc = subprocess.run(_submit_cmd(shards, run_dir, "--slurm", "begin=now+3600", overrides=SHORT),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job_id = _events(run_dir)[0]["job_id"]
+    cells = _jobs_row(run_dir, capsys)
+    assert cells[1:4] == [job_id, "PENDING", "0"] and cells[-1] == "-", cells
+    assert _jobs_without(run_dir, tmp_path, ("sacct",))[1:4] == [job_id, "PENDING", "0"]  # scontrol answers
+    subprocess.run(["scancel", job_id], check=True, timeout=30)
+    _wait_until(lambda: _jobs_row(run_dir, capsys)[2] == "CANCELLED", f"job {job_id} shown cancelled", timeout_s=30)
+
+
+@pytest.mark.slurm
+def test_usr2_without_requeues_left_and_scancel_end_the_job_and_the_same_command_resumes(
+        two_node_run, shards, tmp_path, capsys, job_ids):
+    run_dir = tmp_path / "stopped"
+    cmd = _submit_cmd(shards, run_dir, "--wait", overrides=[*SHORT, "run.max_requeues=0"])
+    total = _total_steps(shards, epochs=3)
+
+    # 1. USR2 with run.max_requeues=0: checkpoint on every rank, no requeue, `--wait` exits 1 saying so
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_file(run_dir / "checkpoints", "step-000000003.pt", proc)
+        first = _events(run_dir)[0]["job_id"]
+        subprocess.run(["scancel", "--signal=USR2", first], check=True, timeout=30)
+        signalled = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    took = time.monotonic() - signalled
+    assert proc.returncode == 1, stdout[-3000:] + stderr[-3000:] + _logs(run_dir)
+    assert took < 60, f"--wait took {took:.0f} s to end after USR2"
+    assert "preempted and not requeued (run.max_requeues=0 reached)" in stderr
+    assert _sacct(first) == [(first, "COMPLETED", "n[1-2]")]  # one allocation: never requeued
+    events = _job_events(run_dir, first)
+    assert [e["event"] for e in events] == ["submitted", "started", "preempted"]
+    stopped = events[-1]["step"]
+    assert 3 <= stopped < total and _newest_checkpoint_step(run_dir) == stopped
+    assert f"preempted at step {stopped}" in stdout
+    cells = _jobs_row(run_dir, capsys)
+    assert cells[2:4] == ["PREEMPTED(not requeued)", "1"] and cells[-1] == f"preempted @ step {stopped}", cells
+
+    # 2. the same command resumes; scancel mid-run: CANCELLED, not requeued, its checkpoint intact
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_until(lambda: max(_checkpoint_steps(run_dir)) > stopped, "a checkpoint after the resume", proc,
+                    logs=run_dir)
+        second = _events(run_dir)[-1]["job_id"]
+        assert second != first
+        subprocess.run(["scancel", second], check=True, timeout=30)
+        cancelled = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    took = time.monotonic() - cancelled
+    assert proc.returncode == 1, stdout[-3000:] + stderr[-3000:] + _logs(run_dir)
+    assert f"job {second} was cancelled" in stderr and f"job {second} failed" not in stderr
+    assert took < 60, f"--wait took {took:.0f} s to end after scancel"
+    # --wait returns once the tasks are gone, and only a live task could requeue the job
+    assert {k: _scontrol(second).get(k) for k in ("JobState", "Restarts")} == {"JobState": "CANCELLED",
+                                                                               "Restarts": "0"}
+    assert [(j, state.split()[0]) for j, state, _ in _sacct(second)] == [(second, "CANCELLED")]  # "CANCELLED by 0"
+    assert _squeue(second) == ""
+    events = _job_events(run_dir, second)
+    assert [e["event"] for e in events] == ["submitted", "started", "terminated"]
+    terminated = events[-1]["step"]
+    assert stopped < terminated < total and _newest_checkpoint_step(run_dir) == terminated
+    cells = _jobs_row(run_dir, capsys)
+    assert cells[2:4] == ["CANCELLED", "1"] and cells[-1] == f"terminated @ step {terminated}", cells
+
+    # 3. the same command again: the run completes with the steps of an uninterrupted one
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + _logs(run_dir)
+    assert f"completed at step {total}" in proc.stdout
+    assert json.loads((run_dir / "rank_stats" / "rank0.json").read_text())["global_step"] == total
+    assert _squeue(second) == ""  # still not back in the queue
+    _same_curves(run_dir, two_node_run[0], total)
+
+
+@pytest.mark.slurm
+def test_scontrol_requeue_resumes_and_submit_wait_succeeds(two_node_run, shards, tmp_path, capsys, job_ids):
+    """SLURM requeues the job itself (SIGTERM, then a restart): --wait outlives it, `jobs` shows it."""
+    run_dir = tmp_path / "requeued"
+    total = _total_steps(shards, epochs=3)
+    proc = subprocess.Popen(_submit_cmd(shards, run_dir, "--wait", overrides=SHORT), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_file(run_dir / "checkpoints", "step-000000003.pt", proc)
+        job_id = _events(run_dir)[0]["job_id"]
+        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+        requeued = time.monotonic()
+        info = _wait_until(lambda: (i := _scontrol(job_id)).get("JobState") == "PENDING" and i, "PENDING", proc,
+                           timeout_s=60, logs=run_dir)
+        assert info["Restarts"] == "1"
+        terminated = _job_events(run_dir, job_id)[-1]
+        assert terminated["event"] == "terminated" and 3 <= terminated["step"] < total
+        assert _newest_checkpoint_step(run_dir) == terminated["step"]
+        cells = _jobs_row(run_dir, capsys)
+        assert cells[2:4] == ["PENDING(requeued)", "1"], cells
+        assert cells[-1] == f"terminated @ step {terminated['step']}", cells
+        # running again (its start-up takes seconds): from sacct, and from scontrol on a cluster without accounting
+        _wait_until(lambda: _scontrol(job_id).get("JobState") == "RUNNING", "RUNNING again", proc, timeout_s=120,
+                    logs=run_dir)
+        assert _jobs_row(run_dir, capsys)[1:3] == [job_id, "RUNNING"]
+        assert _jobs_without(run_dir, tmp_path, ("sacct",))[1:3] == [job_id, "RUNNING"]
+        assert proc.poll() is None  # --wait is still waiting
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the requeued job did not finish:\n{_logs(run_dir)}")
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:] + _logs(run_dir)
+    assert f"job {job_id}: completed at step {total}" in stdout
+    assert time.monotonic() - requeued < 240
+    assert [state for _, state, _ in _sacct(job_id)] == ["REQUEUED", "COMPLETED"]
+    events = [(e["event"], e.get("restart")) for e in _events(run_dir)]
+    assert events == [("submitted", None), ("started", 0), ("terminated", 0), ("started", 1)]
+    assert json.loads((run_dir / "rank_stats" / "rank0.json").read_text())["global_step"] == total
+    _same_curves(run_dir, two_node_run[0], total)
+    cells = _jobs_row(run_dir, capsys)
+    assert cells[2:4] == ["COMPLETED", "2"] and cells[-1] == "started", cells
+
+
+@pytest.mark.slurm
+def test_jobs_without_accounting_reads_the_run_folder(two_node_run, tmp_path):
+    """No sacct, and a controller that has forgotten the job: a finished run still shows as completed."""
+    run_dir, _ = two_node_run
+    cells = _jobs_without(run_dir, tmp_path, ("sacct", "scontrol"))
+    assert cells[2:4] == ["COMPLETED(folder)", "1"], cells
+
+
+@pytest.mark.slurm
+def test_train_sbatch_scancel_checkpoints_and_is_not_requeued(shards, tmp_path, job_ids):
+    """jobs/train.sbatch follows the same rule: SIGTERM checkpoints and ends the job, never requeued."""
+    run_dir = tmp_path / "sbatch-cancel"
+    cmd = ["sbatch", "--parsable", "--nodes=2", "--cpus-per-task=2", "--time=10", f"--output={tmp_path}/%x-%j.out",
+           str(REPO / "jobs" / "train.sbatch"), "--config", "smiling_simple_cnn", "--data", str(shards),
+           "--run-dir", str(run_dir), "--set", *SHORT]
+    env = {**os.environ, "PYTHON": sys.executable}
+    job_id = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    job_ids.append(job_id)
+    _wait_until(lambda: (run_dir / "checkpoints" / "step-000000003.pt").exists(), "the sbatch job training",
+                logs=tmp_path)
+    subprocess.run(["scancel", job_id], check=True, timeout=30)
+    cancelled = time.monotonic()
+    info = _wait_until(lambda: (i := _scontrol(job_id)).get("JobState") not in ("RUNNING", "COMPLETING") and i,
+                       f"job {job_id} ended", timeout_s=60, logs=tmp_path)
+    assert time.monotonic() - cancelled < 60
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0")
+    assert [(j, state.split()[0]) for j, state, _ in _sacct(job_id)] == [(job_id, "CANCELLED")]
+    assert _squeue(job_id) == ""
+    log = next(tmp_path.glob(f"*-{job_id}.out")).read_text()
+    assert "SIGTERM (scancel, node drain, or a requeue by SLURM)" in log and "requeueing job" not in log
+    stop_line = next(line for line in (run_dir / "logs" / "rank0.log").read_text().splitlines()
+                     if "stop requested by SIGTERM (terminate)" in line)
+    stopped = int(stop_line.rsplit("checkpointing at step ", 1)[1])
+    assert 3 <= stopped < _total_steps(shards, epochs=3) and _newest_checkpoint_step(run_dir) == stopped

@@ -2,10 +2,14 @@
 
 Every run submitted through :mod:`celeba_dist.launch` keeps ``RUN_DIR/slurm_jobs.json``, a list of
 events: ``submitted`` (by the submitting process), ``started`` (by rank 0 of each start, so a
-requeued job appears once per start) and ``requeue``. The state comes from ``sacct`` (``squeue``
-where accounting is off); progress and the best validation value come from the run folder
-(``metrics.json`` at the end, ``rank_stats/``, the checkpoints' step numbers and TensorBoard
-events while it trains), so this works from any machine that sees the folder.
+requeued job appears once per start), ``requeue`` (USR2, requeued by the task), ``preempted``
+(USR2 with ``run.max_requeues`` reached: not requeued) and ``terminated`` (SIGTERM: a cancel, or a
+requeue SLURM performs itself). The state comes from ``sacct``, from ``scontrol show job`` where
+sacct does not answer (no accounting, or a job it has not recorded yet), and from the run folder
+where neither knows the job; the STARTS and LAST EVENT columns come from the records. Progress
+and the best validation value come from the run folder (``metrics.json`` at the end,
+``rank_stats/``, the checkpoints' step numbers and TensorBoard events while it trains), so this
+works from any machine that sees the folder.
 """
 from __future__ import annotations
 
@@ -42,7 +46,8 @@ def _locked(run_dir: Path) -> Iterator[None]:
 
 
 def record_job(run_dir: Path, event: str, **fields: Any) -> None:
-    """Append one event (``submitted``, ``started``, ``requeue``) to ``RUN_DIR/slurm_jobs.json``."""
+    """Append one event (``submitted``, ``started``, ``requeue``, ``preempted``, ``terminated``) to
+    ``RUN_DIR/slurm_jobs.json``."""
     path = Path(run_dir) / JOBS_FILE
     with _locked(Path(run_dir)):
         records = read_jobs(run_dir)
@@ -63,6 +68,11 @@ def last_submission(run_dir: Path) -> dict[str, Any] | None:
     return submitted[-1] if submitted else None
 
 
+def job_events(run_dir: Path, job_id: str | None) -> list[dict[str, Any]]:
+    """The records of one job (all its starts: a requeue keeps the job id)."""
+    return [r for r in read_jobs(run_dir) if job_id is not None and str(r.get("job_id")) == job_id]
+
+
 def slurm_job_ids(run_dirs: list[Path]) -> list[str]:
     """The newest SLURM job id of each run (local runs have process ids, not job ids)."""
     subs = [last_submission(d) for d in run_dirs]
@@ -80,42 +90,94 @@ def _local_state(pid: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Scheduler state
 
-
-def scheduler_states(job_ids: list[str]) -> dict[str, str]:
-    """Job id → state (``RUNNING``, ``COMPLETED``, ``PENDING``...) from sacct, else squeue.
-
-    Array members are keyed ``ARRAYID_INDEX``; ids the scheduler does not know are left out.
-    """
-    ids = sorted({j.split("_")[0] for j in job_ids if j and j.split("_")[0].isdigit()})
-    if not ids:
-        return {}
-    states: dict[str, str] = {}
-    commands = [
-        ["sacct", "--noheader", "--parsable2", "--allocations", "--format=JobID,State", "--jobs", ",".join(ids)],
-        ["squeue", "--noheader", "--array", "--format=%i|%T", "--jobs", ",".join(ids)],
-    ]
-    for command in commands:
-        try:
-            out = subprocess.run(command, capture_output=True, text=True, timeout=30, check=True).stdout
-        except (OSError, subprocess.SubprocessError):
-            continue
-        for line in out.splitlines():
-            job, _, state = line.partition("|")
-            if state:
-                states[job.strip()] = state.split()[0]  # "CANCELLED by 0" → "CANCELLED"
-        return states
-    return states
-
-
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}
 
 
+def scheduler_states(job_ids: list[str]) -> dict[str, str]:
+    """Job id → state (``RUNNING``, ``COMPLETED``, ``PENDING``...) from sacct, and from
+    ``scontrol show job`` where sacct does not answer or lags: a cluster without accounting, a job
+    the database has not recorded yet, and every job sacct still calls active (after a requeue sacct
+    says REQUEUED for a while when the controller already has the job PENDING again). ``scontrol``
+    knows a job until ``MinJobAge`` after it ends.
+
+    Array members are keyed ``ARRAYID_INDEX``; ids neither knows are left out.
+    """
+    ids = _base_ids(job_ids)
+    if not ids:
+        return {}
+    states = _sacct_states(ids)
+
+    def settled(base: str) -> bool:
+        known = [state for job, state in states.items() if job.split("_")[0] == base]
+        return bool(known) and not any(state in ACTIVE_STATES for state in known)
+
+    ask = [i for i in ids if not settled(i)]
+    if ask:
+        states.update(controller_states(ask))
+    return states
+
+
+def controller_states(job_ids: list[str]) -> dict[str, str]:
+    """Job id → state as the controller has it now (``scontrol show job``; no accounting needed)."""
+    states: dict[str, str] = {}
+    for base in _base_ids(job_ids):
+        out = _run(["scontrol", "--oneliner", "show", "job", base])  # fails for a job it has forgotten
+        for line in (out or "").splitlines():
+            fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+            if "JobState" not in fields:
+                continue
+            array, task = fields.get("ArrayJobId"), fields.get("ArrayTaskId")
+            keys = [f"{array}_{t}" for t in _expand_tasks(task)] if array and task else [fields["JobId"]]
+            states.update(dict.fromkeys(keys, fields["JobState"]))
+    return states
+
+
+def _sacct_states(ids: list[str]) -> dict[str, str]:
+    out = _run(["sacct", "--noheader", "--parsable2", "--allocations", "--format=JobID,State", "--jobs",
+                ",".join(ids)])
+    states: dict[str, str] = {}
+    for line in (out or "").splitlines():
+        job, _, state = line.partition("|")
+        base, _, task = job.strip().partition("_")
+        if not state:
+            continue
+        keys = [f"{base}_{t}" for t in _expand_tasks(task.strip("[]"))] if task else [base]
+        states.update(dict.fromkeys(keys, state.split()[0]))  # "CANCELLED by 0" → "CANCELLED"
+    return states
+
+
+def _run(command: list[str]) -> str | None:
+    """stdout of a SLURM client command, or None where it is missing or fails."""
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _base_ids(job_ids: list[str]) -> list[str]:
+    return sorted({j.split("_")[0] for j in job_ids if j and j.split("_")[0].isdigit()})
+
+
+def _expand_tasks(spec: str) -> list[str]:
+    """SLURM's array task lists: ``"3"``, ``"0-2%3"``, ``"1,4-5"`` → ``["3"]``, ``["0", "1", "2"]``..."""
+    tasks: list[str] = []
+    for part in spec.split("%")[0].split(","):
+        low, _, high = part.partition("-")
+        if low.isdigit() and (not high or high.isdigit()):
+            tasks.extend(str(t) for t in range(int(low), int(high or low) + 1))
+    return tasks
+
+
+
 def wait_until_ended(job_ids: list[str], *, timeout_s: float = 60) -> dict[str, str]:
-    """Poll until the scheduler has no job of ``job_ids`` active (results can land before it ends)."""
+    """Poll until no job of ``job_ids`` is active, its processes included: results can land
+    before a job ends, and sacct says CANCELLED while the controller still lets the tasks
+    checkpoint (COMPLETING)."""
     deadline = time.monotonic() + timeout_s
     while True:
         states = scheduler_states(job_ids)
-        if not any(states.get(j) in ACTIVE_STATES for j in job_ids) or time.monotonic() > deadline:
+        now = {**states, **controller_states(job_ids)}
+        if not any(now.get(j) in ACTIVE_STATES for j in job_ids) or time.monotonic() > deadline:
             return states
         time.sleep(1)
 
@@ -130,6 +192,8 @@ class RunInfo:
     run_dir: Path
     job_id: str | None
     state: str
+    starts: int
+    last_event: str
     step: int | None
     epoch: int | None
     epochs: int | None
@@ -180,6 +244,38 @@ def _best_from_events(run_dir: Path, metric: str) -> tuple[float | None, int | N
     return best.value, best.step
 
 
+# What the run folder's last record says where the scheduler no longer knows the job.
+_FOLDER_STATES = {"terminated": "TERMINATED", "preempted": "PREEMPTED", "requeue": "REQUEUED"}
+
+
+def run_state(scheduler: str | None, events: list[dict[str, Any]], *, finished: bool) -> str:
+    """The STATE column: the scheduler's state, read with the run's own records.
+
+    A job pending after it has started before was requeued (by ``submit``'s USR2 path or by SLURM)
+    and shows ``PENDING(requeued)``; a job that ended after a USR2 with ``run.max_requeues`` reached
+    shows ``PREEMPTED(not requeued)``. Where neither sacct nor scontrol knows the job, the run
+    folder answers (``COMPLETED(folder)`` when ``metrics.json`` is there).
+    """
+    starts = sum(e["event"] == "started" for e in events)
+    last = next((e["event"] for e in reversed(events) if e["event"] != "submitted"), None)
+    if scheduler is None:
+        if finished:
+            return "COMPLETED(folder)"
+        return f"{_FOLDER_STATES[last]}(folder)" if last in _FOLDER_STATES else "UNKNOWN"
+    if scheduler == "PENDING" and starts:
+        return "PENDING(requeued)"
+    if scheduler == "COMPLETED" and last == "preempted":
+        return "PREEMPTED(not requeued)"
+    return scheduler
+
+
+def _event_text(events: list[dict[str, Any]]) -> str:
+    last = next((e for e in reversed(events) if e["event"] != "submitted"), None)
+    if last is None:
+        return "-"
+    return last["event"] + (f" @ step {last['step']}" if last.get("step") is not None else "")
+
+
 def run_info(run_dir: Path, states: dict[str, str], *, name: str | None = None,
              overrides: list[str] | None = None) -> RunInfo:
     """What the run folder says about a run, with the scheduler's state of its newest job."""
@@ -188,11 +284,12 @@ def run_info(run_dir: Path, states: dict[str, str], *, name: str | None = None,
     metric = train.get("select_metric", "accuracy")
     submission = last_submission(run_dir) or {}
     job_id = str(submission["job_id"]) if submission else None
+    events = job_events(run_dir, job_id)
+    results = _read_json(run_dir / "metrics.json")
     if submission.get("executor") == "local":
         state = _local_state(job_id)
     else:
-        state = states.get(job_id or "", "UNKNOWN" if job_id else "-")
-    results = _read_json(run_dir / "metrics.json")
+        state = run_state(states.get(job_id), events, finished=bool(results)) if job_id else "-"
     rank0 = _read_json(run_dir / "rank_stats" / "rank0.json") or {}
     step = max((s for s in (rank0.get("global_step"), _newest_checkpoint_step(run_dir)) if s is not None),
                default=None)
@@ -206,7 +303,9 @@ def run_info(run_dir: Path, states: dict[str, str], *, name: str | None = None,
         best, best_step = _best_from_events(run_dir, metric)
         if best_step is not None:
             step = max(step or 0, best_step)
-    return RunInfo(name=name or run_dir.name, run_dir=run_dir, job_id=job_id, state=state, step=step, epoch=epoch,
+    return RunInfo(name=name or run_dir.name, run_dir=run_dir, job_id=job_id, state=state,
+                   starts=sum(e["event"] == "started" for e in events), last_event=_event_text(events),
+                   step=step, epoch=epoch,
                    epochs=train.get("epochs"), metric=metric, best=best, best_epoch=best_epoch,
                    overrides=list(overrides or []))
 
@@ -242,16 +341,19 @@ def sweep_table(sweep_dir: Path, *, metric: str | None = None) -> tuple[str, lis
                 info.best, _ = _best_from_events(info.run_dir, metric)
                 info.best_epoch = None
     infos.sort(key=lambda i: (i.best is None, -(i.best or 0.0), i.name))
-    rows = [[i.name, i.job_id or "-", i.state, i.progress(), i.best_text(), " ".join(i.overrides)] for i in infos]
-    return format_table(rows, ["MEMBER", "JOB", "STATE", "PROGRESS", "BEST VAL", "OVERRIDES"]), infos
+    rows = [[i.name, i.job_id or "-", i.state, str(i.starts), i.progress(), i.best_text(), i.last_event,
+             " ".join(i.overrides)] for i in infos]
+    return format_table(rows, ["MEMBER", "JOB", "STATE", "STARTS", "PROGRESS", "BEST VAL", "LAST EVENT",
+                               "OVERRIDES"]), infos
 
 
 def runs_table(root: Path) -> tuple[str, list[RunInfo]]:
     run_dirs = find_runs(root)
     states = scheduler_states(slurm_job_ids(run_dirs))
     infos = [run_info(d, states, name=str(d.relative_to(root)) if d != root else d.name) for d in run_dirs]
-    rows = [[i.name, i.job_id or "-", i.state, i.progress(), i.best_text()] for i in infos]
-    return format_table(rows, ["RUN", "JOB", "STATE", "PROGRESS", "BEST VAL"]), infos
+    rows = [[i.name, i.job_id or "-", i.state, str(i.starts), i.progress(), i.best_text(), i.last_event]
+            for i in infos]
+    return format_table(rows, ["RUN", "JOB", "STATE", "STARTS", "PROGRESS", "BEST VAL", "LAST EVENT"]), infos
 
 
 def main(argv: list[str] | None = None) -> int:

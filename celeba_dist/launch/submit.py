@@ -4,11 +4,16 @@ The launcher only translates the cluster: each SLURM task turns its environment 
 ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``... (:mod:`celeba_dist.launch.cluster_env`) and calls the
 same ``celeba_dist.train.main(config)`` as every other launcher, imported lazily on the node.
 
-Preemption and time limits: SLURM sends ``SIGUSR2`` ``--signal-delay`` seconds before the limit
-(``scancel --signal=USR2 JOB`` does the same by hand). The training loop turns it into a
-checkpoint on every rank and returns ``status="preempted"``; rank 0 then calls submitit's own
-handler, which pickles :meth:`TrainTask.checkpoint` and runs ``scontrol requeue``. The requeued
-job resumes from the run folder's newest checkpoint. ``run.max_requeues`` bounds the requeues.
+Signals mean what SLURM means by them. ``SIGUSR2`` is the time-limit/preemption warning: SLURM
+sends it ``--signal-delay`` seconds before the limit (``scancel --signal=USR2 JOB`` does the same
+by hand). The training loop turns it into a checkpoint on every rank and returns
+``status="preempted"``; rank 0 then calls submitit's own handler, which pickles
+:meth:`TrainTask.checkpoint` and runs ``scontrol requeue``. The requeued job resumes from the run
+folder's newest checkpoint. ``run.max_requeues`` bounds the requeues. ``SIGTERM`` is ``scancel``, a
+node drain, or a requeue SLURM performs itself (``scontrol requeue``, PreemptMode=REQUEUE): the
+loop checkpoints at the next step (SIGKILL follows after SLURM's ``KillWait``), the tasks exit 75
+without a result and without requeueing; a cancelled job stays cancelled (``submit`` again on the
+same folder resumes it), a job SLURM requeues resumes when SLURM restarts it.
 
     celeba-dist submit --config smiling_simple_cnn --data shards --run-dir runs/smile \\
         --nodes 2 --gpus-per-node 4 --cpus-per-task 8 --mem 64G --time 240 --partition gpu
@@ -21,13 +26,14 @@ import os
 import shlex
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import submitit
 
 from celeba_dist.launch import cluster_env
-from celeba_dist.launch.status import record_job, wait_until_ended
+from celeba_dist.launch.status import ACTIVE_STATES, record_job, scheduler_states, wait_until_ended
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +58,7 @@ class TrainTask:
     def __call__(self) -> dict[str, Any]:
         cluster = cluster_env.apply()
         from celeba_dist.config import load_config
-        from celeba_dist.train import main
+        from celeba_dist.train import EXIT_PREEMPTED, main
 
         cfg = load_config(self.config, self.overrides, data_dir=self.data_dir, run_dir=self.run_dir)
         if cluster.rank == 0:
@@ -60,25 +66,50 @@ class TrainTask:
                        nodelist=os.environ.get("SLURM_JOB_NODELIST"), world_size=cluster.world_size,
                        master=f"{cluster.master_addr}:{cluster.master_port}")
         result = main(cfg)
+        if result["status"] == "terminated":
+            self._leave_terminated(cluster, result, EXIT_PREEMPTED)
         if result["status"] == "preempted":
-            self._requeue(cluster, cfg.run.max_requeues)
+            self._requeue(cluster, cfg.run.max_requeues, result)
         return result
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit's requeue handler: resubmit the same task (it resumes from the run folder)."""
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
-    def _requeue(self, cluster: cluster_env.ClusterEnv, max_requeues: int) -> None:
-        """After a preemption checkpoint: rank 0 requeues the job through submitit; the others leave.
+    def _leave_terminated(self, cluster: cluster_env.ClusterEnv, result: dict[str, Any], code: int) -> None:
+        """After a SIGTERM checkpoint: exit without a result and without requeueing.
 
-        Every rank takes the same decision from the same inputs (``SLURM_RESTART_COUNT`` and the
-        config), so no collective is needed after ``main`` has returned.
+        SIGTERM is SLURM ending the job (``scancel``, a drain) or requeueing it itself. A result
+        pickle would tell ``submit --wait`` the job is over, and a requeue would undo a cancel, so
+        the task raises ``SystemExit``, which submitit's ``process_job`` lets through (it pickles
+        only ``Exception``). SLURM then records the job as CANCELLED, or restarts it. Called
+        outside a scheduler, the task returns the result instead.
         """
         if cluster.scheduler == "none":
             return
+        if cluster.rank == 0:
+            record_job(Path(self.run_dir), "terminated", job_id=_job_id(), restart=cluster.restart_count,
+                       step=result["global_step"])
+        log.warning("rank %d: SIGTERM, checkpoint written at step %d; exiting %d without requeueing",
+                    cluster.rank, result["global_step"], code)
+        raise SystemExit(code)
+
+    def _requeue(self, cluster: cluster_env.ClusterEnv, max_requeues: int, result: dict[str, Any]) -> None:
+        """After a preemption checkpoint: rank 0 requeues the job through submitit; the others leave.
+
+        Every rank takes the same decision from the same inputs (``SLURM_RESTART_COUNT`` and the
+        config), so no collective is needed after ``main`` has returned. With ``run.max_requeues``
+        reached the task returns the "preempted" result, and the job ends.
+        """
+        if cluster.scheduler == "none":
+            return
+        step = result["global_step"]
         if cluster.restart_count >= max_requeues:
             log.warning("preempted after %d requeue(s): run.max_requeues=%d reached, not requeueing",
                         cluster.restart_count, max_requeues)
+            if cluster.rank == 0:
+                record_job(Path(self.run_dir), "preempted", job_id=_job_id(), restart=cluster.restart_count,
+                           step=step, reason=f"run.max_requeues={max_requeues} reached, not requeued")
             return
         if cluster.rank != 0:
             log.info("rank %d: checkpoint written, rank 0 requeues the job", cluster.rank)
@@ -87,7 +118,7 @@ class TrainTask:
         handler = signal.getsignal(sig)
         if not callable(handler):
             raise RuntimeError(f"no submitit handler for {sig.name}; cannot requeue (not started by submitit?)")
-        record_job(Path(self.run_dir), "requeue", job_id=_job_id(), restart=cluster.restart_count)
+        record_job(Path(self.run_dir), "requeue", job_id=_job_id(), restart=cluster.restart_count, step=step)
         log.info("requeueing job %s (requeue %d of at most %d)", _job_id(), cluster.restart_count + 1, max_requeues)
         handler(sig, None)  # pickles self.checkpoint(), `scontrol requeue`s the job and exits
 
@@ -198,18 +229,52 @@ def sbatch_script(params: dict[str, Any], folder: Path, *, array_size: int | Non
     return _make_sbatch_string(command=command, folder=folder, map_count=array_size, **params)
 
 
+# How often ``--wait`` asks the scheduler (submitit's own watcher slows down to every few minutes).
+POLL_S = 5
+
+
 def wait_for(jobs: Sequence[submitit.Job]) -> list[dict[str, Any] | None]:
-    """Block until the jobs end; rank 0's result of each, or None where the job failed."""
+    """Block until the jobs end; rank 0's result of each, or None where the job failed or was cancelled.
+
+    A job that SLURM requeues (``scontrol requeue``, a preemption) passes through REQUEUED and
+    PENDING and runs again: that is still waiting, not a failure.
+    """
+    slurm = all(isinstance(job, submitit.SlurmJob) for job in jobs)
+    ended = {job.job_id: _wait_slurm(job) for job in jobs} if slurm else {}
+    if slurm:
+        wait_until_ended([job.job_id for job in jobs])  # the tasks are gone; sacct and `jobs` agree
     results: list[dict[str, Any] | None] = []
     for job in jobs:
+        if ended.get(job.job_id) == "CANCELLED":
+            print(f"job {job.job_id} was cancelled: it is not requeued; its run folder keeps the newest "
+                  "checkpoint, and `celeba-dist submit` with the same --run-dir resumes it", file=sys.stderr)
+            results.append(None)
+            continue
         try:
             results.append(job.results()[0])
         except submitit.core.utils.UncompletedJobError as exc:  # FailedJobError included
-            print(f"job {job.job_id} failed: {exc}", file=sys.stderr)
+            state = f" ({ended[job.job_id]})" if ended.get(job.job_id) else ""
+            print(f"job {job.job_id} failed{state}: {exc}", file=sys.stderr)
             results.append(None)
-    if all(isinstance(job, submitit.SlurmJob) for job in jobs):
-        wait_until_ended([job.job_id for job in jobs])  # so that sacct and `celeba-dist jobs` agree
     return results
+
+
+def _wait_slurm(job: submitit.SlurmJob) -> str | None:
+    """Poll until rank 0's result is written or the scheduler has ended the job; its last state.
+
+    A job the scheduler knew and then forgets (no accounting, ``MinJobAge`` passed) has ended.
+    """
+    result = job.task(0).paths.result_pickle
+    state, seen = None, False
+    while not result.exists():
+        state = scheduler_states([job.job_id]).get(job.job_id)
+        if state is None and seen:
+            return "UNKNOWN"
+        if state is not None and state not in ACTIVE_STATES:
+            return state
+        seen = seen or state is not None
+        time.sleep(POLL_S)
+    return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,4 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     if result is None:
         return 1
     print(f"job {job.job_id}: {result['status']} at step {result['global_step']}, best {result['best']}")
+    if result["status"] == "preempted":
+        print(f"job {job.job_id} was preempted and not requeued (run.max_requeues={cfg.run.max_requeues} reached); "
+              "the same command resumes it from its newest checkpoint", file=sys.stderr)
     return 0 if result["status"] == "completed" else 1

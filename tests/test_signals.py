@@ -1,0 +1,91 @@
+"""Stop signals: which signal asked is recorded and reported, and a new run in the same process starts clean."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+
+import pytest
+
+from celeba_dist import signals
+from celeba_dist.config import load_config
+from celeba_dist.train import main
+from shardkit import synthetic_shards
+
+FAST = ["data.batch_size=16", "data.num_workers=0", "data.image_size=[32, 32]", "log.progress_bar=false",
+        "log.image_grid_size=0", "train.log_every_steps=2", "train.sync_every_steps=1",
+        "train.checkpoint_every_steps=3", "train.keep_last=100", "train.epochs=1", "train.eval_splits=[val]"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return synthetic_shards(tmp_path_factory.mktemp("signals"), num_images=300, samples_per_shard=16)
+
+
+@pytest.fixture
+def harmless_signals():
+    """USR2 and TERM do nothing outside the code under test (a late signal must not end pytest)."""
+    old = {sig: signal.signal(sig, lambda *_: None) for sig in signals.DEFAULT_SIGNALS}
+    yield
+    for sig, handler in old.items():
+        signal.signal(sig, handler)
+    signals.clear()
+
+
+def test_stop_reason_names_the_signal_and_sigterm_wins(harmless_signals):
+    signals.clear()
+    signals.install_stop_handlers()
+    try:
+        assert (signals.stop_requested(), signals.stop_reason()) == (False, None)
+        signal.raise_signal(signal.SIGUSR2)
+        assert (signals.stop_requested(), signals.stop_reason()) == (True, "preempt")
+        signal.raise_signal(signal.SIGTERM)
+        assert signals.stop_reason() == "terminate"
+        signal.raise_signal(signal.SIGUSR2)  # a later USR2 does not undo a SIGTERM
+        assert signals.stop_reason() == "terminate"
+        assert signals.received_signals() == [signal.SIGUSR2, signal.SIGTERM, signal.SIGUSR2]
+    finally:
+        signals.restore_handlers()
+    assert signal.getsignal(signal.SIGTERM) is not signals._handler  # the earlier handler is back
+    signals.clear()
+    assert (signals.stop_requested(), signals.stop_reason()) == (False, None)
+    signals.adopt("preempt")  # another rank's stop, as the training loop's agreement records it
+    assert signals.stop_reason() == "preempt"
+    with pytest.raises(ValueError, match="unknown stop reason"):
+        signals.adopt("later")
+
+
+def _main_signalled(cfg, sig: signal.Signals) -> dict:
+    """``main(cfg)`` with ``sig`` sent to this process once the run has written a new checkpoint."""
+    ckpts = cfg.run_dir / "checkpoints"
+    before = set(ckpts.glob("step-*.pt"))
+    done = threading.Event()
+
+    def send() -> None:
+        while not done.is_set() and not set(ckpts.glob("step-*.pt")) - before:
+            done.wait(0.05)
+        if not done.is_set():
+            os.kill(os.getpid(), sig)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        return main(cfg)
+    finally:
+        done.set()
+        sender.join()
+
+
+def test_each_run_in_a_process_reports_its_own_stop(shards, tmp_path, harmless_signals):
+    """SIGTERM → "terminated"; the next main() in the process does not inherit that stop: it trains
+    until its own USR2 ("preempted"); the third completes with the steps of an uninterrupted run."""
+    cfg = load_config("smiling_simple_cnn", FAST, data_dir=str(shards), run_dir=str(tmp_path / "run"))
+    first = _main_signalled(cfg, signal.SIGTERM)
+    assert first["status"] == "terminated" and first["global_step"] >= 3
+    second = _main_signalled(cfg, signal.SIGUSR2)
+    # a stop left over from the first run would end the second at its first step, as "terminated"
+    assert second["status"] == "preempted" and second["global_step"] > first["global_step"] + 1
+    third = main(cfg)
+    train = json.loads((shards / "manifest.json").read_text())["splits"]["train"]["num_samples"]
+    assert third["status"] == "completed" and third["global_step"] == train // 16
