@@ -500,6 +500,7 @@ def test_submit_trains_ddp_across_two_nodes(two_node_run, shards):
     stats = [json.loads((run_dir / "rank_stats" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [s["global_step"] for s in stats] == [_total_steps(shards)] * 2
     assert stats[0]["samples_seen"] == stats[1]["samples_seen"] > 0  # both ranks trained, equally
+    assert stats[0]["param_checksum"] == stats[1]["param_checksum"]  # DDP kept the two nodes' weights in step
     assert (run_dir / "metrics.json").is_file() and (run_dir / "checkpoints" / "best.pt").is_file()
 
 
