@@ -21,22 +21,32 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 from celeba_dist.config import Config
+from celeba_dist.diskio import translate_disk_full
 from celeba_dist.metrics import METRICS
 
 EVENTS_DIR = "tensorboard"
 
 
 class Board:
-    """A SummaryWriter on rank 0 and a no-op everywhere else."""
+    """A SummaryWriter on rank 0 and a no-op everywhere else.
+
+    The writer writes on a thread of its own and re-raises that thread's error at the next call: a
+    full disk comes out of the next call as :class:`celeba_dist.diskio.DiskFullError` naming the event file.
+    """
 
     def __init__(self, run_dir: Path, *, enabled: bool, purge_step: int | None = None):
-        self.writer = SummaryWriter(str(run_dir / EVENTS_DIR), purge_step=purge_step) if enabled else None
+        self.events = run_dir / EVENTS_DIR
+        with translate_disk_full(self.events):
+            self.writer = SummaryWriter(str(self.events), purge_step=purge_step) if enabled else None
+        if self.writer:  # the file the writer thread appends to (private in tensorboard; the folder otherwise)
+            self.events = Path(getattr(self.writer.file_writer.event_writer, "_file_name", self.events))
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer:
-            for tag, value in values.items():
-                if value is not None and math.isfinite(value):
-                    self.writer.add_scalar(tag, value, step)
+            with translate_disk_full(self.events):
+                for tag, value in values.items():
+                    if value is not None and math.isfinite(value):
+                        self.writer.add_scalar(tag, value, step)
 
     def split_metrics(self, split: str, metrics: dict, step: int) -> None:
         if not self.writer:
@@ -46,7 +56,8 @@ class Board:
 
     def image(self, tag: str, image: np.ndarray, step: int) -> None:
         if self.writer:
-            self.writer.add_image(tag, image, step, dataformats="HWC")
+            with translate_disk_full(self.events):
+                self.writer.add_image(tag, image, step, dataformats="HWC")
 
     def hparams(self, cfg: Config, final: dict[str, float]) -> None:
         """Write the HParams summary into this run's own event file."""
@@ -55,15 +66,17 @@ class Board:
         hp = flat_hparams(cfg)
         metric_dict = {f"hparam/{k}": v for k, v in final.items() if v is not None}
         exp, ssi, sei = hparams(hp, metric_dict)
-        self.writer.file_writer.add_summary(exp)
-        self.writer.file_writer.add_summary(ssi)
-        self.writer.file_writer.add_summary(sei)
-        for tag, value in metric_dict.items():
-            self.writer.add_scalar(tag, value)
+        with translate_disk_full(self.events):
+            for summary in (exp, ssi, sei):
+                self.writer.file_writer.add_summary(summary)
+            for tag, value in metric_dict.items():
+                self.writer.add_scalar(tag, value)
 
     def close(self) -> None:
         if self.writer:
-            self.writer.close()
+            writer, self.writer = self.writer, None  # closed once, even when closing fails
+            with translate_disk_full(self.events):
+                writer.close()
 
 
 def flat_hparams(cfg: Config) -> dict[str, Any]:

@@ -10,14 +10,16 @@ step's file (or a copy where links are not supported).
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from celeba_dist.diskio import atomic_write, link_or_copy
 
 log = logging.getLogger(__name__)
 
@@ -53,39 +55,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """torch.save to ``path`` all or nothing (:func:`celeba_dist.diskio.atomic_write`); a full disk
+    raises :class:`celeba_dist.diskio.DiskFullError` naming the file."""
+    with atomic_write(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def link_best(ckpt_dir: Path, source: Path) -> None:
     """Point best.pt at ``source`` atomically (hard link, or a copy where links fail)."""
-    tmp = ckpt_dir / f".{BEST}.tmp-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError:
-        import shutil
+    link_or_copy(source, ckpt_dir / BEST)
 
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, ckpt_dir / BEST)
+
+def newest_intact(ckpt_dir: Path) -> Path | None:
+    """The newest step checkpoint whose zip directory is complete (a cheap check: nothing is loaded)."""
+    return next((p for p in list_checkpoints(ckpt_dir) if zipfile.is_zipfile(p)), None)
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:

@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from celeba_dist.diskio import write_text
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key and the valid choices."""
@@ -409,10 +411,7 @@ def config_from_tree(tree: dict[str, Any], overrides: list[str] | tuple[str, ...
 
 
 def save_config(config: Config, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,7 +7,6 @@ Uses the checkpoint's own config (model, transform, attributes, thresholds); ``-
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from celeba_dist.cli_args import report_error
 from celeba_dist.checkpoint import BEST, load_checkpoint
 from celeba_dist.config import ConfigError, config_from_tree
 from celeba_dist.data import ShardData, owned_workers
+from celeba_dist.diskio import write_json
 from celeba_dist.distributed import build_accelerator, leave_process_group
 from celeba_dist.engine import evaluate
 from celeba_dist.logs import setup_logging
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(metrics, title=f"{args.split}: {path}"))
         out = Path(args.out) if args.out else (Path(args.run) / f"eval_{args.split}.json" if args.run else None)
         if out:
-            out.write_text(json.dumps(metrics, indent=2) + "\n")
+            write_json(out, metrics)
             print(f"metrics written to {out}")
     return 0
 

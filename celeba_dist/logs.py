@@ -6,6 +6,8 @@ import logging
 import sys
 from pathlib import Path
 
+from celeba_dist.diskio import is_disk_full
+
 FORMAT = "%(asctime)s %(levelname)s [rank %(rank)s] %(name)s: %(message)s"
 
 
@@ -28,6 +30,19 @@ class _Backlog(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
+
+
+class _RankFile(logging.FileHandler):
+    """The rank's log file; a full disk turns it off with one line on stderr instead of a traceback
+    per record (the run then reports the full disk itself, where a checkpoint or a metric is written)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if not is_disk_full(exc):
+            return super().handleError(record)
+        print(f"celeba-dist: no space left for the log file {self.baseFilename}: "
+              "its records go to the console only from here", file=sys.stderr)
+        logging.getLogger("celeba_dist").removeHandler(self)
 
 
 def setup_logging(*, rank: int = 0, is_main: bool = True, log_dir: Path | None = None, level: int = logging.INFO,
@@ -66,7 +81,7 @@ def attach_log_file(log_dir: Path, *, rank: int) -> None:
     """Log everything to ``log_dir/rank<rank>.log``, starting with what was kept since :func:`setup_logging`."""
     logger = logging.getLogger("celeba_dist")
     log_dir.mkdir(parents=True, exist_ok=True)
-    file_handler = logging.FileHandler(log_dir / f"rank{rank}.log")
+    file_handler = _RankFile(log_dir / f"rank{rank}.log")
     file_handler.setLevel(logging.DEBUG)
     file_handler.addFilter(_RankFilter(rank))
     file_handler.setFormatter(logging.Formatter(FORMAT))

@@ -1,4 +1,4 @@
-"""The shard manifest: its schema, validation, atomic writing and the questions loaders ask of it.
+"""The shard manifest: its schema, validation, writing and the questions loaders ask of it.
 
 ``OUT_DIR/manifest.json`` describes one packing of CelebA into WebDataset shards::
 
@@ -31,6 +31,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from celeba_dist.diskio import write_json
+
 MANIFEST_NAME = "manifest.json"
 FORMAT = "celeba-dist-shards"
 FORMAT_VERSION = 1
@@ -47,31 +49,6 @@ class ManifestError(ValueError):
 def shard_file(split: str, index: int) -> str:
     """The shard's path relative to the shard folder, e.g. ``train/celeba-train-000000.tar``."""
     return f"{split}/{SHARD_NAME.format(split=split, index=index)}"
-
-
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` so that readers see the old file or the new, never a part."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder: str | os.PathLike[str]) -> None:
-    """Make a rename inside ``folder`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_manifest(shard_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -95,7 +72,7 @@ def write_manifest(shard_dir: str | os.PathLike[str], manifest: dict[str, Any]) 
     """Validate ``manifest`` and write it atomically to ``shard_dir/manifest.json``."""
     path = Path(shard_dir) / MANIFEST_NAME
     validate_manifest(manifest, where=str(path))
-    write_json_atomic(path, manifest)
+    write_json(path, manifest, indent=1)
     return path
 
 

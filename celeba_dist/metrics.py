@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from celeba_dist.diskio import atomic_write
+
 METRICS = ("accuracy", "balanced_accuracy", "f1", "auroc")
 
 
@@ -128,11 +130,9 @@ def _cell(value: float | None) -> str:
 
 def write_attribute_csv(results: dict[str, dict], path: Path) -> None:
     """One row per (split, attribute) with the four metrics and the confusion counts."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_write(path, newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["split", "attribute", *METRICS, "tp", "fp", "tn", "fn"])
         for split, block in results.items():
             for name, vals in block["attributes"].items():
                 writer.writerow([split, name, *[vals[m] for m in METRICS], vals["tp"], vals["fp"], vals["tn"], vals["fn"]])
-    tmp.replace(path)

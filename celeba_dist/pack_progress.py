@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from celeba_dist.manifest import MANIFEST_NAME, SPLITS, file_sha256, write_json_atomic
+from celeba_dist.diskio import write_json
+from celeba_dist.manifest import MANIFEST_NAME, SPLITS, file_sha256
 from celeba_dist.pack_options import PackError, PackOptions
 from celeba_dist.sources import SourceData
 from celeba_dist.splits import Plan
@@ -53,7 +54,7 @@ class Progress:
     def save(self) -> None:
         """Write the record atomically."""
         body = {s: [self.shards[s][i] for i in sorted(self.shards[s])] for s in SPLITS}
-        write_json_atomic(self.path, {**self.header, "splits": body})
+        write_json(self.path, {**self.header, "splits": body}, indent=1)
 
     def entries(self, split: str) -> list[dict[str, Any]]:
         """The recorded shards of ``split``, in order."""

@@ -46,6 +46,7 @@ from tqdm import tqdm
 from celeba_dist import signals
 from celeba_dist.attributes import resolve_attributes
 from celeba_dist.cli_args import positive_int
+from celeba_dist.diskio import DiskFullError
 from celeba_dist.images import Encoded, ImageEncoder, encoded_images
 from celeba_dist.manifest import MANIFEST_NAME, SPLITS, ManifestError, load_manifest
 from celeba_dist.pack_manifest import build_manifest, log_summary, write_manifest_if_changed
@@ -163,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         pack(args.source, args.out_dir, options_from_args(args))
     except (SourceError, PackError, ManifestError) as e:
         print(f"celeba-dist pack: error: {e}", file=sys.stderr)
+        return 1
+    except DiskFullError as e:
+        print(f"celeba-dist pack: error: {e}; finished shards are kept: free space and run the same "
+              "command again to resume", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("celeba-dist pack: interrupted; finished shards are kept, run the same command again to resume",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import random
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +19,7 @@ from celeba_dist.cli_args import report_error
 from celeba_dist.checkpoint import load_checkpoint
 from celeba_dist.config import Config, ConfigError, config_from_tree
 from celeba_dist.data import ShardData, eval_stream, make_loader, owned_workers
+from celeba_dist.diskio import atomic_write
 from celeba_dist.engine import prepare_batch
 from celeba_dist.losses import LOSSES
 from celeba_dist.manifest import MANIFEST_NAME, ManifestError
@@ -84,24 +84,18 @@ def predict(checkpoint: Path, source: Path, out: Path, *, split: str | None = No
     model = build_model_for(cfg, len(attributes)).to(device).eval()
     model.load_state_dict(ckpt["model"])
     to_prob = LOSSES[cfg.loss.name].to_prob
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     rows = 0
-    try:
-        with owned_workers(), open(tmp, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["id", *attributes, *[f"{a}_prob" for a in attributes]])
-            for images, labels, keys in batches(cfg, source, attributes, split, batch_size or cfg.data.batch_size):
-                x, _ = prepare_batch(images, labels, device=device, normalize=cfg.data.normalize,
-                                     channels_last=cfg.train.channels_last)
-                probs = to_prob(model(x).float()).cpu()
-                decisions = (probs >= thresholds).int()
-                for key, d, p in zip(keys, decisions.tolist(), probs.tolist()):
-                    writer.writerow([key, *d, *[f"{v:.6f}" for v in p]])
-                rows += len(keys)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with owned_workers(), atomic_write(out, newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", *attributes, *[f"{a}_prob" for a in attributes]])
+        for images, labels, keys in batches(cfg, source, attributes, split, batch_size or cfg.data.batch_size):
+            x, _ = prepare_batch(images, labels, device=device, normalize=cfg.data.normalize,
+                                 channels_last=cfg.train.channels_last)
+            probs = to_prob(model(x).float()).cpu()
+            decisions = (probs >= thresholds).int()
+            for key, d, p in zip(keys, decisions.tolist(), probs.tolist()):
+                writer.writerow([key, *d, *[f"{v:.6f}" for v in p]])
+            rows += len(keys)
     return rows
 
 

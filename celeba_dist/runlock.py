@@ -131,10 +131,14 @@ def locked_message(run_dir: Path, holder: Holder, *, stale_s: float) -> str:
 def _write_temp(path: Path, holder: Holder) -> Path:
     """A complete, synced copy of ``holder`` under a name of this acquisition's own, next to ``path``."""
     tmp = path.with_name(f"{path.name}.{holder.token}.{time.monotonic_ns()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(dataclasses.asdict(holder), indent=2) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(dataclasses.asdict(holder), indent=2) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:  # a full disk: no partial copy is left next to the lock
+        tmp.unlink(missing_ok=True)
+        raise
     return tmp
 
 

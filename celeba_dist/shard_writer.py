@@ -12,7 +12,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from celeba_dist.manifest import file_sha256, fsync_dir, shard_file
+from celeba_dist.diskio import fsync_dir, translate_disk_full
+from celeba_dist.manifest import file_sha256, shard_file
 
 SHARD_MTIME = 946684800  # 2000-01-01: fixed tar metadata makes the shards byte-identical across runs
 SHARD_USER = "celeba"
@@ -67,7 +68,8 @@ class ShardWriter:
     def add(self, sample: dict[str, Any], member_bytes: int, *, size: tuple[int, int] | None,
             converted: str | None) -> None:
         """Append ``sample``; ``size`` of its image and why it was ``converted`` go into the record."""
-        self._tar.write(sample)
+        with translate_disk_full(self.path):
+            self._tar.write(sample)
         self.num_samples += 1
         self.member_bytes += member_bytes
         if converted:
@@ -77,11 +79,12 @@ class ShardWriter:
 
     def close(self, stop: int) -> dict[str, Any]:
         """Finish the shard: close the tar, fsync, rename; return its progress entry."""
-        self._tar.close()
-        self._stream.flush()
-        os.fsync(self._stream.fileno())
-        self._stream.close()
-        os.replace(self.tmp, self.path)
+        with translate_disk_full(self.path):
+            self._tar.close()
+            self._stream.flush()
+            os.fsync(self._stream.fileno())
+            self._stream.close()
+            os.replace(self.tmp, self.path)
         fsync_dir(self.path.parent)
         return {"file": self.file, "num_samples": self.num_samples, "bytes": self.path.stat().st_size,
                 "sha256": file_sha256(self.path), "start": self.start, "stop": stop,
@@ -93,5 +96,7 @@ class ShardWriter:
         try:
             self._tar.close()  # closes tarfile's buffer, which would otherwise flush into a closed file later
             self._stream.close()
+        except OSError:  # the error that brought us here (a full disk) may strike again: it is reported already
+            pass
         finally:
             self.tmp.unlink(missing_ok=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import os
@@ -27,10 +26,11 @@ from accelerate.utils import set_seed
 from celeba_dist import __version__, runlock, signals
 from celeba_dist.board import Board, accuracy_bars, attention_overlay, prediction_grid
 from celeba_dist.cli_args import report_error
-from celeba_dist.checkpoint import (BEST, atomic_save, link_best, list_checkpoints, load_checkpoint,
+from celeba_dist.checkpoint import (BEST, atomic_save, link_best, list_checkpoints, load_checkpoint, newest_intact,
                                     load_newest_valid, prune, rng_state, set_rng_state, step_path)
 from celeba_dist.config import Config, ConfigError, add_config_arguments, config_from_args, save_config
 from celeba_dist.data import DataError, ShardCheckError, ShardData, eval_stream, make_loader, owned_workers, train_stream
+from celeba_dist.diskio import DiskFullError, write_json
 from celeba_dist.distributed import build_accelerator, from_main, gather_list, leave_process_group
 from celeba_dist.engine import (NonFiniteLossError, Predictions, TrainState, Trainer, evaluate, prepare_batch,
                                 supports_attention, train_one_epoch)
@@ -84,7 +84,7 @@ def build_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        _write_json(run_dir / "env.json", environment(accelerator))
+        write_json(run_dir / "env.json", environment(accelerator))
     accelerator.wait_for_everyone()
     return run_dir
 
@@ -110,12 +110,6 @@ def environment(accelerator: Accelerator) -> dict[str, Any]:
         "mixed_precision": accelerator.mixed_precision, "git_commit": commit,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
 
 
 def check_data(cfg: Config, data: ShardData, accelerator: Accelerator, splits: tuple[str, ...]) -> None:
@@ -307,7 +301,7 @@ def write_results(run_dir: Path, results: dict[str, dict], state: TrainState, th
     out = {**results, "best_epoch": state.best_epoch, "best_step": state.best_step,
            "select_metric_value": state.best_metric, "history": state.history,
            "thresholds": dict(zip(attributes, thresholds)) if thresholds else None}
-    _write_json(run_dir / "metrics.json", out)
+    write_json(run_dir / "metrics.json", out)
     write_attribute_csv(results, run_dir / "metrics_per_attribute.csv")
 
 
@@ -330,6 +324,8 @@ def main(cfg: Config) -> dict[str, Any]:
     try:
         attach_log_file(cfg.run_dir / "logs", rank=accelerator.process_index)
         result = _train(cfg, accelerator, data)
+    except DiskFullError as exc:
+        raise exc.with_detail(_resume_hint(cfg.run_dir / "checkpoints")) from exc
     finally:
         if lock is not None:
             lock.release()
@@ -337,6 +333,13 @@ def main(cfg: Config) -> dict[str, Any]:
         raise runlock.RunLockedError(f"another process took the lock of {cfg.run_dir} over during this run: "
                                      f"its files may be mixed with this run's (see the error logged then)")
     return result
+
+
+def _resume_hint(ckpt_dir: Path) -> str:
+    newest = newest_intact(ckpt_dir)
+    if newest is None:
+        return "no checkpoint was written yet: free space and run the same command to start again"
+    return f"the newest intact checkpoint is {newest}: free space and run the same command to resume from it"
 
 
 def _train(cfg: Config, accelerator: Accelerator, data: ShardData) -> dict[str, Any]:
@@ -373,17 +376,17 @@ def _train(cfg: Config, accelerator: Accelerator, data: ShardData) -> dict[str, 
              run_dir, cfg.model.name, accelerator.num_processes, len(data.attributes), steps_per_epoch, total_steps)
     signals.clear()  # a stop requested of an earlier run in this process is not this run's
     signals.install_stop_handlers()
-    trained = None
+    trained, failed = None, True
     try:
         with owned_workers():  # an error anywhere ends this rank's loader workers too
             status = _fit(trainer, data, train_ds, state)
             trained = param_checksum(accelerator.unwrap_model(model, keep_torch_compile=False))  # before best.pt's load
             results = {} if status == "stopped" else _final_test(trainer, data, state)
+        failed = False
     finally:
         signals.restore_handlers()
-        board.close()
-        _write_rank_stats(run_dir, accelerator.process_index, state,
-                          trained or param_checksum(accelerator.unwrap_model(model, keep_torch_compile=False)))
+        checksum = trained or param_checksum(accelerator.unwrap_model(model, keep_torch_compile=False))
+        _close_run(board, run_dir, accelerator.process_index, state, checksum, failed=failed)
     leave_process_group(accelerator)
     return _result(STOPPED[signals.stop_reason()] if status == "stopped" else "completed", cfg, state, results)
 
@@ -468,12 +471,25 @@ def param_checksum(model: torch.nn.Module) -> dict[str, Any]:
     return {"abs_sum": total, "sha256": digest.hexdigest()}
 
 
+def _close_run(board: Board, run_dir: Path, rank: int, state: TrainState, checksum: dict[str, Any], *,
+               failed: bool) -> None:
+    """Flush TensorBoard and write this rank's stats. After a failure (a full disk, say) these
+    writes may fail too; they are logged then, so the error that ended the run is the one reported."""
+    for write in (board.close, lambda: _write_rank_stats(run_dir, rank, state, checksum)):
+        try:
+            write()
+        except OSError as exc:
+            if not failed:
+                raise
+            log.warning("while ending the failed run: %s", exc)
+
+
 def _write_rank_stats(run_dir: Path, rank: int, state: TrainState, checksum: dict[str, Any]) -> None:
     """What this rank trained on, and the checksum of the weights it trained (no collective: this also runs
     when a peer has died)."""
     folder = run_dir / "rank_stats"
     folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / f"rank{rank}.json", {"rank": rank, "host": platform.node(), "pid": os.getpid(),
+    write_json(folder / f"rank{rank}.json", {"rank": rank, "host": platform.node(), "pid": os.getpid(),
                                               "samples_seen": state.samples_seen, "global_step": state.global_step,
                                               "epoch": state.epoch, "param_checksum": checksum})
 
@@ -492,7 +508,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     try:
         result = main(config_from_args(args))
     except Exception as exc:
-        expected = (ConfigError, ManifestError, NonFiniteLossError, FileNotFoundError, DataError, runlock.RunLockedError)
+        expected = (ConfigError, ManifestError, NonFiniteLossError, FileNotFoundError, DataError, DiskFullError,
+                    runlock.RunLockedError)
         if not isinstance(exc, expected):
             logging.getLogger("celeba_dist").debug("run failed", exc_info=True)  # the rank's log file keeps it
         return report_error("celeba-dist train", exc)

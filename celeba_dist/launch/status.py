@@ -27,6 +27,8 @@ from typing import Any, Iterator
 
 import yaml
 
+from celeba_dist.diskio import write_json
+
 JOBS_FILE = "slurm_jobs.json"
 SWEEP_FILE = "sweep.json"
 _STEP_FILE = re.compile(r"^step-(\d+)\.pt$")  # celeba_dist.checkpoint's names
@@ -52,9 +54,7 @@ def record_job(run_dir: Path, event: str, **fields: Any) -> None:
     with _locked(Path(run_dir)):
         records = read_jobs(run_dir)
         records.append({"event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields})
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(records, indent=2) + "\n")
-        tmp.replace(path)
+        write_json(path, records)
 
 
 def read_jobs(run_dir: Path) -> list[dict[str, Any]]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import random
 import re
@@ -23,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from celeba_dist.diskio import write_json
 from celeba_dist.launch.status import SWEEP_FILE, record_job, sweep_table
 from celeba_dist.launch.submit import (add_resource_arguments, build_executor, check_data, log_folder, resolve_task,
                                        sbatch_script, slurm_parameters, wait_for)
@@ -200,7 +200,4 @@ def write_sweep(sweep_dir: Path, args: argparse.Namespace, members: list[Member]
         "shared_overrides": list(args.set),
         "members": [{**asdict(m), "run_dir": str(sweep_dir / m.name), "job_id": j} for m, j in zip(members, job_ids)],
     }
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    tmp = sweep_dir / f".{SWEEP_FILE}.tmp"
-    tmp.write_text(json.dumps(sweep, indent=2) + "\n")
-    tmp.replace(sweep_dir / SWEEP_FILE)
+    write_json(sweep_dir / SWEEP_FILE, sweep)

@@ -9,6 +9,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+from celeba_dist.diskio import write_bytes
 from celeba_dist.synthetic.drawing import render_face
 from celeba_dist.synthetic.formats import (
     ANNOTATION_FILES, ATTR_FILE, BBOX_FILE, IMAGE_DIR, LANDMARKS_FILE, MAX_IMAGES, annotation_files,
@@ -20,12 +21,6 @@ log = logging.getLogger(__package__)  # the package's name, as in the log lines 
 
 class DifferentCelebAError(FileExistsError):
     """OUT_DIR already holds a CelebA that this run would not reproduce byte for byte."""
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _first_line(path: Path) -> str:
@@ -88,7 +83,7 @@ def _render_range(job: tuple[int, int, int, int, str]) -> list[Labels]:
     labels = []
     for index in range(start, stop):
         face = sample_face(seed, index, num_images)
-        _write_atomic(Path(image_dir, face.labels.filename), render_face(face, seed=seed))
+        write_bytes(Path(image_dir, face.labels.filename), render_face(face, seed=seed))
         labels.append(face.labels)
     return labels
 
@@ -137,6 +132,6 @@ def make_synthetic_celeba(out_dir: str | os.PathLike[str], *, num_images: int, s
     (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
     labels = _render_all(out / IMAGE_DIR, seed=seed, num_images=num_images, workers=workers)
     for name, data in annotation_files(labels).items():
-        _write_atomic(out / name, data)
+        write_bytes(out / name, data)
     return out
 
