@@ -23,6 +23,11 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 positive_int = int_at_least(1)
 
 
+# How gloo and NCCL say that a peer rank died: this rank's error is then only a consequence.
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
+             "Broken pipe")
+
+
 def report_error(prog: str, exc: BaseException) -> int:
     """Log and print one error line for ``exc``; returns the exit status, 1.
 
@@ -33,6 +38,8 @@ def report_error(prog: str, exc: BaseException) -> int:
     if "Original Traceback" in text:  # "Caught DataError in DataLoader worker process 1. ... module.DataError: msg"
         lines = text.splitlines()
         text = f"{lines[0].removeprefix('Caught ').rstrip('.')}: {lines[-1].partition(': ')[2]}"
+    elif any(marker in text for marker in PEER_GONE):
+        text = f"another process of this run ended (its own error, printed above or in its log, says why): {text}"
     logging.getLogger("celeba_dist").error("%s: %s", type(exc).__name__, text)
     print(f"{prog}: error: {text}", file=sys.stderr)
     return 1
