@@ -40,6 +40,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     train_subset: int = 0  # 0: every training sample; N: a fixed subset of N samples
     check_shards: str = "size"  # before the first step: size (a stat per shard) | sha256 | none
+    skip_bad_samples: bool = False  # a sample that cannot be decoded is skipped and counted instead of ending the run
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,10 @@ import random
 import signal
 import threading
 import time
+import warnings
 import zlib
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 import webdataset as wds
@@ -41,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from celeba_dist.manifest import ManifestError, load_manifest, shard_problems, split_shards
 from celeba_dist.tarstream import iter_samples
+from celeba_dist.transforms import JpegWarning
 
 log = logging.getLogger(__name__)
 
@@ -112,37 +114,126 @@ def _mix(*numbers: int) -> int:
     return zlib.crc32(":".join(map(str, numbers)).encode())
 
 
+@dataclass
+class SampleIssues:
+    """Samples that decoded only with libjpeg's warnings, and samples skipped as undecodable
+    (``data.skip_bad_samples``): (sample, "shard: what went wrong") pairs, carried with a batch."""
+
+    warned: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.warned or self.skipped)
+
+
+class Batch(NamedTuple):
+    """What the loader yields: uint8 images (B, 3, H, W), 0/1 labels (B, A), sample keys, and the
+    data issues met since the previous batch (an evaluation's last batch may hold only those: B = 0)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    keys: list[str]
+    issues: SampleIssues
+
+
+class IssueTally:
+    """The data issues of the batches one process consumed (an epoch, an evaluation), named in its log:
+    the first sample that decoded with a libjpeg warning at once, every skipped sample up to
+    ``named``, and a summary at the end."""
+
+    def __init__(self, where: str, *, named: int = 20):
+        self.where, self.named = where, named
+        self.warned: list[str] = []
+        self.skipped: list[str] = []
+
+    def add(self, issues: SampleIssues) -> None:
+        if not issues:
+            return
+        if issues.warned and not self.warned:
+            key, reason = issues.warned[0]
+            log.warning("%s: sample %s decoded with a libjpeg warning (%s): part of its image may be grey or "
+                        "garbage; such samples are counted (TensorBoard data/jpeg_warnings), `celeba-dist verify` "
+                        "checks the shards' sha256", self.where, key, reason)
+        for key, reason in issues.skipped:
+            if len(self.skipped) < self.named:
+                log.warning("%s: skipped sample %s, it cannot be decoded (%s)", self.where, key, reason)
+            self.skipped.append(key)
+        self.warned.extend(key for key, _ in issues.warned)
+
+    def log_summary(self) -> None:
+        for what, keys in (("decoded with libjpeg warnings", self.warned), ("skipped as undecodable", self.skipped)):
+            if keys:
+                log.warning("%s: %d sample(s) %s: %s%s", self.where, len(keys), what, ", ".join(keys[:5]),
+                            ", ..." if len(keys) > 5 else "")
+
+
+class _Skipped(NamedTuple):
+    key: str
+    reason: str
+
+
 @dataclass(frozen=True)
 class Decoder:
-    """Raw sample → (uint8 image (3, H, W), label list (A,), key). Picklable for workers."""
+    """Raw sample → (uint8 image (3, H, W), label list (A,), key, libjpeg warning or None). Picklable for workers.
+
+    A sample that cannot be decoded raises :class:`DataError` naming it and its shard, or, with
+    ``skip_bad``, comes out as a skipped marker that the batches count.
+    """
 
     transform: Callable[[bytes, random.Random], torch.Tensor]
     label_index: tuple[int, ...]  # positions of the selected attributes in the manifest's order
+    skip_bad: bool = False
 
-    def __call__(self, sample: dict, seed: int = 0) -> tuple[torch.Tensor, list[int], str]:
-        key = sample["__key__"]
+    def __call__(self, sample: dict, seed: int = 0) -> tuple[torch.Tensor, list[int], str, str | None] | _Skipped:
+        key, shard = sample["__key__"], sample.get("__url__")
         try:
-            image = self.transform(sample["jpg"], random.Random(seed))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", JpegWarning)
+                image = self.transform(sample["jpg"], random.Random(seed))
             attrs = json.loads(sample["attr.json"])
+            labels = [attrs[i] for i in self.label_index]
         except Exception as exc:  # name the sample and shard: the user has to find it
-            raise DataError(f"cannot decode sample {key} of shard {sample.get('__url__')}: {exc}") from exc
-        return image, [attrs[i] for i in self.label_index], key
+            if self.skip_bad:
+                return _Skipped(key, f"{shard}: {type(exc).__name__}: {exc}")
+            raise DataError(f"cannot decode sample {key} of shard {shard}: {exc}; set data.skip_bad_samples=true "
+                            f"to skip such samples, `celeba-dist verify` checks every shard") from exc
+        damage = [str(w.message) for w in caught if issubclass(w.category, JpegWarning)]
+        for other in (w for w in caught if not issubclass(w.category, JpegWarning)):
+            warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
+        return image, labels, key, f"{shard}: {damage[0]}" if damage else None
 
 
-def _collate(items: list[tuple[torch.Tensor, list[int], str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    images, labels, keys = zip(*items)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.float32), list(keys)
+def _collate(items: list, issues: SampleIssues) -> Batch:
+    if not items:
+        return Batch(torch.zeros(0, dtype=torch.uint8), torch.zeros(0), [], issues)
+    images, labels, keys, _ = zip(*items)
+    return Batch(torch.stack(images), torch.tensor(labels, dtype=torch.float32), list(keys), issues)
 
 
-def _batches(samples: Iterator, batch_size: int) -> Iterator:
-    batch = []
+def _batches(samples: Iterator, batch_size: int) -> Iterator[Batch]:
+    """Decoded samples → batches; skipped samples go into the next batch's issues.
+
+    More skipped than good samples (beyond one batch's worth) means damaged shards, not a few bad
+    images: that ends the run even with ``data.skip_bad_samples``.
+    """
+    batch, issues, good, skipped = [], SampleIssues(), 0, 0
     for item in samples:
+        if isinstance(item, _Skipped):
+            issues.skipped.append(tuple(item))
+            skipped += 1
+            if skipped > max(batch_size, good):
+                raise DataError(f"{skipped} samples could not be decoded against {good} that could (the last: "
+                                f"{item.key} of {item.reason}); the shards look damaged: run `celeba-dist verify`")
+            continue
+        good += 1
+        if item[3]:
+            issues.warned.append((item[2], item[3]))
         batch.append(item)
         if len(batch) == batch_size:
-            yield _collate(batch)
-            batch = []
-    if batch:
-        yield _collate(batch)
+            yield _collate(batch, issues)
+            batch, issues = [], SampleIssues()
+    if batch or issues:
+        yield _collate(batch, issues)
 
 
 def _worker() -> tuple[int, int]:
@@ -213,12 +304,14 @@ class TrainStream(IterableDataset):
         logical = (worker + self.skip_batches) % self.workers
         skip, deliver = self.quota(logical, self.skip_batches)
         slot = self.rank * self.workers + logical
-        # Skipped samples (a mid-epoch resume) are read but never decoded.
-        stream = itertools.islice(self._slot_samples(slot), skip * self.batch_size, (skip + deliver) * self.batch_size)
+        # The batches a mid-epoch resume skips are read but never decoded. (Samples skipped as
+        # undecodable, data.skip_bad_samples, are not known then: after one, a resumed epoch
+        # differs from an uninterrupted one by that many samples.)
+        stream = itertools.islice(self._slot_samples(slot), skip * self.batch_size, None)
         decoded = (self.decoder(s, sample_seed(self.seed, self.epoch, s["__key__"])) for s in stream)
         produced = 0
-        for batch in _batches(decoded, self.batch_size):
-            if len(batch[2]) < self.batch_size:
+        for batch in itertools.islice(_batches(decoded, self.batch_size), deliver):
+            if len(batch.keys) < self.batch_size:
                 raise RuntimeError(f"slot {slot} ran out of samples: its shards are empty")
             produced += 1
             yield batch
@@ -259,8 +352,8 @@ class ShardData:
         rates = self.manifest["splits"][split]["positive_rates"]
         return [float(rates[a]) for a in self.attributes]
 
-    def decoder(self, transform: Callable[[bytes], torch.Tensor]) -> Decoder:
-        return Decoder(transform, self.label_index)
+    def decoder(self, transform: Callable[[bytes], torch.Tensor], *, skip_bad: bool = False) -> Decoder:
+        return Decoder(transform, self.label_index, skip_bad)
 
 
 def steps_per_epoch(num_samples: int, *, batch_size: int, world_size: int) -> int:
@@ -364,16 +457,18 @@ def _end_children(children: list, *, grace_s: float) -> None:
 
 
 def train_stream(data: ShardData, transform: Callable[[bytes], torch.Tensor], *, batch_size: int, rank: int,
-                 world_size: int, num_workers: int, seed: int, shuffle_buffer: int, subset: int = 0) -> TrainStream:
+                 world_size: int, num_workers: int, seed: int, shuffle_buffer: int, subset: int = 0,
+                 skip_bad: bool = False) -> TrainStream:
     info = data.split("train")
     shards = subset_shards(info.shards, subset) if subset else info.shards
     total = min(subset, info.num_samples) if subset else info.num_samples
     steps = steps_per_epoch(total, batch_size=batch_size, world_size=world_size)
-    return TrainStream(shards, data.decoder(transform), batch_size=batch_size, rank=rank, world_size=world_size,
-                       num_workers=num_workers, steps_per_epoch=steps, seed=seed, shuffle_buffer=shuffle_buffer)
+    return TrainStream(shards, data.decoder(transform, skip_bad=skip_bad), batch_size=batch_size, rank=rank,
+                       world_size=world_size, num_workers=num_workers, steps_per_epoch=steps, seed=seed,
+                       shuffle_buffer=shuffle_buffer)
 
 
 def eval_stream(data: ShardData, split: str, transform: Callable[[bytes], torch.Tensor], *, batch_size: int,
-                rank: int, world_size: int) -> EvalStream:
-    return EvalStream(data.split(split).shards, data.decoder(transform), batch_size=batch_size, rank=rank,
-                      world_size=world_size)
+                rank: int, world_size: int, skip_bad: bool = False) -> EvalStream:
+    return EvalStream(data.split(split).shards, data.decoder(transform, skip_bad=skip_bad), batch_size=batch_size,
+                      rank=rank, world_size=world_size)

@@ -16,7 +16,9 @@ from tqdm.auto import tqdm
 from celeba_dist import signals
 from celeba_dist.board import Board
 from celeba_dist.config import Config
+from celeba_dist.data import IssueTally
 from celeba_dist.distributed import all_sum, gather_list, gather_rows
+from celeba_dist.metrics import compute_metrics
 from celeba_dist.transforms import normalize_batch
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,8 @@ class TrainState:
     best_step: int = -1
     history: list[dict] = field(default_factory=list)  # one entry per finished epoch
     samples_seen: int = 0  # by this rank, over the whole run
+    jpeg_warnings: int = 0  # training samples that decoded with a libjpeg warning, all ranks, whole run
+    skipped_samples: int = 0  # training samples skipped as undecodable (data.skip_bad_samples), likewise
     world_size: int = 1
     batch_size: int = 0
 
@@ -76,6 +80,7 @@ class _Meter:
         self.count = self.images = 0
         self.wait = 0.0
         self.start = time.perf_counter()
+        self.warned = self.skipped = 0  # data issues since the last _agree (which zeroes them)
 
     def add(self, loss: torch.Tensor, step: int) -> None:
         if self.count == 0:
@@ -98,18 +103,22 @@ class _Meter:
         return window.double().sum(), first
 
 
-def _agree(trainer: Trainer, meter: _Meter) -> tuple[float, str | None]:
+def _agree(trainer: Trainer, meter: _Meter, state: TrainState) -> tuple[float, str | None]:
     """One collective: mean loss since the last check, and whether any rank was asked to stop and why.
 
     The stop reason is agreed too (SIGTERM on any rank wins over SIGUSR2), so every rank returns
-    the same status. Raises :class:`NonFiniteLossError` (on every rank) naming the first bad step.
+    the same status; the data issues of all ranks are added to ``state``'s run totals. Raises
+    :class:`NonFiniteLossError` (on every rank) naming the first bad step.
     """
     total, first = meter.summary()
     first_bad = int(first)
     reason = signals.stop_reason()
-    loss_sum, count, bad, preempt, terminate = all_sum(trainer.accelerator, [
+    loss_sum, count, bad, preempt, terminate, warned, skipped = all_sum(trainer.accelerator, [
         float(total) if first_bad < 0 else 0.0, meter.count, float(first_bad >= 0),
-        float(reason == signals.PREEMPT), float(reason == signals.TERMINATE)])
+        float(reason == signals.PREEMPT), float(reason == signals.TERMINATE), meter.warned, meter.skipped])
+    state.jpeg_warnings += int(warned)
+    state.skipped_samples += int(skipped)
+    meter.warned = meter.skipped = 0
     if bad:
         steps = gather_list(trainer.accelerator, [meter.first_step + first_bad if first_bad >= 0 else -1])
         step = min(s for s in steps if s >= 0)
@@ -130,6 +139,8 @@ def _log_step(trainer: Trainer, state: TrainState, meter: _Meter, mean_loss: flo
         "train/images_per_s": meter.images * world / elapsed,
         "train/data_wait_fraction": meter.wait / elapsed,
         "train/epoch": state.epoch + state.batch_in_epoch / trainer.steps_per_epoch,
+        "data/jpeg_warnings": state.jpeg_warnings,
+        "data/skipped_samples": state.skipped_samples,
     }
     if torch.cuda.is_available():
         values["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -144,15 +155,29 @@ def train_one_epoch(trainer: Trainer, loader: Iterable, state: TrainState) -> st
     may be shorter); gradients are synchronised only on a group's last micro-batch. Checkpoints,
     stop requests and loss checks happen only at optimizer-step boundaries.
     """
+    cfg, acc = trainer.cfg, trainer.accelerator
+    trainer.model.train()
+    meter = _Meter(acc.device, capacity=cfg.train.log_every_steps)  # reset at every log line
+    bar = tqdm(total=trainer.steps_per_epoch, initial=state.batch_in_epoch, desc=f"epoch {state.epoch}", dynamic_ncols=True,
+               disable=not (acc.is_main_process and cfg.log.progress_bar), leave=False)
+    tally = IssueTally(f"epoch {state.epoch}, rank {acc.process_index}")
+    try:
+        return _train_batches(trainer, loader, state, meter, tally, bar)
+    finally:
+        bar.close()
+        tally.log_summary()
+
+
+def _train_batches(trainer: Trainer, loader: Iterable, state: TrainState, meter: _Meter, tally: IssueTally,
+                   bar: tqdm) -> str:
     cfg, acc, model = trainer.cfg, trainer.accelerator, trainer.model
     accum, n = cfg.train.grad_accum_steps, trainer.steps_per_epoch
-    model.train()
-    meter = _Meter(acc.device, capacity=cfg.train.log_every_steps)  # reset at every log line
-    bar = tqdm(total=n, initial=state.batch_in_epoch, desc=f"epoch {state.epoch}", dynamic_ncols=True,
-               disable=not (acc.is_main_process and cfg.log.progress_bar), leave=False)
     fetched = time.perf_counter()
-    for images, labels, _ in loader:
+    for images, labels, _, issues in loader:
         meter.wait += time.perf_counter() - fetched
+        tally.add(issues)
+        meter.warned += len(issues.warned)
+        meter.skipped += len(issues.skipped)
         group_start = state.batch_in_epoch - state.batch_in_epoch % accum
         group_size = min(accum, n - group_start)
         sync = state.batch_in_epoch + 1 == group_start + group_size
@@ -169,13 +194,11 @@ def train_one_epoch(trainer: Trainer, loader: Iterable, state: TrainState) -> st
         if sync:
             status = _optimizer_step(trainer, state, meter, loss, bar)
             if status != "continue":
-                bar.close()
                 return status
         fetched = time.perf_counter()
-    bar.close()
     if state.batch_in_epoch != n:
         raise RuntimeError(f"epoch {state.epoch}: the loader gave {state.batch_in_epoch} batches, expected {n}")
-    _agree(trainer, meter)  # a last loss check before the epoch-end checkpoint
+    _agree(trainer, meter, state)  # a last loss check before the epoch-end checkpoint
     return "done"
 
 
@@ -193,7 +216,7 @@ def _optimizer_step(trainer: Trainer, state: TrainState, meter: _Meter, loss: to
     save_due = every > 0 and step % every == 0 and state.batch_in_epoch < trainer.steps_per_epoch
     last = cfg.train.max_steps > 0 and step >= cfg.train.max_steps
     if step % cfg.train.log_every_steps == 0 or step % cfg.train.sync_every_steps == 0 or save_due or last:
-        mean_loss, stop = _agree(trainer, meter)
+        mean_loss, stop = _agree(trainer, meter, state)
         if step % cfg.train.log_every_steps == 0:
             _log_step(trainer, state, meter, mean_loss, bar)
             meter.reset()
@@ -212,6 +235,8 @@ class Predictions:
     probs: torch.Tensor  # (N, A) scores in [0, 1]
     targets: torch.Tensor  # (N, A) 0/1
     keys: list[str]
+    skipped: list[str] = field(default_factory=list)  # samples skipped as undecodable (data.skip_bad_samples)
+    warned: list[str] = field(default_factory=list)  # samples that decoded with a libjpeg warning
 
 
 @torch.no_grad()
@@ -220,14 +245,18 @@ def evaluate(trainer_model: torch.nn.Module, loader: Iterable, *, accelerator: A
              num_attributes: int) -> Predictions:
     """Scores of every sample of a split, gathered from all ranks, each sample exactly once.
 
-    Raises if the samples seen across ranks are not exactly the manifest's (a duplicate or a
-    drop would bias every metric silently).
+    Raises if the samples seen across ranks (evaluated, or skipped as undecodable) are not exactly
+    the manifest's (a duplicate or a drop would bias every metric silently).
     """
     model = accelerator.unwrap_model(trainer_model)
     was_training = model.training
     model.eval()
     probs, targets, keys = [], [], []
-    for images, labels, batch_keys in loader:
+    tally = IssueTally(f"{split}, rank {accelerator.process_index}")
+    for images, labels, batch_keys, issues in loader:
+        tally.add(issues)
+        if not batch_keys:
+            continue
         x, y = prepare_batch(images, labels, device=accelerator.device, normalize=cfg.data.normalize,
                              channels_last=cfg.train.channels_last)
         with accelerator.autocast():
@@ -240,10 +269,23 @@ def evaluate(trainer_model: torch.nn.Module, loader: Iterable, *, accelerator: A
     local_t = torch.cat(targets) if targets else torch.zeros(0, num_attributes)
     all_p, all_t = gather_rows(accelerator, local_p), gather_rows(accelerator, local_t)
     all_keys = gather_list(accelerator, keys)
-    if len(all_keys) != expected or len(set(all_keys)) != expected:
-        raise RuntimeError(f"evaluation on {split} saw {len(all_keys)} samples ({len(set(all_keys))} distinct) "
-                           f"across {accelerator.num_processes} processes; the manifest has {expected}")
-    return Predictions(all_p, all_t, all_keys)
+    skipped, warned = gather_list(accelerator, tally.skipped), gather_list(accelerator, tally.warned)
+    tally.log_summary()
+    seen = len(all_keys) + len(skipped)
+    if seen != expected or len(set(all_keys) | set(skipped)) != expected:
+        raise RuntimeError(f"evaluation on {split} saw {seen} samples ({len(set(all_keys) | set(skipped))} distinct, "
+                           f"{len(skipped)} of them skipped) across {accelerator.num_processes} processes; "
+                           f"the manifest has {expected}")
+    return Predictions(all_p, all_t, all_keys, skipped, warned)
+
+
+def split_metrics(preds: Predictions, attributes: list[str], thresholds: list[float] | None) -> dict:
+    """The metrics.json block of one split (see :func:`celeba_dist.metrics.compute_metrics`), with the
+    samples that were skipped or decoded with warnings counted (and the first ones named)."""
+    metrics = compute_metrics(preds.probs, preds.targets, attributes, torch.tensor(thresholds) if thresholds else 0.5)
+    metrics["data_issues"] = {"skipped_samples": len(preds.skipped), "jpeg_warnings": len(preds.warned),
+                              "skipped": sorted(preds.skipped)[:100], "warned": sorted(preds.warned)[:100]}
+    return metrics
 
 
 def supports_attention(model: torch.nn.Module) -> bool:

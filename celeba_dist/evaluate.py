@@ -10,7 +10,6 @@ import argparse
 import logging
 from pathlib import Path
 
-import torch
 
 from celeba_dist.cli_args import report_error
 from celeba_dist.checkpoint import BEST, load_checkpoint
@@ -18,11 +17,11 @@ from celeba_dist.config import ConfigError, config_from_tree
 from celeba_dist.data import ShardData, owned_workers
 from celeba_dist.diskio import write_json
 from celeba_dist.distributed import build_accelerator, leave_process_group
-from celeba_dist.engine import evaluate
+from celeba_dist.engine import evaluate, split_metrics
 from celeba_dist.logs import setup_logging
 from celeba_dist.losses import LOSSES
 from celeba_dist.manifest import ManifestError
-from celeba_dist.metrics import compute_metrics, format_table
+from celeba_dist.metrics import format_table
 from celeba_dist.train import build_model_for, check_data, eval_loader
 
 log = logging.getLogger("celeba_dist.evaluate")  # not __name__: this module also runs as __main__
@@ -52,9 +51,7 @@ def evaluate_checkpoint(path: Path, *, split: str, data_dir: str | None, overrid
         preds = evaluate(model, eval_loader(cfg, data, split, accelerator), accelerator=accelerator, cfg=cfg,
                          to_prob=LOSSES[cfg.loss.name].to_prob, expected=data.split(split).num_samples,
                          split=split, num_attributes=len(data.attributes))
-    thresholds = ckpt.get("thresholds")
-    metrics = compute_metrics(preds.probs, preds.targets, data.attributes,
-                              torch.tensor(thresholds) if thresholds else 0.5)
+    metrics = split_metrics(preds, data.attributes, ckpt.get("thresholds"))
     metrics["checkpoint"], metrics["split"] = str(path), split
     metrics["world_size"] = accelerator.num_processes
     leave_process_group(accelerator)  # the rank and world size stay readable afterwards

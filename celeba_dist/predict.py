@@ -18,7 +18,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from celeba_dist.cli_args import report_error
 from celeba_dist.checkpoint import load_checkpoint
 from celeba_dist.config import Config, ConfigError, config_from_tree
-from celeba_dist.data import ShardData, eval_stream, make_loader, owned_workers
+from celeba_dist.data import Batch, IssueTally, SampleIssues, ShardData, eval_stream, make_loader, owned_workers
 from celeba_dist.diskio import atomic_write
 from celeba_dist.engine import prepare_batch
 from celeba_dist.losses import LOSSES
@@ -49,7 +49,8 @@ class ImageFolderStream(IterableDataset):
                     images.append(self.transform(path.read_bytes(), random.Random(0)))  # eval: no randomness
                 except Exception as exc:
                     raise RuntimeError(f"cannot read image {path}: {exc}") from exc
-            yield torch.stack(images), torch.zeros(len(chunk), self.num_attributes), [p.stem for p in chunk]
+            yield Batch(torch.stack(images), torch.zeros(len(chunk), self.num_attributes), [p.stem for p in chunk],
+                        SampleIssues())
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -64,7 +65,8 @@ def batches(cfg: Config, source: Path, attributes: list[str], split: str | None,
     if (source / MANIFEST_NAME).is_file():
         data = ShardData(str(source), "all")  # the shards' own labels are read but not used
         for name in [split] if split else ["train", "val", "test"]:
-            stream = eval_stream(data, name, transform, batch_size=batch_size, rank=0, world_size=1)
+            stream = eval_stream(data, name, transform, batch_size=batch_size, rank=0, world_size=1,
+                                 skip_bad=cfg.data.skip_bad_samples)
             yield from make_loader(stream, num_workers=cfg.data.num_workers)
     else:
         stream = ImageFolderStream(image_files(source), transform, batch_size=batch_size,
@@ -84,11 +86,14 @@ def predict(checkpoint: Path, source: Path, out: Path, *, split: str | None = No
     model = build_model_for(cfg, len(attributes)).to(device).eval()
     model.load_state_dict(ckpt["model"])
     to_prob = LOSSES[cfg.loss.name].to_prob
-    rows = 0
+    rows, tally = 0, IssueTally(f"predict {source}")
     with owned_workers(), atomic_write(out, newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["id", *attributes, *[f"{a}_prob" for a in attributes]])
-        for images, labels, keys in batches(cfg, source, attributes, split, batch_size or cfg.data.batch_size):
+        for images, labels, keys, issues in batches(cfg, source, attributes, split, batch_size or cfg.data.batch_size):
+            tally.add(issues)
+            if not keys:
+                continue
             x, _ = prepare_batch(images, labels, device=device, normalize=cfg.data.normalize,
                                  channels_last=cfg.train.channels_last)
             probs = to_prob(model(x).float()).cpu()
@@ -96,6 +101,7 @@ def predict(checkpoint: Path, source: Path, out: Path, *, split: str | None = No
             for key, d, p in zip(keys, decisions.tolist(), probs.tolist()):
                 writer.writerow([key, *d, *[f"{v:.6f}" for v in p]])
             rows += len(keys)
+    tally.log_summary()
     return rows
 
 

@@ -33,11 +33,11 @@ from celeba_dist.data import DataError, ShardCheckError, ShardData, eval_stream,
 from celeba_dist.diskio import DiskFullError, write_json
 from celeba_dist.distributed import build_accelerator, from_main, gather_list, leave_process_group
 from celeba_dist.engine import (NonFiniteLossError, Predictions, TrainState, Trainer, evaluate, prepare_batch,
-                                supports_attention, train_one_epoch)
+                                split_metrics, supports_attention, train_one_epoch)
 from celeba_dist.logs import attach_log_file, setup_logging
 from celeba_dist.manifest import ManifestError
 from celeba_dist.losses import LOSSES, build_loss, positive_weights
-from celeba_dist.metrics import balanced_thresholds, compute_metrics, format_table, write_attribute_csv
+from celeba_dist.metrics import balanced_thresholds, format_table, write_attribute_csv
 from celeba_dist.models import build_model
 from celeba_dist.optim import build_optimizer, build_scheduler
 from celeba_dist.transforms import build_transform
@@ -143,7 +143,8 @@ def build_model_for(cfg: Config, num_attributes: int) -> torch.nn.Module:
 def eval_loader(cfg: Config, data: ShardData, split: str, accelerator: Accelerator):
     transform = build_transform(cfg.data.transform, image_size=cfg.data.image_size, train=False)
     stream = eval_stream(data, split, transform, batch_size=cfg.data.eval_batch_size or cfg.data.batch_size,
-                         rank=accelerator.process_index, world_size=accelerator.num_processes)
+                         rank=accelerator.process_index, world_size=accelerator.num_processes,
+                         skip_bad=cfg.data.skip_bad_samples)
     return make_loader(stream, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
 
 
@@ -257,8 +258,7 @@ def validate(trainer: Trainer, data: ShardData, split: str, state: TrainState, *
     preds = evaluate(trainer.model, eval_loader(cfg, data, split, acc), accelerator=acc, cfg=cfg,
                      to_prob=LOSSES[cfg.loss.name].to_prob, expected=data.split(split).num_samples, split=split,
                      num_attributes=len(data.attributes))
-    metrics = compute_metrics(preds.probs, preds.targets, data.attributes,
-                              torch.tensor(thresholds) if thresholds else 0.5)
+    metrics = split_metrics(preds, data.attributes, thresholds)
     if log_scalars:
         trainer.board.split_metrics(split, metrics, state.global_step)
     return metrics, preds
@@ -272,7 +272,7 @@ def draw_validation(trainer: Trainer, data: ShardData, metrics: dict, step: int)
     trainer.board.image("val/attribute_accuracy", accuracy_bars(metrics), step)
     transform = build_transform(cfg.data.transform, image_size=cfg.data.image_size, train=False)
     stream = eval_stream(data, "val", transform, batch_size=cfg.log.image_grid_size, rank=0, world_size=1)
-    images, labels, _ = next(iter(stream))
+    images, labels, *_ = next(iter(stream))
     model = acc.unwrap_model(trainer.model)
     was_training = model.training
     model.eval()
@@ -352,7 +352,7 @@ def _train(cfg: Config, accelerator: Accelerator, data: ShardData) -> dict[str, 
         data, build_transform(cfg.data.transform, image_size=cfg.data.image_size, train=True),
         batch_size=cfg.data.batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes,
         num_workers=cfg.data.num_workers, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-        subset=cfg.data.train_subset)
+        subset=cfg.data.train_subset, skip_bad=cfg.data.skip_bad_samples)
     steps_per_epoch = train_ds.steps_per_epoch
     optimizer_steps = math.ceil(steps_per_epoch / cfg.train.grad_accum_steps)
     total_steps = optimizer_steps * cfg.train.epochs

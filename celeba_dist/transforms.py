@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,19 +35,33 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 
 
+class JpegWarning(UserWarning):
+    """libjpeg decoded a JPEG but reported damage ("Premature end of JPEG file", "Corrupt JPEG data"):
+    part of the image may be grey or garbage. Issued by :func:`decode_rgb`; the loader counts them."""
+
+
 def decode_rgb(data: bytes, *, min_size: tuple[int, int] = (0, 0)) -> Image.Image:
     """Image bytes → RGB PIL image, no smaller than ``min_size`` (W, H) where the source allows.
 
     JPEGs go through libjpeg-turbo (simplejpeg), which decodes straight to the smallest DCT
     scale n/8 that still covers ``min_size`` (3/8 of 178×218 for a 64×64 model); other formats
-    and colour spaces libjpeg-turbo cannot convert (CMYK) fall back to PIL.
+    and colour spaces libjpeg-turbo cannot convert (CMYK) fall back to PIL. A JPEG that decodes
+    only with libjpeg's warnings (damaged data it can work around) issues a :class:`JpegWarning`.
+    Damage libjpeg cannot notice (changed bits in the compressed data) decodes without one: only
+    the shard's sha256 (``celeba-dist verify``, ``data.check_shards=sha256``) catches that.
     """
     if data[:2] == b"\xff\xd8":
+        size = {"min_width": min_size[0], "min_height": min_size[1]}
         try:
-            array = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=min_size[0], min_height=min_size[1])
-            return Image.fromarray(array)
-        except ValueError:
-            pass
+            return Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB", **size))
+        except ValueError as strict_error:
+            try:
+                array = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=False, **size)
+            except ValueError:
+                array = None  # not decodable by libjpeg-turbo at all: PIL has the last word
+            if array is not None:
+                warnings.warn(JpegWarning(str(strict_error)), stacklevel=2)
+                return Image.fromarray(array)
     img = Image.open(io.BytesIO(data))
     if img.format == "JPEG" and min_size != (0, 0):
         img.draft("RGB", min_size)

@@ -45,7 +45,7 @@ def test_evaluation_sees_every_sample_exactly_once(shards, world_size, workers, 
     keys = []
     for rank in range(world_size):
         stream = eval_stream(data, split, transform, batch_size=5, rank=rank, world_size=world_size)
-        for images, labels, batch_keys in make_loader(stream, num_workers=workers):
+        for images, labels, batch_keys, _ in make_loader(stream, num_workers=workers):
             assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
             assert labels.shape == (len(batch_keys), 40)
             keys += batch_keys
@@ -61,7 +61,7 @@ def test_labels_match_the_shards(shards):
     truth = {s["__key__"]: [json.loads(s["attr.json"])[i] for i in idx] for s in wds.WebDataset(urls, shardshuffle=False)}
     stream = eval_stream(data, "test", build_transform("imagenet", image_size=(16, 16), train=False),
                          batch_size=4, rank=0, world_size=1)
-    for _, labels, keys in make_loader(stream, num_workers=0):
+    for _, labels, keys, _ in make_loader(stream, num_workers=0):
         for key, row in zip(keys, labels.tolist()):
             assert row == truth[key]
 

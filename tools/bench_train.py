@@ -31,7 +31,7 @@ def minimal_loop(model_name: str, data: list, lr: float, precision: str, device:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     start = 0.0
-    for i, (images, labels, _) in enumerate(data):
+    for i, (images, labels, *_) in enumerate(data):
         if i == 5:  # warm-up done
             _sync(device)
             start = time.perf_counter()
