@@ -410,7 +410,11 @@ def _end_of_epoch(trainer: Trainer, data: ShardData, state: TrainState, seconds:
     """Validate, keep the best, checkpoint. ``state.epoch`` already counts the finished epoch."""
     cfg = trainer.cfg
     entry: dict[str, Any] = {"epoch": state.epoch - 1 if state.batch_in_epoch == 0 else state.epoch,
-                             "step": state.global_step, "seconds": round(seconds, 2)}
+                             "step": state.global_step, "seconds": round(seconds, 2),
+                             "jpeg_warnings": state.jpeg_warnings, "skipped_samples": state.skipped_samples}
+    if state.global_step % cfg.train.log_every_steps:  # the run's totals so far, also when no log step ended the epoch
+        trainer.board.scalars({"data/jpeg_warnings": state.jpeg_warnings,
+                               "data/skipped_samples": state.skipped_samples}, state.global_step)
     improved, thresholds = True, None
     if "val" in cfg.train.eval_splits:
         metrics, preds = validate(trainer, data, "val", state)
