@@ -11,9 +11,9 @@ import sys
 # sub-command -> ("module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("celeba_dist.synthetic:main", "make a synthetic CelebA in the official format"),
-    "pack": ("celeba_dist.packer:main", "pack a CelebA source into WebDataset shards"),
-    "verify": ("celeba_dist.packer:verify_main", "check packed shards against their manifest"),
-    "train": ("celeba_dist.train:cli_main", "train a recipe on packed shards"),
+    "pack": ("celeba_dist.pack.cli:main", "pack a CelebA source into WebDataset shards"),
+    "verify": ("celeba_dist.pack.cli:verify_main", "check packed shards against their manifest"),
+    "train": ("celeba_dist.train.main:cli_main", "train a recipe on packed shards"),
     "eval": ("celeba_dist.evaluate:main", "evaluate a run or checkpoint on a split"),
     "predict": ("celeba_dist.predict:main", "write per-image predictions to CSV"),
     "demo": ("celeba_dist.demo:main", "synthetic data -> shards -> train -> eval, end to end"),

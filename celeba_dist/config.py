@@ -336,7 +336,8 @@ def from_dict(tree: dict[str, Any]) -> Config:
 
 def validate_choices(config: Config) -> None:
     """Check names that live in registries (model, loss, optimizer, scheduler, transform, attributes)."""
-    from celeba_dist import losses, optim, transforms
+    from celeba_dist.train import losses, optim
+    from celeba_dist.data import transforms
     from celeba_dist.attributes import resolve_attributes
     from celeba_dist.models import list_models, model_spec
 

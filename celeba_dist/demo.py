@@ -13,7 +13,7 @@ from pathlib import Path
 
 from celeba_dist.config import load_config
 from celeba_dist.logs import setup_logging
-from celeba_dist.manifest import MANIFEST_NAME
+from celeba_dist.shards.manifest import MANIFEST_NAME
 
 log = logging.getLogger("celeba_dist.demo")  # not __name__: this module also runs as __main__
 
@@ -30,9 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
 
-    from celeba_dist.packer import main as pack_main
+    from celeba_dist.pack.cli import main as pack_main
     from celeba_dist.synthetic import make_synthetic_celeba
-    from celeba_dist.train import main as train_main
+    from celeba_dist.train.main import main as train_main
 
     data_dir, shards = Path(args.data_dir), Path(args.shards)
     if not (data_dir / "list_attr_celeba.txt").is_file():

@@ -12,17 +12,17 @@ from pathlib import Path
 
 
 from celeba_dist.cli_args import report_error
-from celeba_dist.checkpoint import BEST, load_checkpoint
+from celeba_dist.train.checkpoint import BEST, load_checkpoint
 from celeba_dist.config import ConfigError, config_from_tree
-from celeba_dist.data import ShardData, owned_workers
+from celeba_dist.data.streams import ShardData, owned_workers
 from celeba_dist.diskio import write_json
-from celeba_dist.distributed import build_accelerator, leave_process_group
-from celeba_dist.engine import evaluate, split_metrics
+from celeba_dist.train.distributed import build_accelerator, leave_process_group
+from celeba_dist.train.engine import evaluate, split_metrics
 from celeba_dist.logs import setup_logging
-from celeba_dist.losses import LOSSES
-from celeba_dist.manifest import ManifestError
-from celeba_dist.metrics import format_table
-from celeba_dist.train import build_model_for, check_data, eval_loader
+from celeba_dist.train.losses import LOSSES
+from celeba_dist.shards.manifest import ManifestError
+from celeba_dist.train.metrics import format_table
+from celeba_dist.train.main import build_model_for, check_data, eval_loader
 
 log = logging.getLogger("celeba_dist.evaluate")  # not __name__: this module also runs as __main__
 

@@ -16,15 +16,15 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from celeba_dist.cli_args import report_error
-from celeba_dist.checkpoint import load_checkpoint
+from celeba_dist.train.checkpoint import load_checkpoint
 from celeba_dist.config import Config, ConfigError, config_from_tree
-from celeba_dist.data import Batch, IssueTally, SampleIssues, ShardData, eval_stream, make_loader, owned_workers
+from celeba_dist.data.streams import Batch, IssueTally, SampleIssues, ShardData, eval_stream, make_loader, owned_workers
 from celeba_dist.diskio import atomic_write
-from celeba_dist.engine import prepare_batch
-from celeba_dist.losses import LOSSES
-from celeba_dist.manifest import MANIFEST_NAME, ManifestError
-from celeba_dist.train import build_model_for
-from celeba_dist.transforms import build_transform
+from celeba_dist.train.engine import prepare_batch
+from celeba_dist.train.losses import LOSSES
+from celeba_dist.shards.manifest import MANIFEST_NAME, ManifestError
+from celeba_dist.train.main import build_model_for
+from celeba_dist.data.transforms import build_transform
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 

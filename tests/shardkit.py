@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from celeba_dist.packer import main as pack_main
+from celeba_dist.pack.cli import main as pack_main
 from celeba_dist.synthetic import make_synthetic_celeba
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from celeba_dist.transforms import JpegWarning, decode_rgb
+from celeba_dist.data.transforms import JpegWarning, decode_rgb
 from shardkit import synthetic_shards
 from test_failures import ENDS_WITHIN_S, assert_no_leftover_processes, run, train_cmd
 from test_train import cpu_env

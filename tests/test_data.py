@@ -7,8 +7,8 @@ import pytest
 import torch
 import webdataset as wds
 
-from celeba_dist.data import ShardData, deal_shards, eval_stream, make_loader, train_stream
-from celeba_dist.transforms import build_transform
+from celeba_dist.data.streams import ShardData, deal_shards, eval_stream, make_loader, train_stream
+from celeba_dist.data.transforms import build_transform
 from shardkit import synthetic_shards
 
 
@@ -123,7 +123,7 @@ def test_fewer_shards_than_slots_still_feeds_every_rank(shards):
 
 def test_tar_reader_matches_webdataset(shards, tmp_path):
     """Our fast reader yields exactly what webdataset reads from the same shards, long names included."""
-    from celeba_dist.tarstream import iter_samples
+    from celeba_dist.shards.tario import iter_samples
 
     manifest = json.loads((shards / "manifest.json").read_text())
     urls = [str(shards / s["file"]) for split in ("train", "test") for s in manifest["splits"][split]["shards"]]
@@ -141,7 +141,7 @@ def test_tar_reader_matches_webdataset(shards, tmp_path):
 
 
 def test_truncated_shard_is_an_error_naming_it(shards, tmp_path):
-    from celeba_dist.tarstream import TarFormatError, iter_samples
+    from celeba_dist.shards.tario import TarFormatError, iter_samples
 
     manifest = json.loads((shards / "manifest.json").read_text())
     source = shards / manifest["splits"]["train"]["shards"][0]["file"]

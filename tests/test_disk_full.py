@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from celeba_dist.checkpoint import list_checkpoints
+from celeba_dist.train.checkpoint import list_checkpoints
 from shardkit import synthetic_shards
 from test_failures import ENDS_WITHIN_S, assert_no_leftover_processes, finished_step, run, total_steps, train_cmd
 from test_train import cpu_env

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from celeba_dist.checkpoint import list_checkpoints
+from celeba_dist.train.checkpoint import list_checkpoints
 from shardkit import synthetic_shards
 from test_train import accelerate_cmd, cpu_env
 
@@ -183,7 +183,7 @@ STORM = """
 import os, signal, sys, threading, time
 import torch
 from torch.utils.data import IterableDataset
-from celeba_dist.data import make_loader
+from celeba_dist.data.streams import make_loader
 
 class One(IterableDataset):
     def __iter__(self):

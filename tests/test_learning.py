@@ -12,7 +12,7 @@ import pytest
 
 from celeba_dist.attributes import DRAWN_ATTRIBUTES
 from celeba_dist.config import load_config
-from celeba_dist.train import main
+from celeba_dist.train.main import main
 from shardkit import synthetic_shards
 from test_train import accelerate_cmd, assert_ranks_hold_the_same_weights, cpu_env, rank_stats
 

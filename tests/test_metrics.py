@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from celeba_dist.metrics import auroc, balanced_thresholds, compute_metrics
+from celeba_dist.train.metrics import auroc, balanced_thresholds, compute_metrics
 
 
 def brute_auroc(scores, labels):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from celeba_dist.checkpoint import list_checkpoints, load_newest_valid
+from celeba_dist.train.checkpoint import list_checkpoints, load_newest_valid
 from shardkit import synthetic_shards
 from test_train import accelerate_cmd, cpu_env
 

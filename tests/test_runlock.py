@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from celeba_dist.config import ConfigError, load_config
-from celeba_dist.runlock import LOCK_NAME, Holder, RunLockedError, acquire, live_holder, pid_alive, read_holder
-from celeba_dist.train import main
+from celeba_dist.train.runlock import LOCK_NAME, Holder, RunLockedError, acquire, live_holder, pid_alive, read_holder
+from celeba_dist.train.main import main
 from shardkit import synthetic_shards
 from test_resume import kill_mid_epoch
 from test_train import accelerate_cmd, cpu_env
@@ -212,7 +212,7 @@ def test_a_lock_taken_away_is_reported_lost_and_left_to_its_new_holder(tmp_path)
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
-    logger = logging.getLogger("celeba_dist.runlock")
+    logger = logging.getLogger("celeba_dist.train.runlock")
     logger.addHandler(handler)
     try:
         lock = acquire(tmp_path, stale_s=300, refresh_s=0.05)
@@ -252,7 +252,7 @@ def test_a_requeued_slurm_job_takes_over_its_earlier_start(tmp_path):
 
 
 def test_a_taker_with_an_outdated_judgment_leaves_the_newer_lock(tmp_path):
-    from celeba_dist.runlock import _move_aside
+    from celeba_dist.train.runlock import _move_aside
 
     judged = write_lock(tmp_path, refreshed=time.time() - 1000)  # what a slow taker read and judged stale
     newer = write_lock(tmp_path)  # meanwhile another taker's lock (or the holder's refresh) replaced it

@@ -10,7 +10,7 @@ import pytest
 
 from celeba_dist import signals
 from celeba_dist.config import load_config
-from celeba_dist.train import main
+from celeba_dist.train.main import main
 from shardkit import synthetic_shards
 
 FAST = ["data.batch_size=16", "data.num_workers=0", "data.image_size=[32, 32]", "log.progress_bar=false",

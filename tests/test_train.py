@@ -17,14 +17,14 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from celeba_dist.board import attention_overlay
-from celeba_dist.checkpoint import list_checkpoints, load_checkpoint
+from celeba_dist.train.board import attention_overlay
+from celeba_dist.train.checkpoint import list_checkpoints, load_checkpoint
 from celeba_dist.config import config_from_tree, load_config
-from celeba_dist.data import ShardData, eval_stream
-from celeba_dist.engine import NonFiniteLossError, prepare_batch
-from celeba_dist.metrics import compute_metrics
-from celeba_dist.train import build_model_for, main
-from celeba_dist.transforms import build_transform
+from celeba_dist.data.streams import ShardData, eval_stream
+from celeba_dist.train.engine import NonFiniteLossError, prepare_batch
+from celeba_dist.train.metrics import compute_metrics
+from celeba_dist.train.main import build_model_for, main
+from celeba_dist.data.transforms import build_transform
 from evalkit import eval_predictions, eval_probabilities
 from shardkit import synthetic_shards
 
@@ -282,8 +282,8 @@ def loss_at(run_dir, step: int) -> float:
 
 
 def test_accumulation_bf16_channels_last_and_tuned_thresholds(shards, tmp_path):
-    from celeba_dist.checkpoint import step_path
-    from celeba_dist.metrics import balanced_thresholds
+    from celeba_dist.train.checkpoint import step_path
+    from celeba_dist.train.metrics import balanced_thresholds
 
     attributes = ["Smiling", "Male"]
     variants = [*FAST, "train.grad_accum_steps=3", "train.channels_last=true", "train.tune_thresholds=true",
@@ -360,7 +360,7 @@ def test_attention_model_draws_its_attention_in_tensorboard(shards, tmp_path):
 
 
 def test_train_command_exits_1_on_bad_input(shards, tmp_path, capsys):
-    from celeba_dist.train import cli_main
+    from celeba_dist.train.main import cli_main
 
     base = ["--config", "smiling_simple_cnn", "--run-dir", str(tmp_path / "run")]
     assert cli_main([*base, "--data", str(shards), "--set", "optim.lrr=1"]) == 1
@@ -395,7 +395,7 @@ def last_run_log(run_dir) -> str:
 def test_resume_from_a_given_checkpoint_or_from_none(trained, shards, tmp_path):
     import shutil
 
-    from celeba_dist.train import cli_main
+    from celeba_dist.train.main import cli_main
 
     run_dir, _ = trained
     copy = tmp_path / "copy"  # the fixture's run stays as it is

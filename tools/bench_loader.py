@@ -53,8 +53,8 @@ def route_pil(jpegs: list[bytes]) -> Callable[[], int]:
 
 
 def route_ours(shards: Path, workers: int, batch_size: int) -> Callable[[], int]:
-    from celeba_dist.data import ShardData, make_loader, train_stream
-    from celeba_dist.transforms import build_transform
+    from celeba_dist.data.streams import ShardData, make_loader, train_stream
+    from celeba_dist.data.transforms import build_transform
 
     data = ShardData(str(shards), "all")
     transform = build_transform("crop178_resize", image_size=(64, 64), train=True)
@@ -88,7 +88,7 @@ def route_torchvision(root: Path, workers: int, batch_size: int) -> Callable[[],
 
 
 def prepare(work: Path, num_images: int) -> tuple[Path, Path, Path]:
-    from celeba_dist.packer import main as pack
+    from celeba_dist.pack.cli import main as pack
     from celeba_dist.synthetic import make_synthetic_celeba
 
     source = work / "celeba"  # torchvision's layout: ROOT/celeba/...

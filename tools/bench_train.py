@@ -48,13 +48,13 @@ def minimal_loop(model_name: str, data: list, lr: float, precision: str, device:
 
 
 def ours(model_name: str, data: list, lr: float, precision: str) -> float:
-    from celeba_dist.board import Board
+    from celeba_dist.train.board import Board
     from celeba_dist.config import load_config
-    from celeba_dist.distributed import build_accelerator
-    from celeba_dist.engine import TrainState, Trainer, train_one_epoch
-    from celeba_dist.losses import build_loss
+    from celeba_dist.train.distributed import build_accelerator
+    from celeba_dist.train.engine import TrainState, Trainer, train_one_epoch
+    from celeba_dist.train.losses import build_loss
     from celeba_dist.models import build_model
-    from celeba_dist.optim import build_optimizer, build_scheduler
+    from celeba_dist.train.optim import build_optimizer, build_scheduler
 
     cfg = load_config("smiling_simple_cnn", [f"model.name={model_name}", f"optim.lr={lr}", f"train.precision={precision}",
                                              "log.progress_bar=false", "train.checkpoint_every_steps=0",

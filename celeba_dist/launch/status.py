@@ -31,7 +31,7 @@ from celeba_dist.diskio import write_json
 
 JOBS_FILE = "slurm_jobs.json"
 SWEEP_FILE = "sweep.json"
-_STEP_FILE = re.compile(r"^step-(\d+)\.pt$")  # celeba_dist.checkpoint's names
+_STEP_FILE = re.compile(r"^step-(\d+)\.pt$")  # celeba_dist.train.checkpoint's names
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ class TrainTask:
     def __call__(self) -> dict[str, Any]:
         cluster = cluster_env.apply()
         from celeba_dist.config import load_config
-        from celeba_dist.train import EXIT_PREEMPTED, main
+        from celeba_dist.train.main import EXIT_PREEMPTED, main
 
         cfg = load_config(self.config, self.overrides, data_dir=self.data_dir, run_dir=self.run_dir)
         if cluster.rank == 0:
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.dry_run and args.local:
         parser.error("--dry-run prints the sbatch script: it has no meaning with --local")
-    from celeba_dist import runlock
+    from celeba_dist.train import runlock
     from celeba_dist.config import ConfigError
 
     try:

@@ -115,7 +115,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         # Our own training checkpoints also hold numpy RNG states, which the safe loader refuses;
-        # the file is a local path the user named, trusted like celeba_dist.checkpoint trusts it.
+        # the file is a local path the user named, trusted like celeba_dist.train.checkpoint trusts it.
         log.warning("%s holds more than tensors; loading it with weights_only=False (only use files you trust)", path)
         obj = torch.load(path, map_location="cpu", weights_only=False)
     for key in ("model", "state_dict"):

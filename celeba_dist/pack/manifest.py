@@ -10,12 +10,12 @@ from typing import Any
 import numpy as np
 
 from celeba_dist import __version__
-from celeba_dist.images import RESAMPLE
-from celeba_dist.manifest import EXTRAS, FORMAT, FORMAT_VERSION, MANIFEST_NAME, SPLITS, write_manifest
-from celeba_dist.pack_options import PackOptions
-from celeba_dist.pack_progress import Progress
-from celeba_dist.sources import SourceData
-from celeba_dist.splits import Plan
+from celeba_dist.pack.encode import RESAMPLE
+from celeba_dist.shards.manifest import EXTRAS, FORMAT, FORMAT_VERSION, MANIFEST_NAME, SPLITS, write_manifest
+from celeba_dist.pack.options import PackOptions
+from celeba_dist.pack.progress import Progress
+from celeba_dist.pack.sources import SourceData
+from celeba_dist.pack.plan import Plan
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from celeba_dist.diskio import write_json
-from celeba_dist.manifest import MANIFEST_NAME, SPLITS, file_sha256
-from celeba_dist.pack_options import PackError, PackOptions
-from celeba_dist.sources import SourceData
-from celeba_dist.splits import Plan
+from celeba_dist.shards.manifest import MANIFEST_NAME, SPLITS, file_sha256
+from celeba_dist.pack.options import PackError, PackOptions
+from celeba_dist.pack.sources import SourceData
+from celeba_dist.pack.plan import Plan
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from torch.utils.tensorboard.summary import hparams
 
 from celeba_dist.config import Config
 from celeba_dist.diskio import translate_disk_full
-from celeba_dist.metrics import METRICS
+from celeba_dist.train.metrics import METRICS
 
 EVENTS_DIR = "tensorboard"
 

@@ -23,26 +23,29 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from celeba_dist import __version__, runlock, signals
-from celeba_dist.board import Board, accuracy_bars, attention_overlay, prediction_grid
+from celeba_dist import __version__
+
+from celeba_dist import signals
+from celeba_dist.train import runlock
+from celeba_dist.train.board import Board, accuracy_bars, attention_overlay, prediction_grid
 from celeba_dist.cli_args import report_error
-from celeba_dist.checkpoint import (BEST, atomic_save, link_best, list_checkpoints, load_checkpoint, newest_intact,
+from celeba_dist.train.checkpoint import (BEST, atomic_save, link_best, list_checkpoints, load_checkpoint, newest_intact,
                                     load_newest_valid, prune, rng_state, set_rng_state, step_path)
 from celeba_dist.config import Config, ConfigError, add_config_arguments, config_from_args, save_config
-from celeba_dist.data import DataError, ShardCheckError, ShardData, eval_stream, make_loader, owned_workers, train_stream
+from celeba_dist.data.streams import DataError, ShardCheckError, ShardData, eval_stream, make_loader, owned_workers, train_stream
 from celeba_dist.diskio import DiskFullError, write_json
-from celeba_dist.distributed import build_accelerator, from_main, gather_list, leave_process_group
-from celeba_dist.engine import (NonFiniteLossError, Predictions, TrainState, Trainer, evaluate, prepare_batch,
+from celeba_dist.train.distributed import build_accelerator, from_main, gather_list, leave_process_group
+from celeba_dist.train.engine import (NonFiniteLossError, Predictions, TrainState, Trainer, evaluate, prepare_batch,
                                 split_metrics, supports_attention, train_one_epoch)
 from celeba_dist.logs import attach_log_file, setup_logging
-from celeba_dist.manifest import ManifestError
-from celeba_dist.losses import LOSSES, build_loss, positive_weights
-from celeba_dist.metrics import balanced_thresholds, format_table, write_attribute_csv
+from celeba_dist.shards.manifest import ManifestError
+from celeba_dist.train.losses import LOSSES, build_loss, positive_weights
+from celeba_dist.train.metrics import balanced_thresholds, format_table, write_attribute_csv
 from celeba_dist.models import build_model
-from celeba_dist.optim import build_optimizer, build_scheduler
-from celeba_dist.transforms import build_transform
+from celeba_dist.train.optim import build_optimizer, build_scheduler
+from celeba_dist.data.transforms import build_transform
 
-log = logging.getLogger("celeba_dist.train")  # not __name__: this module also runs as __main__
+log = logging.getLogger("celeba_dist.train.main")  # not __name__: this module also runs as __main__
 # Exit status of a run stopped by SIGTERM/SIGUSR2 after checkpointing (sysexits' EX_TEMPFAIL):
 # nothing is lost, run the same command again to continue.
 EXIT_PREEMPTED = 75
@@ -312,7 +315,7 @@ def write_results(run_dir: Path, results: dict[str, dict], state: TrainState, th
 def main(cfg: Config) -> dict[str, Any]:
     """Train ``cfg`` on every rank; returns {"status", "run_dir", "global_step", "best", "metrics"}.
 
-    The run folder is locked for the whole run (:mod:`celeba_dist.runlock`): a second run on it
+    The run folder is locked for the whole run (:mod:`celeba_dist.train.runlock`): a second run on it
     raises :class:`runlock.RunLockedError` before it writes anything, and so does this run at its end if
     another process took its lock over meanwhile.
     """

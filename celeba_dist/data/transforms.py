@@ -8,7 +8,7 @@ the host-to-device copy.
 
 Decoding never runs at full size when the preset needs less: libjpeg-turbo decodes straight to
 the smallest DCT scale (n/8) that still covers the target, before cropping and resizing. Random choices come from the ``rng`` argument, which the loader seeds per
-sample (see ``celeba_dist.data``), so augmentations are reproducible whatever the worker layout.
+sample (see ``celeba_dist.data.streams``), so augmentations are reproducible whatever the worker layout.
 (A plain ``random.Random`` on purpose: reseeding torch's global generator per sample also queues
 lazy seeding calls for every accelerator backend, which costs more than decoding a small JPEG.)
 """

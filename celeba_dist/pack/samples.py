@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from celeba_dist.sources import SourceData
+from celeba_dist.pack.sources import SourceData
 
 EXTRA_MEMBERS = {"identity": "identity.txt", "bbox": "bbox.json", "landmarks": "landmarks.json"}
 

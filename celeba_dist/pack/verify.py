@@ -16,9 +16,9 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from celeba_dist.manifest import SPLITS, ManifestError, file_sha256, load_manifest
-from celeba_dist.samples import sample_members
-from celeba_dist.worker_pool import process_pool
+from celeba_dist.shards.manifest import SPLITS, ManifestError, file_sha256, load_manifest
+from celeba_dist.pack.samples import sample_members
+from celeba_dist.pack.workers import process_pool
 
 
 @dataclass(frozen=True)

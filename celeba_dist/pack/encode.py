@@ -13,8 +13,8 @@ from typing import Any, Iterable, Iterator
 
 from PIL import Image, UnidentifiedImageError
 
-from celeba_dist.sources import ImageStore
-from celeba_dist.worker_pool import process_pool
+from celeba_dist.pack.sources import ImageStore
+from celeba_dist.pack.workers import process_pool
 
 RESAMPLE = "bicubic"  # the manifest's name for Image.Resampling.BICUBIC, used by --resize
 

@@ -16,7 +16,7 @@ overlap within a pass. Samples are shuffled in a seeded buffer, and the random a
 each sample are seeded by (seed, epoch, sample id): an epoch's batches are a pure function of
 (seed, epoch, world size, workers), which is what makes mid-epoch resumption exact.
 
-Samples come out of the tars through :mod:`celeba_dist.tarstream` (webdataset's grouping, a
+Samples come out of the tars through :mod:`celeba_dist.shards.tario` (webdataset's grouping, a
 faster reader) and are shuffled by webdataset's ``shuffle``. The loader is kept out of
 ``accelerator.prepare()`` on purpose: Accelerate would re-shard an already split stream.
 """
@@ -40,9 +40,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from celeba_dist.manifest import ManifestError, load_manifest, shard_problems, split_shards
-from celeba_dist.tarstream import iter_samples
-from celeba_dist.transforms import JpegWarning
+from celeba_dist.shards.manifest import ManifestError, load_manifest, shard_problems, split_shards
+from celeba_dist.shards.tario import iter_samples
+from celeba_dist.data.transforms import JpegWarning
 
 log = logging.getLogger(__name__)
 

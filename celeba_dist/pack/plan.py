@@ -1,7 +1,7 @@
 """The pack plan: which source rows go to which split, how many (``--limit``) and in which order.
 
 ``rank(x)`` is ``sha256(f"{salt}:{seed}:{id}")`` with salt ``split`` or ``limit``; the rules built on
-it are documented in :mod:`celeba_dist.packer` (they are part of ``celeba-dist pack --help``).
+it are documented in :mod:`celeba_dist.pack.cli` (they are part of ``celeba-dist pack --help``).
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from celeba_dist.attributes import CELEBA_ATTRIBUTES
-from celeba_dist.manifest import SPLITS
-from celeba_dist.pack_options import PackError, PackOptions
-from celeba_dist.sources import SourceData
+from celeba_dist.shards.manifest import SPLITS
+from celeba_dist.pack.options import PackError, PackOptions
+from celeba_dist.pack.sources import SourceData
 
 DEFAULT_SPLIT_RATIOS = (0.8, 0.1, 0.1)
 DEFAULT_STRATIFY = ("Male",)

@@ -2,22 +2,22 @@
 
 The steps, in order:
 
-1. Read and validate the source in full (:mod:`celeba_dist.sources`); nothing is written before
+1. Read and validate the source in full (:mod:`celeba_dist.pack.sources`); nothing is written before
    every label file has passed.
-2. Plan (:mod:`celeba_dist.splits`): assign splits (the source's own partition, or a generated
+2. Plan (:mod:`celeba_dist.pack.plan`): assign splits (the source's own partition, or a generated
    one), apply ``--limit``, sort each split by id. The plan, the source fingerprint and the
    options that shape the bytes are hashed into the *plan fingerprint*.
-3. Check ``OUT_DIR`` (:mod:`celeba_dist.pack_progress`): shards of another source or other options
+3. Check ``OUT_DIR`` (:mod:`celeba_dist.pack.progress`): shards of another source or other options
    are refused; shards a previous run of the same plan completed (``OUT_DIR/.pack-progress.json``)
    are kept once their sha256 checks out, and only what is missing is written.
 4. Worker processes read and fully decode every image, convert the ones that are not RGB JPEGs
-   (or all, with ``--resize``) (:mod:`celeba_dist.images`); one writer streams the ordered results
-   into shards (:mod:`celeba_dist.shard_writer`), each under a temporary name, fsynced and renamed
+   (or all, with ``--resize``) (:mod:`celeba_dist.pack.encode`); one writer streams the ordered results
+   into shards (:mod:`celeba_dist.pack.writer`), each under a temporary name, fsynced and renamed
    when complete, then recorded in the progress file.
-5. The manifest (:mod:`celeba_dist.pack_manifest`; schema in :mod:`celeba_dist.manifest`) is
+5. The manifest (:mod:`celeba_dist.pack.manifest`; schema in :mod:`celeba_dist.shards.manifest`) is
    written last, atomically.
 
-``celeba-dist verify`` checks the shards against the manifest (:mod:`celeba_dist.verify`).
+``celeba-dist verify`` checks the shards against the manifest (:mod:`celeba_dist.pack.verify`).
 
 Deterministic choices, documented because users rely on them (``rank(x)`` is
 ``sha256(f"{salt}:{seed}:{id}")`` with salt ``split`` or ``limit``):
@@ -47,17 +47,17 @@ from celeba_dist import signals
 from celeba_dist.attributes import resolve_attributes
 from celeba_dist.cli_args import positive_int
 from celeba_dist.diskio import DiskFullError
-from celeba_dist.images import Encoded, ImageEncoder, encoded_images
-from celeba_dist.manifest import MANIFEST_NAME, SPLITS, ManifestError, load_manifest
-from celeba_dist.pack_manifest import build_manifest, log_summary, write_manifest_if_changed
-from celeba_dist.pack_options import DEFAULT_SAMPLES_PER_SHARD, PackError, PackOptions
-from celeba_dist.pack_progress import Progress, Segment, open_out_dir, plan_segments
-from celeba_dist.samples import make_sample
-from celeba_dist.shard_writer import ShardWriter, sample_member_bytes
-from celeba_dist.sources import SourceData, SourceError, open_source
-from celeba_dist.splits import Plan, make_plan
-from celeba_dist.verify import verify
-from celeba_dist.worker_pool import default_workers
+from celeba_dist.pack.encode import Encoded, ImageEncoder, encoded_images
+from celeba_dist.shards.manifest import MANIFEST_NAME, SPLITS, ManifestError, load_manifest
+from celeba_dist.pack.manifest import build_manifest, log_summary, write_manifest_if_changed
+from celeba_dist.pack.options import DEFAULT_SAMPLES_PER_SHARD, PackError, PackOptions
+from celeba_dist.pack.progress import Progress, Segment, open_out_dir, plan_segments
+from celeba_dist.pack.samples import make_sample
+from celeba_dist.pack.writer import ShardWriter, sample_member_bytes
+from celeba_dist.pack.sources import SourceData, SourceError, open_source
+from celeba_dist.pack.plan import Plan, make_plan
+from celeba_dist.pack.verify import verify
+from celeba_dist.pack.workers import default_workers
 
 __all__ = ["DEFAULT_SAMPLES_PER_SHARD", "PackError", "PackOptions", "build_parser", "build_verify_parser",
            "default_workers", "main", "pack", "verify", "verify_main"]
