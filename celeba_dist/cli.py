@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("celeba_dist.evaluate:main", "evaluate a run or checkpoint on a split"),
     "predict": ("celeba_dist.predict:main", "write per-image predictions to CSV"),
     "demo": ("celeba_dist.demo:main", "synthetic data -> shards -> train -> eval, end to end"),
-    "models": ("celeba_dist.models:list_main", "list model names with parameter counts"),
+    "models": ("celeba_dist.models.cli:list_main", "list model names with parameter counts"),
     "recipes": ("celeba_dist.config:recipes_main", "list the shipped recipes"),
     "submit": ("celeba_dist.launch.submit:main", "submit a training run to SLURM (submitit)"),
     "sweep": ("celeba_dist.launch.sweep:main", "submit a sweep as a SLURM job array"),

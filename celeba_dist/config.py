@@ -36,7 +36,7 @@ class DataConfig:
     num_workers: int = 2
     transform: str = "crop178_resize"
     image_size: tuple[int, int] = (64, 64)  # (H, W) fed to the model
-    normalize: str = "unit"  # unit (x/255) | imagenet
+    normalize: str = "auto"  # auto (what the model's weights expect) | unit (x/255) | imagenet
     shuffle_buffer: int = 1000
     train_subset: int = 0  # 0: every training sample; N: a fixed subset of N samples
     check_shards: str = "size"  # before the first step: size (a stat per shard) | sha256 | none
@@ -140,7 +140,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("no", "bf16", "fp16"),
     "run.resume": (),  # free-form: auto | none | path
     "sched.cyclic_mode": ("triangular", "triangular2", "exp_range"),
-    "data.normalize": ("unit", "imagenet"),
+    "data.normalize": ("auto", "unit", "imagenet"),
     "data.check_shards": ("size", "sha256", "none"),
 }
 
@@ -331,6 +331,21 @@ def from_dict(tree: dict[str, Any]) -> Config:
         sections[name] = _build_section(name, cls, values)
     config = Config(**sections)
     validate_choices(config)
+    return resolve_normalize(config)
+
+
+def resolve_normalize(config: Config) -> Config:
+    """``data.normalize: auto`` becomes what the model's weights expect (ImageNet weights: ``imagenet``,
+    otherwise ``unit``); an explicit value that contradicts ImageNet weights is an error naming both keys."""
+    from celeba_dist.models import expected_normalize
+
+    expected = expected_normalize(config.model.pretrained)
+    if config.data.normalize == "auto":
+        return dataclasses.replace(config, data=dataclasses.replace(config.data, normalize=expected))
+    if expected == "imagenet" and config.data.normalize != expected:
+        raise ConfigError(f"data.normalize={config.data.normalize!r} contradicts model.pretrained="
+                          f"{config.model.pretrained!r}: ImageNet weights expect ImageNet-normalised inputs; "
+                          "set data.normalize=imagenet (or auto)")
     return config
 
 

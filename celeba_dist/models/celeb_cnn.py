@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from celeba_dist.models import register_model
+from celeba_dist.models.registry import register_model
 
 
 def conv_block(in_ch: int, out_ch: int, *, batch_norm: bool) -> nn.Sequential:

@@ -15,7 +15,7 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
-from celeba_dist.models import IMAGENET_MEAN, IMAGENET_STD, register_model
+from celeba_dist.models.registry import register_model
 from celeba_dist.models.pretrained import torchvision_model
 
 POOLINGS = ("mean", "max")
@@ -58,7 +58,7 @@ class ResNetLSTMAttention(nn.Module):
 
 
 @register_model(
-    "resnet18_lstm_attn", input_size=(224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    "resnet18_lstm_attn", input_size=(224, 224),
     description="ResNet-18 7x7 regions -> BiLSTM -> multi-head self-attention -> pooled head",
 )
 def build_resnet18_lstm_attn(

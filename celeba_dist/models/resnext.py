@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from celeba_dist.models import IMAGENET_MEAN, IMAGENET_STD, register_model
+from celeba_dist.models.registry import register_model
 from celeba_dist.models.pretrained import torchvision_model
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -63,7 +63,7 @@ class ResNeXtClassifier(FrozenBatchNormMixin):
 
 
 @register_model(
-    "resnext50_32x4d", input_size=(218, 178), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    "resnext50_32x4d", input_size=(218, 178),
     description="torchvision ResNeXt-50 32x4d, fc 2048->N, first 6 children frozen (BN kept in eval)",
 )
 def build_resnext50(*, num_attributes: int, imagenet: str | None = None, freeze_children: int = 6) -> nn.Module:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from celeba_dist.models import register_model
+from celeba_dist.models.registry import register_model
 
 
 class SimpleCNN(nn.Module):

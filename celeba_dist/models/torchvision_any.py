@@ -14,7 +14,7 @@ import inspect
 import torchvision
 from torch import nn
 
-from celeba_dist.models import IMAGENET_MEAN, IMAGENET_STD, TORCHVISION_PREFIX, ModelSpec
+from celeba_dist.models.registry import TORCHVISION_PREFIX, ModelSpec, register_prefix
 from celeba_dist.models.pretrained import classifier_name, imagenet_weights, torchvision_model
 
 IMAGENET_CLASSES = 1000
@@ -45,7 +45,7 @@ def torchvision_spec(name: str) -> ModelSpec:
         name=TORCHVISION_PREFIX + name, input_size=_default_input_size(name),
         description=f"torchvision {name}, last classification layer replaced",
         options={}, factory=functools.partial(build_torchvision, name),
-        supports_imagenet=True, forwards_options=True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        supports_imagenet=True, forwards_options=True,
     )
 
 
@@ -97,3 +97,6 @@ def _check_options(name: str, model: nn.Module, options: dict[str, object]) -> N
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for torchvision model {name!r}; valid: {valid}")
+
+
+register_prefix(TORCHVISION_PREFIX, torchvision_spec)

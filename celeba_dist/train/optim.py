@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 from torch.optim import lr_scheduler
 
-from celeba_dist.config import OptimConfig, SchedConfig
+if TYPE_CHECKING:  # the builders only read these sections' fields: no import of config at run time
+    from celeba_dist.config import OptimConfig, SchedConfig
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adam": lambda params, c: torch.optim.Adam(params, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay),

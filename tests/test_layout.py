@@ -1,0 +1,119 @@
+"""The package's shape holds: no import cycles, packing and the shard contract without torch, the loader
+without the models, one place that renames files. Read from the source, so a new import that breaks a
+rule fails here before it confuses anyone."""
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "celeba_dist"
+
+
+def module_names() -> dict[str, Path]:
+    """Dotted name -> file of every module of the package (a package is its ``__init__``)."""
+    names = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        if parts[-1] == "__main__":
+            continue
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return names
+
+
+def _runtime_imports(tree: ast.AST):
+    """Import nodes anywhere (functions included), except under ``if TYPE_CHECKING:``."""
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(n) for n in ast.walk(node))
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in skip]
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports. ``from a.b import c`` is an edge to ``a.b.c`` when that
+    is a module, else to ``a.b``."""
+    modules = module_names()
+    graph = {}
+    for name, path in modules.items():
+        edges = set()
+        for node in _runtime_imports(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                edges.update(a.name for a in node.names if a.name in modules)
+            elif node.module and node.level == 0 and node.module.startswith("celeba_dist"):
+                for alias in node.names:
+                    sub = f"{node.module}.{alias.name}"
+                    edges.add(sub if sub in modules else node.module)
+        graph[name] = {e for e in edges if e in modules and e != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def test_no_import_cycles():
+    assert find_cycle(import_graph()) is None, f"import cycle: {' -> '.join(find_cycle(import_graph()))}"
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_loader_never_imports_the_models():
+    graph = import_graph()
+    for name in (n for n in graph if n.startswith("celeba_dist.data")):
+        bad = sorted(m for m in reachable(graph, name) if m.startswith("celeba_dist.models"))
+        assert not bad, f"{name} reaches {bad}"
+
+
+@pytest.mark.parametrize("package", ["celeba_dist.shards", "celeba_dist.pack"])
+def test_packing_and_the_shard_contract_import_without_torch(package):
+    names = sorted(n for n in module_names() if n == package or n.startswith(package + "."))
+    code = ("import importlib, sys\n"
+            f"for name in {names!r}:\n    importlib.import_module(name)\n"
+            "heavy = sorted(m for m in ('torch', 'torchvision', 'webdataset', 'accelerate') if m in sys.modules)\n"
+            "assert not heavy, heavy\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_only_diskio_renames_files():
+    """Write-then-rename lives in diskio (and in the run lock's own link protocol)."""
+    allowed = {"diskio.py", "runlock.py", "writer.py"}  # writer.py streams a shard, then renames it once
+    offenders = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                 if p.name not in allowed and re.search(r"os\.replace\(|\.replace\(\s*(path|out|target)\b|os\.rename\(",
+                                                        p.read_text())]
+    assert not offenders, offenders
