@@ -431,12 +431,17 @@ def save_config(config: Config, path: Path) -> None:
     write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
+def add_set_argument(parser: argparse.ArgumentParser, help: str = "dotted overrides, e.g. optim.lr=3e-4") -> None:
+    """``--set KEY=VALUE ...``: dotted config overrides (:func:`parse_override`), repeatable; every command's."""
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help=help)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments every entry point that builds a config shares."""
     parser.add_argument("--config", default="default", help="a shipped recipe name (celeba-dist recipes) or a YAML file")
     parser.add_argument("--data", default=None, help="the packed shards folder (with manifest.json)")
     parser.add_argument("--run-dir", default=None, help="the run directory (default runs/<recipe>)")
-    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=3e-4")
+    add_set_argument(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

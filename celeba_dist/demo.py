@@ -11,7 +11,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from celeba_dist.config import load_config
+from celeba_dist.config import add_set_argument, load_config
 from celeba_dist.logs import setup_logging
 from celeba_dist.shards.manifest import MANIFEST_NAME
 
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-images", type=int, default=4000)
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--workers", type=int, default=2, help="processes for making and packing the data")
-    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="training overrides")
+    add_set_argument(parser, "training overrides")
     args = parser.parse_args(argv)
     setup_logging()
 

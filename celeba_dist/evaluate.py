@@ -12,17 +12,17 @@ from pathlib import Path
 
 
 from celeba_dist.cli_args import report_error
-from celeba_dist.train.checkpoint import BEST, load_checkpoint
-from celeba_dist.config import ConfigError, config_from_tree
+from celeba_dist.config import ConfigError, add_set_argument, config_from_tree
 from celeba_dist.data.streams import ShardData, owned_workers
 from celeba_dist.diskio import write_json
+from celeba_dist.logs import setup_logging
+from celeba_dist.shards.manifest import ManifestError
+from celeba_dist.train.build import build_model_for, check_data, eval_loader
+from celeba_dist.train.checkpoint import BEST, load_checkpoint
 from celeba_dist.train.distributed import build_accelerator, leave_process_group
 from celeba_dist.train.engine import evaluate, split_metrics
-from celeba_dist.logs import setup_logging
 from celeba_dist.train.losses import LOSSES
-from celeba_dist.shards.manifest import ManifestError
 from celeba_dist.train.metrics import format_table
-from celeba_dist.train.main import build_model_for, check_data, eval_loader
 
 log = logging.getLogger("celeba_dist.evaluate")  # not __name__: this module also runs as __main__
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="shards folder (default: the one the run trained on)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--out", help="write the metrics as JSON here (default RUN/eval_<split>.json with --run)")
-    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="e.g. data.num_workers=4")
+    add_set_argument(parser, "e.g. data.num_workers=4")
     args = parser.parse_args(argv)
     try:
         path = checkpoint_path(args.run, args.checkpoint)

@@ -8,57 +8,22 @@ from __future__ import annotations
 
 import argparse
 import csv
-import random
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
 
 from celeba_dist.cli_args import report_error
-from celeba_dist.train.checkpoint import load_checkpoint
-from celeba_dist.config import Config, ConfigError, config_from_tree
-from celeba_dist.data.streams import Batch, IssueTally, SampleIssues, ShardData, eval_stream, make_loader, owned_workers
+from celeba_dist.config import Config, ConfigError, add_set_argument, config_from_tree
+from celeba_dist.data.folder import ImageFolderStream, image_files
+from celeba_dist.data.streams import IssueTally, ShardData, eval_stream, make_loader, owned_workers
+from celeba_dist.data.transforms import build_transform
 from celeba_dist.diskio import atomic_write
+from celeba_dist.shards.manifest import MANIFEST_NAME, ManifestError
+from celeba_dist.train.build import build_model_for
+from celeba_dist.train.checkpoint import load_checkpoint
 from celeba_dist.train.engine import prepare_batch
 from celeba_dist.train.losses import LOSSES
-from celeba_dist.shards.manifest import MANIFEST_NAME, ManifestError
-from celeba_dist.train.main import build_model_for
-from celeba_dist.data.transforms import build_transform
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-
-
-class ImageFolderStream(IterableDataset):
-    """Batches of (uint8 images, dummy labels, ids) from image files, split across loader workers."""
-
-    def __init__(self, files: list[Path], transform, *, batch_size: int, num_attributes: int):
-        super().__init__()
-        self.files, self.transform = files, transform
-        self.batch_size, self.num_attributes = batch_size, num_attributes
-
-    def __iter__(self) -> Iterator:
-        info = get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        mine = self.files[worker::workers]
-        for start in range(0, len(mine), self.batch_size):
-            chunk = mine[start: start + self.batch_size]
-            images = []
-            for path in chunk:
-                try:
-                    images.append(self.transform(path.read_bytes(), random.Random(0)))  # eval: no randomness
-                except Exception as exc:
-                    raise RuntimeError(f"cannot read image {path}: {exc}") from exc
-            yield Batch(torch.stack(images), torch.zeros(len(chunk), self.num_attributes), [p.stem for p in chunk],
-                        SampleIssues())
-
-
-def image_files(folder: Path) -> list[Path]:
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise FileNotFoundError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
-    return files
-
 
 def batches(cfg: Config, source: Path, attributes: list[str], split: str | None, batch_size: int) -> Iterator:
     transform = build_transform(cfg.data.transform, image_size=cfg.data.image_size, train=False)
@@ -112,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the CSV to write")
     parser.add_argument("--split", choices=["train", "val", "test"], help="shards input: only this split")
     parser.add_argument("--batch-size", type=int, default=0)
-    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="e.g. data.num_workers=4")
+    add_set_argument(parser, "e.g. data.num_workers=4")
     args = parser.parse_args(argv)
     try:
         rows = predict(Path(args.checkpoint), Path(args.input), Path(args.out), split=args.split,

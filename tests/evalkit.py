@@ -11,13 +11,13 @@ import json
 import sys
 from pathlib import Path
 
-from celeba_dist.train.checkpoint import load_checkpoint
 from celeba_dist.config import config_from_tree
 from celeba_dist.data.streams import ShardData
+from celeba_dist.train.build import build_model_for, eval_loader
+from celeba_dist.train.checkpoint import load_checkpoint
 from celeba_dist.train.distributed import build_accelerator
 from celeba_dist.train.engine import Predictions, evaluate
 from celeba_dist.train.losses import LOSSES
-from celeba_dist.train.main import build_model_for, eval_loader
 
 
 def eval_predictions(checkpoint: Path, split: str) -> Predictions:

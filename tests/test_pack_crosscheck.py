@@ -11,8 +11,8 @@ from PIL import Image
 from torchvision.datasets import CelebA
 
 from celeba_dist.attributes import CELEBA_ATTRIBUTES
-from celeba_dist.shards.manifest import load_manifest
 from celeba_dist.pack.cli import main
+from celeba_dist.shards.manifest import load_manifest
 from celeba_dist.synthetic import make_synthetic_celeba
 from helpers_celeba import decoded, read_split, write_celeba, write_hf_celeba
 

@@ -6,10 +6,10 @@ import torch
 
 from celeba_dist.attributes import resolve_attributes
 from celeba_dist.config import load_config, shipped_recipes
-from celeba_dist.train.losses import LOSSES, build_loss, positive_weights
-from celeba_dist.models import build_model, trainable_parameters
-from celeba_dist.train.optim import build_optimizer, build_scheduler
 from celeba_dist.data.transforms import normalize_batch
+from celeba_dist.models import build_model, trainable_parameters
+from celeba_dist.train.losses import LOSSES, build_loss, positive_weights
+from celeba_dist.train.optim import build_optimizer, build_scheduler
 
 
 @pytest.mark.parametrize("name", shipped_recipes())

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from celeba_dist.config import ConfigError, load_config
-from celeba_dist.train.runlock import LOCK_NAME, Holder, RunLockedError, acquire, live_holder, pid_alive, read_holder
 from celeba_dist.train.main import main
+from celeba_dist.train.runlock import LOCK_NAME, Holder, RunLockedError, acquire, live_holder, pid_alive, read_holder
 from shardkit import synthetic_shards
 from test_resume import kill_mid_epoch
 from test_train import accelerate_cmd, cpu_env

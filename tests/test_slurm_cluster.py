@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from celeba_dist.launch import cluster_env
 from celeba_dist.launch.cluster_env import expand_nodelist, expand_tasks_per_node, from_environ, master_port
 from celeba_dist.launch.status import (last_submission, main as status_main, read_jobs, record_job,
-                                      run_state)
+                                       run_state)
 from celeba_dist.launch.submit import main as submit_main, parse_slurm_options
 from celeba_dist.launch.sweep import grid_members, main as sweep_main, random_members, variant_members
 from shardkit import synthetic_shards

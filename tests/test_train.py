@@ -17,14 +17,15 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from celeba_dist.train.board import attention_overlay
-from celeba_dist.train.checkpoint import list_checkpoints, load_checkpoint
 from celeba_dist.config import config_from_tree, load_config
 from celeba_dist.data.streams import ShardData, eval_stream
-from celeba_dist.train.engine import NonFiniteLossError, prepare_batch
-from celeba_dist.train.metrics import compute_metrics
-from celeba_dist.train.main import build_model_for, main
 from celeba_dist.data.transforms import build_transform
+from celeba_dist.train.board import attention_overlay
+from celeba_dist.train.build import build_model_for
+from celeba_dist.train.checkpoint import list_checkpoints, load_checkpoint
+from celeba_dist.train.engine import NonFiniteLossError, prepare_batch
+from celeba_dist.train.main import main
+from celeba_dist.train.metrics import compute_metrics
 from evalkit import eval_predictions, eval_probabilities
 from shardkit import synthetic_shards
 

@@ -40,9 +40,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from celeba_dist.data.transforms import JpegWarning
 from celeba_dist.shards.manifest import ManifestError, load_manifest, shard_problems, split_shards
 from celeba_dist.shards.tario import iter_samples
-from celeba_dist.data.transforms import JpegWarning
 
 log = logging.getLogger(__name__)
 

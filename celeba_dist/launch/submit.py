@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 import submitit
 
+from celeba_dist.config import add_set_argument
 from celeba_dist.launch import cluster_env
 from celeba_dist.launch.status import ACTIVE_STATES, record_job, scheduler_states, wait_until_ended
 
@@ -288,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="a shipped recipe name or a YAML file")
     parser.add_argument("--data", required=True, type=Path, help="the packed shards folder (manifest.json inside)")
     parser.add_argument("--run-dir", required=True, type=Path, help="the run folder (checkpoints, logs, TensorBoard)")
-    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="dotted config overrides")
+    add_set_argument(parser, "dotted config overrides")
     add_resource_arguments(parser)
     return parser
 

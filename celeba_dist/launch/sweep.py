@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from celeba_dist.config import add_set_argument
 from celeba_dist.diskio import write_json
 from celeba_dist.launch.status import SWEEP_FILE, record_job, sweep_table
 from celeba_dist.launch.submit import (add_resource_arguments, build_executor, check_data, log_folder, resolve_task,
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, type=Path, help="the packed shards folder")
     parser.add_argument("--run-dir", required=True, type=Path,
                         help="the sweep's folder; members go in RUN_DIR/<member>/")
-    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="overrides shared by all members")
+    add_set_argument(parser, "overrides shared by all members")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--grid", nargs="+", action="extend", metavar="KEY=V1,V2", help="every combination of the values")
     mode.add_argument("--random", type=int, metavar="N", help="N random draws from --range")

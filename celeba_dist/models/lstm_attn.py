@@ -15,8 +15,8 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
-from celeba_dist.models.registry import register_model
 from celeba_dist.models.pretrained import torchvision_model
+from celeba_dist.models.registry import register_model
 
 POOLINGS = ("mean", "max")
 

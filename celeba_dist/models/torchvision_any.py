@@ -14,8 +14,8 @@ import inspect
 import torchvision
 from torch import nn
 
-from celeba_dist.models.registry import TORCHVISION_PREFIX, ModelSpec, register_prefix
 from celeba_dist.models.pretrained import classifier_name, imagenet_weights, torchvision_model
+from celeba_dist.models.registry import TORCHVISION_PREFIX, ModelSpec, register_prefix
 
 IMAGENET_CLASSES = 1000
 

@@ -48,16 +48,17 @@ from celeba_dist.attributes import resolve_attributes
 from celeba_dist.cli_args import positive_int
 from celeba_dist.diskio import DiskFullError
 from celeba_dist.pack.encode import Encoded, ImageEncoder, encoded_images
-from celeba_dist.shards.manifest import MANIFEST_NAME, SPLITS, ManifestError, load_manifest
 from celeba_dist.pack.manifest import build_manifest, log_summary, write_manifest_if_changed
 from celeba_dist.pack.options import DEFAULT_SAMPLES_PER_SHARD, PackError, PackOptions
+from celeba_dist.pack.plan import Plan, make_plan
 from celeba_dist.pack.progress import Progress, Segment, open_out_dir, plan_segments
 from celeba_dist.pack.samples import make_sample
-from celeba_dist.pack.writer import ShardWriter, sample_member_bytes
 from celeba_dist.pack.sources import SourceData, SourceError, open_source
-from celeba_dist.pack.plan import Plan, make_plan
 from celeba_dist.pack.verify import verify
 from celeba_dist.pack.workers import default_workers
+from celeba_dist.pack.writer import ShardWriter, sample_member_bytes
+from celeba_dist.shards.layout import SPLITS
+from celeba_dist.shards.manifest import MANIFEST_NAME, ManifestError, load_manifest
 
 __all__ = ["DEFAULT_SAMPLES_PER_SHARD", "PackError", "PackOptions", "build_parser", "build_verify_parser",
            "default_workers", "main", "pack", "verify", "verify_main"]

@@ -11,11 +11,12 @@ import numpy as np
 
 from celeba_dist import __version__
 from celeba_dist.pack.encode import RESAMPLE
-from celeba_dist.shards.manifest import EXTRAS, FORMAT, FORMAT_VERSION, MANIFEST_NAME, SPLITS, write_manifest
 from celeba_dist.pack.options import PackOptions
+from celeba_dist.pack.plan import Plan
 from celeba_dist.pack.progress import Progress
 from celeba_dist.pack.sources import SourceData
-from celeba_dist.pack.plan import Plan
+from celeba_dist.shards.layout import SPLITS
+from celeba_dist.shards.manifest import EXTRAS, FORMAT, FORMAT_VERSION, MANIFEST_NAME, write_manifest
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from celeba_dist.attributes import CELEBA_ATTRIBUTES
-from celeba_dist.shards.manifest import SPLITS
 from celeba_dist.pack.options import PackError, PackOptions
 from celeba_dist.pack.sources import SourceData
+from celeba_dist.shards.layout import SPLITS
 
 DEFAULT_SPLIT_RATIOS = (0.8, 0.1, 0.1)
 DEFAULT_STRATIFY = ("Male",)

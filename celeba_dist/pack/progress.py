@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from celeba_dist.diskio import write_json
-from celeba_dist.shards.manifest import MANIFEST_NAME, SPLITS, file_sha256
 from celeba_dist.pack.options import PackError, PackOptions
-from celeba_dist.pack.sources import SourceData
 from celeba_dist.pack.plan import Plan
+from celeba_dist.pack.sources import SourceData
+from celeba_dist.shards.layout import SPLITS
+from celeba_dist.shards.manifest import MANIFEST_NAME, file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from celeba_dist.attributes import CELEBA_ATTRIBUTES
+from celeba_dist.shards.layout import IMAGE_SUFFIXES, SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,9 @@ BBOX_FILE = "list_bbox_celeba.txt"
 LANDMARKS_FILE = "list_landmarks_align_celeba.txt"
 IMAGE_DIR = "img_align_celeba"
 IMAGE_ZIP = "img_align_celeba.zip"
-SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")  # partition values 0, 1, 2
 HF_SPLIT_ALIASES = {"train": "train", "valid": "val", "validation": "val", "val": "val", "dev": "val", "test": "test"}
 HF_ID_COLUMNS = ("image_id", "id", "filename", "file_name", "image_name", "img_id", "file")
 HF_IDENTITY_COLUMNS = ("celeb_id", "identity", "identity_id", "person_id")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 _ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _INT_PATTERN = re.compile(r"[+-]?\d+")
 _MAX_LISTED = 20  # problems listed in one error message
@@ -146,7 +145,7 @@ class SourceData:
     attribute_names: list[str]  # the columns of `labels`
     ids: list[str]  # image ids without extension, unique
     labels: np.ndarray  # (N, A) uint8, 0/1
-    splits: np.ndarray | None  # (N,) int8 index into SPLIT_NAMES; None: the source has no partition
+    splits: np.ndarray | None  # (N,) int8 index into SPLITS; None: the source has no partition
     locators: list[Any]  # per image, for `images.read`
     images: ImageStore
     extras: dict[str, Extra] = field(default_factory=dict)
@@ -269,7 +268,7 @@ def read_official(root: Path, *, kind: str, attributes: list[str] | None, skip_b
         attribute_names=list(labels.fields),
         ids=[_image_id(n) for n in keep],
         labels=np.array([labels.rows[n][1] for n in keep], dtype=np.uint8).reshape(len(keep), len(labels.fields)),
-        splits=None if partition is None else np.array([SPLIT_NAMES.index(_split_name(partition, n)) for n in keep],
+        splits=None if partition is None else np.array([SPLITS.index(_split_name(partition, n)) for n in keep],
                                                        dtype=np.int8),
         locators=[locate(n) for n in keep],
         images=images,
@@ -304,7 +303,7 @@ def _check_rows(labels: _Table, partition: _Table | None, extras: list[_Table], 
 
 def _split_name(partition: _Table | None, name: str) -> str | None:
     values = partition.values(name) if partition is not None else None
-    return SPLIT_NAMES[values[0]] if values is not None and values[0] in (0, 1, 2) else None
+    return SPLITS[values[0]] if values is not None and values[0] in (0, 1, 2) else None
 
 
 def _extra(table: _Table, names: list[str]) -> Extra:
@@ -503,7 +502,7 @@ def read_hf(
     problems.raise_if_any(label)
 
     keep = [i for i in range(len(ids)) if i not in problems.skipped]
-    split_of = [SPLIT_NAMES.index(HF_SPLIT_ALIASES[p.lower()]) if len(order) > 1 else -1 for p, _ in locators]
+    split_of = [SPLITS.index(HF_SPLIT_ALIASES[p.lower()]) if len(order) > 1 else -1 for p, _ in locators]
     return SourceData(
         kind="hf",
         path=str(Path(name).resolve()) if Path(name).exists() else name,
@@ -515,7 +514,7 @@ def read_hf(
         locators=[locators[i] for i in keep],
         images=HFImages({p: _undecoded(parts[p], cols.image) for p in order}, cols.image, label),
         extras={"identity": Extra(None, identity[keep])} if identity is not None else {},
-        skipped=[{"id": image_id, "reason": reason, "split": SPLIT_NAMES[split_of[i]] if split_of[i] >= 0 else None}
+        skipped=[{"id": image_id, "reason": reason, "split": SPLITS[split_of[i]] if split_of[i] >= 0 else None}
                  for i, (image_id, reason) in sorted(problems.skipped.items())],
     )
 
@@ -592,9 +591,9 @@ def _order_parts(parts: dict[str, Any], label: str) -> list[str]:
     canon = [HF_SPLIT_ALIASES[p.lower()] for p in parts]
     if len(set(canon)) != len(canon):
         raise SourceError(f"{label}: splits {list(parts)} name the same split twice")
-    for missing in sorted(set(SPLIT_NAMES) - set(canon)):
+    for missing in sorted(set(SPLITS) - set(canon)):
         log.warning("%s: no %s split; it will be empty", label, missing)
-    return sorted(parts, key=lambda p: SPLIT_NAMES.index(HF_SPLIT_ALIASES[p.lower()]))
+    return sorted(parts, key=lambda p: SPLITS.index(HF_SPLIT_ALIASES[p.lower()]))
 
 
 def _pick_image_column(columns: dict[str, Any], given: str | None, label: str) -> str:

@@ -16,9 +16,10 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from celeba_dist.shards.manifest import SPLITS, ManifestError, file_sha256, load_manifest
 from celeba_dist.pack.samples import sample_members
 from celeba_dist.pack.workers import process_pool
+from celeba_dist.shards.layout import SPLITS, split_key
+from celeba_dist.shards.manifest import ManifestError, file_sha256, load_manifest
 
 
 @dataclass(frozen=True)
@@ -124,9 +125,7 @@ def read_tar_samples(path: str) -> list[tuple[str, dict[str, bytes]]]:
         for info in tar:
             if not info.isfile():
                 continue
-            folder, _, base = info.name.rpartition("/")
-            key, _, suffix = base.partition(".")
-            key = f"{folder}/{key}" if folder else key
+            key, suffix = split_key(info.name)
             if not samples or samples[-1][0] != key:
                 samples.append((key, {}))
             samples[-1][1][suffix] = tar.extractfile(info).read()  # type: ignore[union-attr]

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from celeba_dist.diskio import fsync_dir, translate_disk_full
-from celeba_dist.shards.manifest import file_sha256, shard_file
+from celeba_dist.shards.layout import shard_file
+from celeba_dist.shards.manifest import file_sha256
 
 SHARD_MTIME = 946684800  # 2000-01-01: fixed tar metadata makes the shards byte-identical across runs
 SHARD_USER = "celeba"

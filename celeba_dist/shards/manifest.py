@@ -32,23 +32,17 @@ from pathlib import Path
 from typing import Any
 
 from celeba_dist.diskio import write_json
+from celeba_dist.shards.layout import SPLITS
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "celeba-dist-shards"
 FORMAT_VERSION = 1
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 SOURCE_KINDS: tuple[str, ...] = ("official", "torchvision", "hf")
 EXTRAS: tuple[str, ...] = ("identity", "bbox", "landmarks")
-SHARD_NAME = "celeba-{split}-{index:06d}.tar"
 
 
 class ManifestError(ValueError):
     """A manifest is missing, unreadable or does not follow the schema."""
-
-
-def shard_file(split: str, index: int) -> str:
-    """The shard's path relative to the shard folder, e.g. ``train/celeba-train-000000.tar``."""
-    return f"{split}/{SHARD_NAME.format(split=split, index=index)}"
 
 
 def load_manifest(shard_dir: str | os.PathLike[str]) -> dict[str, Any]:

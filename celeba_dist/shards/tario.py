@@ -13,6 +13,8 @@ from __future__ import annotations
 import mmap
 from typing import Iterator
 
+from celeba_dist.shards.layout import split_key
+
 BLOCK = 512
 REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
 GNU_LONGNAME = b"L"
@@ -89,15 +91,6 @@ def _header_name(header: bytes) -> str:
         if prefix:
             name = f"{prefix}/{name}"
     return name
-
-
-def split_key(name: str) -> tuple[str, str]:
-    """``a/b/000001.attr.json`` → (``a/b/000001``, ``attr.json``), as webdataset's base_plus_ext."""
-    slash = name.rfind("/") + 1
-    dot = name.find(".", slash)
-    if dot < 0:
-        return name, ""
-    return name[:dot], name[dot + 1:].lower()
 
 
 def iter_samples(path: str) -> Iterator[dict]:

@@ -14,12 +14,12 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from celeba_dist import signals
-from celeba_dist.train.board import Board
 from celeba_dist.config import Config
 from celeba_dist.data.streams import IssueTally
+from celeba_dist.data.transforms import normalize_batch
+from celeba_dist.train.board import Board
 from celeba_dist.train.distributed import all_sum, gather_list, gather_rows
 from celeba_dist.train.metrics import compute_metrics
-from celeba_dist.data.transforms import normalize_batch
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,6 @@ the SLURM tasks of ``celeba_dist.launch``. ``python -m celeba_dist.train`` and
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import logging
 import math
@@ -23,27 +22,25 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from celeba_dist import __version__
-
-from celeba_dist import signals
-from celeba_dist.train import runlock
-from celeba_dist.train.board import Board, accuracy_bars, attention_overlay, prediction_grid
+from celeba_dist import __version__, signals
 from celeba_dist.cli_args import report_error
-from celeba_dist.train.checkpoint import (BEST, atomic_save, link_best, list_checkpoints, load_checkpoint, newest_intact,
-                                    load_newest_valid, prune, rng_state, set_rng_state, step_path)
 from celeba_dist.config import Config, ConfigError, add_config_arguments, config_from_args, save_config
-from celeba_dist.data.streams import DataError, ShardCheckError, ShardData, eval_stream, make_loader, owned_workers, train_stream
+from celeba_dist.data.streams import DataError, ShardData, eval_stream, make_loader, owned_workers, train_stream
+from celeba_dist.data.transforms import build_transform
 from celeba_dist.diskio import DiskFullError, write_json
-from celeba_dist.train.distributed import build_accelerator, from_main, gather_list, leave_process_group
-from celeba_dist.train.engine import (NonFiniteLossError, Predictions, TrainState, Trainer, evaluate, prepare_batch,
-                                split_metrics, supports_attention, train_one_epoch)
 from celeba_dist.logs import attach_log_file, setup_logging
 from celeba_dist.shards.manifest import ManifestError
+from celeba_dist.train import runlock
+from celeba_dist.train.board import Board, accuracy_bars, attention_overlay, prediction_grid
+from celeba_dist.train.build import build_model_for, check_data, eval_loader
+from celeba_dist.train.checkpoint import BEST, load_checkpoint
+from celeba_dist.train.distributed import build_accelerator, from_main, leave_process_group
+from celeba_dist.train.engine import (NonFiniteLossError, Predictions, TrainState, Trainer, evaluate, prepare_batch,
+                                      split_metrics, supports_attention, train_one_epoch)
 from celeba_dist.train.losses import LOSSES, build_loss, positive_weights
 from celeba_dist.train.metrics import balanced_thresholds, format_table, write_attribute_csv
-from celeba_dist.models import build_model
 from celeba_dist.train.optim import build_optimizer, build_scheduler
-from celeba_dist.data.transforms import build_transform
+from celeba_dist.train.resume import make_saver, refuse_fresh_start_over_checkpoints, resume, resume_hint
 
 log = logging.getLogger("celeba_dist.train.main")  # not __name__: this module also runs as __main__
 # Exit status of a run stopped by SIGTERM/SIGUSR2 after checkpointing (sysexits' EX_TEMPFAIL):
@@ -113,142 +110,6 @@ def environment(accelerator: Accelerator) -> dict[str, Any]:
         "mixed_precision": accelerator.mixed_precision, "git_commit": commit,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-
-
-def check_data(cfg: Config, data: ShardData, accelerator: Accelerator, splits: tuple[str, ...]) -> None:
-    """Every shard of ``splits`` exists with the manifest's size (``data.check_shards``), before any model is built.
-
-    ``sha256`` also hashes them, each rank a share, and every rank raises the same error.
-    """
-    if cfg.data.check_shards == "none":
-        return
-    problems = data.check_files(splits)
-    if not problems and cfg.data.check_shards == "sha256":
-        mine = data.check_files(splits, sha256=True, part=(accelerator.process_index, accelerator.num_processes))
-        problems = gather_list(accelerator, mine)
-    if problems:
-        leave_process_group(accelerator)  # every rank is here with the same verdict: leave together
-        shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
-        raise ShardCheckError(f"{len(problems)} shard(s) of {data.root} ({', '.join(splits)}) do not match its "
-                              f"manifest.json:\n  {shown}\nre-copy or re-pack them; `celeba-dist verify {data.root}` "
-                              "checks every shard and sample")
-    log.info("shards of %s (%s) checked against the manifest (%s)", data.root, ", ".join(splits), cfg.data.check_shards)
-
-
-def build_model_for(cfg: Config, num_attributes: int) -> torch.nn.Module:
-    model = build_model(cfg.model.name, num_attributes=num_attributes, pretrained=cfg.model.pretrained,
-                        **cfg.model.options)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-def eval_loader(cfg: Config, data: ShardData, split: str, accelerator: Accelerator):
-    transform = build_transform(cfg.data.transform, image_size=cfg.data.image_size, train=False)
-    stream = eval_stream(data, split, transform, batch_size=cfg.data.eval_batch_size or cfg.data.batch_size,
-                         rank=accelerator.process_index, world_size=accelerator.num_processes,
-                         skip_bad=cfg.data.skip_bad_samples)
-    return make_loader(stream, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def make_saver(cfg: Config, accelerator: Accelerator, model, optimizer, scheduler, attributes: list[str]):
-    """A collective save: every rank contributes its RNG state, rank 0 writes the file."""
-    ckpt_dir = cfg.run_dir / "checkpoints"
-
-    def save(state: TrainState, *, best: bool = False, thresholds: list[float] | None = None) -> Path:
-        # DDP keeps the weights identical on every rank, so every rank reaches the same verdict.
-        bad = [n for n, p in accelerator.unwrap_model(model).named_parameters() if not torch.isfinite(p).all()]
-        if bad:
-            raise NonFiniteLossError(f"non-finite loss at optimizer step {state.global_step}: weights {bad[:3]} "
-                                     f"are not finite; not checkpointed (the last good checkpoint stays in {ckpt_dir})")
-        rngs = gather_list(accelerator, [rng_state()])
-        seen = gather_list(accelerator, [state.samples_seen])
-        path = step_path(ckpt_dir, state.global_step)
-        if accelerator.is_main_process:
-            scaler = accelerator.scaler
-            atomic_save({
-                "model": accelerator.unwrap_model(model, keep_torch_compile=False).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": rngs,
-                "samples_seen": seen,
-                "state": dataclasses.asdict(state),
-                "config": cfg.to_dict(),
-                "attributes": attributes,
-                "thresholds": thresholds,
-            }, path)
-            if best:
-                link_best(ckpt_dir, path)
-            prune(ckpt_dir, cfg.train.keep_last)
-            log.info("checkpoint %s (epoch %d, step %d)%s", path.name, state.epoch, state.global_step,
-                     " = best" if best else "")
-        accelerator.wait_for_everyone()
-        return path
-
-    return save
-
-
-def refuse_fresh_start_over_checkpoints(cfg: Config) -> None:
-    """``run.resume=none`` in a folder that holds checkpoints would mix two runs: their checkpoints
-    (pruning would keep the old run's higher steps), their TensorBoard steps and a later auto-resume."""
-    if cfg.run.resume == "none" and (found := list_checkpoints(cfg.run_dir / "checkpoints")):
-        raise ConfigError(f"run.resume=none: {cfg.run_dir} already holds checkpoints of a run (newest "
-                          f"{found[0].name}); train from scratch in a new --run-dir, or remove "
-                          f"{cfg.run_dir / 'checkpoints'} first")
-
-
-def adopt_best(ckpt_dir: Path, resumed_from: Path) -> None:
-    """A run continued from another folder's checkpoint takes that run's best.pt along (or, without
-    one, the checkpoint itself): the best epoch so far may lie before the resume."""
-    if (ckpt_dir / BEST).exists() or resumed_from.parent.resolve() == ckpt_dir.resolve():
-        return
-    source = resumed_from.parent / BEST if (resumed_from.parent / BEST).is_file() else resumed_from
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    link_best(ckpt_dir, source)
-    log.info("best checkpoint so far: %s, taken into %s", source, ckpt_dir)
-
-
-def resume(cfg: Config, accelerator: Accelerator, model, optimizer, scheduler) -> tuple[TrainState, Any]:
-    """Restore the newest valid checkpoint (``run.resume=auto``) or a given one; else a fresh state."""
-    fresh = TrainState(world_size=accelerator.num_processes, batch_size=cfg.data.batch_size)
-    if cfg.run.resume == "none":
-        return fresh, None
-    if cfg.run.resume == "auto":
-        found = load_newest_valid(cfg.run_dir / "checkpoints")
-        if found is None:
-            return fresh, None
-        path, ckpt = found
-    else:
-        path = Path(cfg.run.resume)
-        ckpt = load_checkpoint(path)
-        if accelerator.is_main_process:
-            adopt_best(cfg.run_dir / "checkpoints", path)
-    accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    if ckpt.get("scaler") and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(ckpt["scaler"])
-    state = TrainState(**ckpt["state"])
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if len(ckpt["rng"]) == world and state.batch_size == cfg.data.batch_size:
-        set_rng_state(ckpt["rng"][rank])
-        state.samples_seen = ckpt["samples_seen"][rank]
-    else:  # a different world or batch size: same epoch, nearest equivalent position
-        old_global = state.world_size * state.batch_size
-        state.batch_in_epoch = state.batch_in_epoch * old_global // (world * cfg.data.batch_size)
-        log.warning("resuming a run saved with %d processes × batch %d on %d × %d: RNG states reseeded, "
-                    "epoch %d continues at batch %d", state.world_size, state.batch_size, world,
-                    cfg.data.batch_size, state.epoch, state.batch_in_epoch)
-        state.samples_seen = 0
-    state.world_size, state.batch_size = world, cfg.data.batch_size
-    log.info("resumed from %s: epoch %d, batch %d of the epoch, step %d", path, state.epoch,
-             state.batch_in_epoch, state.global_step)
-    return state, ckpt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +189,7 @@ def main(cfg: Config) -> dict[str, Any]:
         attach_log_file(cfg.run_dir / "logs", rank=accelerator.process_index)
         result = _train(cfg, accelerator, data)
     except DiskFullError as exc:
-        raise exc.with_detail(_resume_hint(cfg.run_dir / "checkpoints")) from exc
+        raise exc.with_detail(resume_hint(cfg.run_dir / "checkpoints")) from exc
     finally:
         if lock is not None:
             lock.release()
@@ -336,13 +197,6 @@ def main(cfg: Config) -> dict[str, Any]:
         raise runlock.RunLockedError(f"another process took the lock of {cfg.run_dir} over during this run: "
                                      f"its files may be mixed with this run's (see the error logged then)")
     return result
-
-
-def _resume_hint(ckpt_dir: Path) -> str:
-    newest = newest_intact(ckpt_dir)
-    if newest is None:
-        return "no checkpoint was written yet: free space and run the same command to start again"
-    return f"the newest intact checkpoint is {newest}: free space and run the same command to resume from it"
 
 
 def _train(cfg: Config, accelerator: Accelerator, data: ShardData) -> dict[str, Any]:

@@ -1,0 +1,124 @@
+"""The checkpoint protocol of a run: a collective save (every rank's RNG state, rank 0 writes,
+non-finite weights refused) and the resume that restores it, exactly or at the nearest position when
+the world or batch size changed. The file format itself is :mod:`celeba_dist.train.checkpoint`."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from celeba_dist.config import Config, ConfigError
+from celeba_dist.train.checkpoint import (BEST, atomic_save, link_best, list_checkpoints, load_checkpoint,
+                                          load_newest_valid, newest_intact, prune, rng_state, set_rng_state,
+                                          step_path)
+from celeba_dist.train.distributed import gather_list
+from celeba_dist.train.engine import NonFiniteLossError, TrainState
+
+log = logging.getLogger(__name__)
+
+
+def make_saver(cfg: Config, accelerator: Accelerator, model, optimizer, scheduler, attributes: list[str]):
+    """A collective save: every rank contributes its RNG state, rank 0 writes the file."""
+    ckpt_dir = cfg.run_dir / "checkpoints"
+
+    def save(state: TrainState, *, best: bool = False, thresholds: list[float] | None = None) -> Path:
+        # DDP keeps the weights identical on every rank, so every rank reaches the same verdict.
+        bad = [n for n, p in accelerator.unwrap_model(model).named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise NonFiniteLossError(f"non-finite loss at optimizer step {state.global_step}: weights {bad[:3]} "
+                                     f"are not finite; not checkpointed (the last good checkpoint stays in {ckpt_dir})")
+        rngs = gather_list(accelerator, [rng_state()])
+        seen = gather_list(accelerator, [state.samples_seen])
+        path = step_path(ckpt_dir, state.global_step)
+        if accelerator.is_main_process:
+            scaler = accelerator.scaler
+            atomic_save({
+                "model": accelerator.unwrap_model(model, keep_torch_compile=False).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": rngs,
+                "samples_seen": seen,
+                "state": dataclasses.asdict(state),
+                "config": cfg.to_dict(),
+                "attributes": attributes,
+                "thresholds": thresholds,
+            }, path)
+            if best:
+                link_best(ckpt_dir, path)
+            prune(ckpt_dir, cfg.train.keep_last)
+            log.info("checkpoint %s (epoch %d, step %d)%s", path.name, state.epoch, state.global_step,
+                     " = best" if best else "")
+        accelerator.wait_for_everyone()
+        return path
+
+    return save
+
+
+def refuse_fresh_start_over_checkpoints(cfg: Config) -> None:
+    """``run.resume=none`` in a folder that holds checkpoints would mix two runs: their checkpoints
+    (pruning would keep the old run's higher steps), their TensorBoard steps and a later auto-resume."""
+    if cfg.run.resume == "none" and (found := list_checkpoints(cfg.run_dir / "checkpoints")):
+        raise ConfigError(f"run.resume=none: {cfg.run_dir} already holds checkpoints of a run (newest "
+                          f"{found[0].name}); train from scratch in a new --run-dir, or remove "
+                          f"{cfg.run_dir / 'checkpoints'} first")
+
+
+def adopt_best(ckpt_dir: Path, resumed_from: Path) -> None:
+    """A run continued from another folder's checkpoint takes that run's best.pt along (or, without
+    one, the checkpoint itself): the best epoch so far may lie before the resume."""
+    if (ckpt_dir / BEST).exists() or resumed_from.parent.resolve() == ckpt_dir.resolve():
+        return
+    source = resumed_from.parent / BEST if (resumed_from.parent / BEST).is_file() else resumed_from
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    link_best(ckpt_dir, source)
+    log.info("best checkpoint so far: %s, taken into %s", source, ckpt_dir)
+
+
+def resume(cfg: Config, accelerator: Accelerator, model, optimizer, scheduler) -> tuple[TrainState, Any]:
+    """Restore the newest valid checkpoint (``run.resume=auto``) or a given one; else a fresh state."""
+    fresh = TrainState(world_size=accelerator.num_processes, batch_size=cfg.data.batch_size)
+    if cfg.run.resume == "none":
+        return fresh, None
+    if cfg.run.resume == "auto":
+        found = load_newest_valid(cfg.run_dir / "checkpoints")
+        if found is None:
+            return fresh, None
+        path, ckpt = found
+    else:
+        path = Path(cfg.run.resume)
+        ckpt = load_checkpoint(path)
+        if accelerator.is_main_process:
+            adopt_best(cfg.run_dir / "checkpoints", path)
+    accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler") and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(ckpt["scaler"])
+    state = TrainState(**ckpt["state"])
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if len(ckpt["rng"]) == world and state.batch_size == cfg.data.batch_size:
+        set_rng_state(ckpt["rng"][rank])
+        state.samples_seen = ckpt["samples_seen"][rank]
+    else:  # a different world or batch size: same epoch, nearest equivalent position
+        old_global = state.world_size * state.batch_size
+        state.batch_in_epoch = state.batch_in_epoch * old_global // (world * cfg.data.batch_size)
+        log.warning("resuming a run saved with %d processes × batch %d on %d × %d: RNG states reseeded, "
+                    "epoch %d continues at batch %d", state.world_size, state.batch_size, world,
+                    cfg.data.batch_size, state.epoch, state.batch_in_epoch)
+        state.samples_seen = 0
+    state.world_size, state.batch_size = world, cfg.data.batch_size
+    log.info("resumed from %s: epoch %d, batch %d of the epoch, step %d", path, state.epoch,
+             state.batch_in_epoch, state.global_step)
+    return state, ckpt
+
+
+def resume_hint(ckpt_dir: Path) -> str:
+    newest = newest_intact(ckpt_dir)
+    if newest is None:
+        return "no checkpoint was written yet: free space and run the same command to start again"
+    return f"the newest intact checkpoint is {newest}: free space and run the same command to resume from it"
