@@ -12,8 +12,9 @@ import torchvision
 from torch import nn
 
 from celeba_dist.models import (
-                                MODELS, build_model, count_parameters, list_main, list_models, model_spec, trainable_parameters,
-                                )
+    MODELS, build_model, count_parameters, list_models, model_spec, trainable_parameters,
+)
+from celeba_dist.models.cli import list_main
 from celeba_dist.models.pretrained import WeightsUnavailableError, cached_weights_path, imagenet_weights
 
 N = 40

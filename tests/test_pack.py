@@ -17,8 +17,8 @@ from PIL import Image
 from celeba_dist import cli
 from celeba_dist.pack.cli import DEFAULT_SAMPLES_PER_SHARD, main, verify_main
 from celeba_dist.shards.manifest import (
-                                         MANIFEST_NAME, ManifestError, load_manifest, positive_rates, split_shards, write_manifest,
-                                         )
+    MANIFEST_NAME, ManifestError, load_manifest, positive_rates, split_shards, write_manifest,
+)
 from helpers_celeba import decoded, read_split, tree_state, write_celeba
 
 REPO = Path(__file__).resolve().parents[1]

@@ -62,13 +62,13 @@ from celeba_dist.synthetic.cli import build_parser, main
 from celeba_dist.synthetic.colors import RGB
 from celeba_dist.synthetic.drawing import render_face
 from celeba_dist.synthetic.formats import (
-                                           ANNOTATION_FILES, ATTR_FILE, BBOX_FILE, IDENTITY_FILE, IMAGE_DIR, IMAGE_HEIGHT, IMAGE_WIDTH, JPEG_QUALITY,
-                                           LANDMARK_NAMES, LANDMARKS_FILE, MAX_IMAGES, PARTITION_FILE, annotation_files,
-                                           )
+    ANNOTATION_FILES, ATTR_FILE, BBOX_FILE, IDENTITY_FILE, IMAGE_DIR, IMAGE_HEIGHT, IMAGE_WIDTH, JPEG_QUALITY,
+    LANDMARK_NAMES, LANDMARKS_FILE, MAX_IMAGES, PARTITION_FILE, annotation_files,
+)
 from celeba_dist.synthetic.labels import (
-                                          IMAGES_PER_IDENTITY, OFFICIAL_SPLIT_SIZES, Face, Identity, Labels, Look, sample_face, sample_identity,
-                                          split_counts,
-                                          )
+    IMAGES_PER_IDENTITY, OFFICIAL_SPLIT_SIZES, Face, Identity, Labels, Look, sample_face, sample_identity,
+    split_counts,
+)
 from celeba_dist.synthetic.writing import DifferentCelebAError, make_synthetic_celeba
 
 __all__ = [

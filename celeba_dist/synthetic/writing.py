@@ -12,8 +12,8 @@ from pathlib import Path
 from celeba_dist.diskio import write_bytes
 from celeba_dist.synthetic.drawing import render_face
 from celeba_dist.synthetic.formats import (
-                                           ANNOTATION_FILES, ATTR_FILE, BBOX_FILE, IMAGE_DIR, LANDMARKS_FILE, MAX_IMAGES, annotation_files,
-                                           )
+    ANNOTATION_FILES, ATTR_FILE, BBOX_FILE, IMAGE_DIR, LANDMARKS_FILE, MAX_IMAGES, annotation_files,
+)
 from celeba_dist.synthetic.labels import Labels, sample_face
 
 log = logging.getLogger(__package__)  # the package's name, as in the log lines before the split
