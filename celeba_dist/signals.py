@@ -2,7 +2,7 @@
 
 A signal handler must never write a checkpoint itself: Accelerate's state saving is collective
 and the handler may run on one rank only, in the middle of a step. The handlers installed here
-only set a flag and record which signal asked; the training loop polls :func:`stop_reason` at
+only record which signal asked (in the run's :class:`StopRequests`); the training loop polls it at
 step boundaries, agrees on it across ranks (an all-reduce) and then saves on every rank.
 
 The two signals mean what SLURM means by them:
@@ -16,10 +16,11 @@ When both arrived, ``"terminate"`` wins: the job is going away whatever the warn
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -27,68 +28,55 @@ PREEMPT, TERMINATE = "preempt", "terminate"
 REASONS = {signal.SIGUSR2: PREEMPT, signal.SIGTERM: TERMINATE}
 DEFAULT_SIGNALS = tuple(REASONS)  # SIGUSR2 (NCCL uses SIGUSR1), SIGTERM
 
-_stop = threading.Event()
-_received: list[int] = []
-_reasons: set[str] = set()
-_previous: dict[int, Any] = {}
+class StopRequests:
+    """The stop requests of one run (or one pack): which signals arrived, and what they ask for.
 
-
-def _handler(signum: int, frame: Any) -> None:
-    _received.append(signum)
-    _reasons.add(REASONS.get(signum, TERMINATE))
-    _stop.set()
-
-
-def install_stop_handlers(signals: tuple[int, ...] = DEFAULT_SIGNALS) -> None:
-    """Make the given signals request a stop instead of killing the process.
-
-    Only works from the main thread (Python's rule); elsewhere it logs and does nothing.
-    The replaced handlers (e.g. submitit's requeue handler) come back with :func:`restore_handlers`.
+    Each :func:`stop_requests` block records into a fresh one, so a run never inherits the stop of
+    an earlier run in the same process.
     """
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._reasons: set[str] = set()
+
+    def handle(self, signum: int, frame: Any = None) -> None:
+        """The signal handler: record, nothing else (the loop acts at its next step boundary)."""
+        self.received.append(signum)
+        self._reasons.add(REASONS.get(signum, TERMINATE))
+
+    def adopt(self, reason: str) -> None:
+        """Take on a stop another rank was asked for (the training loop's agreement), so that every
+        rank reports the same :meth:`reason`."""
+        if reason not in (PREEMPT, TERMINATE):
+            raise ValueError(f"unknown stop reason {reason!r}; valid: {PREEMPT!r}, {TERMINATE!r}")
+        self._reasons.add(reason)
+
+    def requested(self) -> bool:
+        return bool(self._reasons)
+
+    def reason(self) -> str | None:
+        """``"terminate"`` (SIGTERM), ``"preempt"`` (SIGUSR2) or None; SIGTERM wins over SIGUSR2."""
+        if TERMINATE in self._reasons:
+            return TERMINATE
+        return PREEMPT if PREEMPT in self._reasons else None
+
+
+@contextlib.contextmanager
+def stop_requests(signals: tuple[int, ...] = DEFAULT_SIGNALS) -> Iterator[StopRequests]:
+    """For the block, the given signals request a stop (recorded in the yielded :class:`StopRequests`)
+    instead of killing the process; the handlers they replaced (e.g. submitit's) come back after it.
+
+    Handlers can only be set from the main thread (Python's rule); elsewhere the block runs with the
+    process's handlers, logged once, and nothing is recorded.
+    """
+    stops = StopRequests()
     if threading.current_thread() is not threading.main_thread():
         log.warning("stop handlers not installed: not on the main thread")
+        yield stops
         return
-    for sig in signals:
-        old = signal.signal(sig, _handler)
-        if old is not _handler:
-            _previous[sig] = old
-
-
-def restore_handlers() -> None:
-    """Put back the handlers that :func:`install_stop_handlers` replaced."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for sig, old in list(_previous.items()):
-        signal.signal(sig, old if old is not None else signal.SIG_DFL)
-    _previous.clear()
-
-
-def adopt(reason: str) -> None:
-    """Take on a stop another rank was asked for (the training loop's agreement), so that every
-    rank reports the same :func:`stop_reason`."""
-    if reason not in (PREEMPT, TERMINATE):
-        raise ValueError(f"unknown stop reason {reason!r}; valid: {PREEMPT!r}, {TERMINATE!r}")
-    _reasons.add(reason)
-    _stop.set()
-
-
-def stop_requested() -> bool:
-    return _stop.is_set()
-
-
-def stop_reason() -> str | None:
-    """``"terminate"`` (SIGTERM), ``"preempt"`` (SIGUSR2) or None; SIGTERM wins over SIGUSR2."""
-    if TERMINATE in _reasons:
-        return TERMINATE
-    return PREEMPT if PREEMPT in _reasons else None
-
-
-def received_signals() -> list[int]:
-    return list(_received)
-
-
-def clear() -> None:
-    """Forget earlier stop requests (a second run in the same process starts clean)."""
-    _stop.clear()
-    _received.clear()
-    _reasons.clear()
+    previous = {sig: signal.signal(sig, stops.handle) for sig in signals}
+    try:
+        yield stops
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)

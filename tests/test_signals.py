@@ -30,30 +30,27 @@ def harmless_signals():
     yield
     for sig, handler in old.items():
         signal.signal(sig, handler)
-    signals.clear()
 
 
 def test_stop_reason_names_the_signal_and_sigterm_wins(harmless_signals):
-    signals.clear()
-    signals.install_stop_handlers()
-    try:
-        assert (signals.stop_requested(), signals.stop_reason()) == (False, None)
+    before = signal.getsignal(signal.SIGTERM)
+    with signals.stop_requests() as stops:
+        assert (stops.requested(), stops.reason()) == (False, None)
         signal.raise_signal(signal.SIGUSR2)
-        assert (signals.stop_requested(), signals.stop_reason()) == (True, "preempt")
+        assert (stops.requested(), stops.reason()) == (True, "preempt")
         signal.raise_signal(signal.SIGTERM)
-        assert signals.stop_reason() == "terminate"
+        assert stops.reason() == "terminate"
         signal.raise_signal(signal.SIGUSR2)  # a later USR2 does not undo a SIGTERM
-        assert signals.stop_reason() == "terminate"
-        assert signals.received_signals() == [signal.SIGUSR2, signal.SIGTERM, signal.SIGUSR2]
-    finally:
-        signals.restore_handlers()
-    assert signal.getsignal(signal.SIGTERM) is not signals._handler  # the earlier handler is back
-    signals.clear()
-    assert (signals.stop_requested(), signals.stop_reason()) == (False, None)
-    signals.adopt("preempt")  # another rank's stop, as the training loop's agreement records it
-    assert signals.stop_reason() == "preempt"
-    with pytest.raises(ValueError, match="unknown stop reason"):
-        signals.adopt("later")
+        assert stops.reason() == "terminate"
+        assert stops.received == [signal.SIGUSR2, signal.SIGTERM, signal.SIGUSR2]
+    assert signal.getsignal(signal.SIGTERM) is before  # the earlier handler is back
+    with signals.stop_requests() as later:  # the next run starts clean: the stop was the earlier run's
+        assert (later.requested(), later.reason()) == (False, None)
+        later.adopt("preempt")  # another rank's stop, as the training loop's agreement records it
+        assert later.reason() == "preempt"
+        with pytest.raises(ValueError, match="unknown stop reason"):
+            later.adopt("later")
+    assert stops.reason() == "terminate"
 
 
 def _main_signalled(cfg, sig: signal.Signals) -> dict:

@@ -241,21 +241,16 @@ def write_segments(data: SourceData, plan: Plan, options: PackOptions, segments:
     locators = (data.locators[plan.rows[seg.split][pos]] for seg in segments for pos in range(seg.start, seg.stop))
     encoder = ImageEncoder(data.images, options.resize, options.quality)
     total = sum(seg.stop - seg.start for seg in segments)
-    signals.clear()
-    signals.install_stop_handlers()
-    try:
-        with encoded_images(encoder, locators, workers=options.workers) as results, \
-                tqdm(total=total, unit="img", desc="pack", file=sys.stderr, disable=None, smoothing=0.05) as bar:
-            for seg in segments:
-                write_segment(data, plan, options, seg, _counted(results, bar), progress, out_dir)
-    finally:
-        signals.restore_handlers()
+    with signals.stop_requests() as stops, encoded_images(encoder, locators, workers=options.workers) as results, \
+            tqdm(total=total, unit="img", desc="pack", file=sys.stderr, disable=None, smoothing=0.05) as bar:
+        for seg in segments:
+            write_segment(data, plan, options, seg, _counted(results, bar, stops), progress, out_dir)
 
 
-def _counted(results: Iterator[Encoded], bar: tqdm) -> Iterator[Encoded]:
+def _counted(results: Iterator[Encoded], bar: tqdm, stops: signals.StopRequests) -> Iterator[Encoded]:
     for result in results:
-        if signals.stop_requested():
-            raise PackError(f"stopped by signal {signals.received_signals()}; finished shards are kept, "
+        if stops.requested():
+            raise PackError(f"stopped by signal {stops.received}; finished shards are kept, "
                             "run the same command again to resume")
         bar.update(1)
         yield result

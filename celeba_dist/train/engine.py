@@ -60,6 +60,7 @@ class Trainer:
     steps_per_epoch: int  # micro-batches per epoch, the same on every rank
     total_steps: int  # optimizer steps of the whole run
     save: Callable[[TrainState], None]  # collective: every rank calls it at the same step
+    stops: signals.StopRequests = field(default_factory=signals.StopRequests)  # this run's, from its signal handlers
 
 
 def prepare_batch(images: torch.Tensor, labels: torch.Tensor, *, device: torch.device, normalize: str,
@@ -112,7 +113,7 @@ def _agree(trainer: Trainer, meter: _Meter, state: TrainState) -> tuple[float, s
     """
     total, first = meter.summary()
     first_bad = int(first)
-    reason = signals.stop_reason()
+    reason = trainer.stops.reason()
     loss_sum, count, bad, preempt, terminate, warned, skipped = all_sum(trainer.accelerator, [
         float(total) if first_bad < 0 else 0.0, meter.count, float(first_bad >= 0),
         float(reason == signals.PREEMPT), float(reason == signals.TERMINATE), meter.warned, meter.skipped])
@@ -126,7 +127,7 @@ def _agree(trainer: Trainer, meter: _Meter, state: TrainState) -> tuple[float, s
                                  f"weights (the last good checkpoint stays in {trainer.cfg.run_dir / 'checkpoints'})")
     agreed = signals.TERMINATE if terminate else signals.PREEMPT if preempt else None
     if agreed:
-        signals.adopt(agreed)
+        trainer.stops.adopt(agreed)
     return loss_sum / max(count, 1), agreed
 
 
@@ -222,7 +223,7 @@ def _optimizer_step(trainer: Trainer, state: TrainState, meter: _Meter, loss: to
             meter.reset()
         if stop:
             log.warning("stop requested by %s (%s): checkpointing at step %d",
-                        _signal_names(signals.received_signals()) or "another rank", stop, step)
+                        _signal_names(trainer.stops.received) or "another rank", stop, step)
             trainer.save(state)
             return "stopped"
         if save_due:

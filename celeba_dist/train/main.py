@@ -227,25 +227,23 @@ def _train(cfg: Config, accelerator: Accelerator, data: ShardData) -> dict[str, 
     # A resumed run drops events logged after its checkpoint's step (they will be logged again).
     board = Board(run_dir, enabled=accelerator.is_main_process, purge_step=state.global_step + 1 if ckpt else None)
     save = make_saver(cfg, accelerator, model, optimizer, scheduler, data.attributes)
-    trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, loss_fn, board, steps_per_epoch,
-                      total_steps, save)
     log.info("run %s: %s on %d process(es), %d attributes, %d batches/epoch/process, %d optimizer steps",
              run_dir, cfg.model.name, accelerator.num_processes, len(data.attributes), steps_per_epoch, total_steps)
-    signals.clear()  # a stop requested of an earlier run in this process is not this run's
-    signals.install_stop_handlers()
     trained, failed = None, True
     try:
-        with owned_workers():  # an error anywhere ends this rank's loader workers too
+        # an error anywhere ends this rank's loader workers too; SIGTERM/SIGUSR2 become this run's stop requests
+        with signals.stop_requests() as stops, owned_workers():
+            trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, loss_fn, board, steps_per_epoch,
+                              total_steps, save, stops)
             status = _fit(trainer, data, train_ds, state)
             trained = param_checksum(accelerator.unwrap_model(model, keep_torch_compile=False))  # before best.pt's load
             results = {} if status == "stopped" else _final_test(trainer, data, state)
         failed = False
     finally:
-        signals.restore_handlers()
         checksum = trained or param_checksum(accelerator.unwrap_model(model, keep_torch_compile=False))
         _close_run(board, run_dir, accelerator.process_index, state, checksum, failed=failed)
     leave_process_group(accelerator)
-    return _result(STOPPED[signals.stop_reason()] if status == "stopped" else "completed", cfg, state, results)
+    return _result(STOPPED[stops.reason()] if status == "stopped" else "completed", cfg, state, results)
 
 
 def _fit(trainer: Trainer, data: ShardData, train_ds, state: TrainState) -> str:
