@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +19,7 @@ import pytest
 from PIL import Image
 
 from celeba_dist.pack.cli import main, verify_main
+from celeba_dist.pack.workers import WorkerDiedError, ordered_map, process_pool
 from celeba_dist.shards.manifest import MANIFEST_NAME, load_manifest
 from helpers_celeba import append_line, read_split, replace_line, tiny_image, tree_state, write_celeba, write_hf_celeba
 
@@ -238,3 +243,29 @@ def test_hf_missing_attributes(tmp_path, capsys):
     ok = tmp_path / "ok"
     assert main([f"hf:{tmp_path / 'fewer'}", str(ok), "--attributes", "Smiling,Bald", "--workers", "1"]) == 0
     assert json.loads((ok / MANIFEST_NAME).read_text())["attributes"] == ["Smiling", "Bald"]
+
+
+def _double_or_die(x: int) -> int:
+    if x == 37:  # what the OOM killer does to a worker
+        os.kill(os.getpid(), signal.SIGKILL)
+    return 2 * x
+
+
+def test_a_worker_that_dies_ends_the_pack_with_an_error_instead_of_a_hang():
+    outcome = []
+
+    def run_map() -> None:  # in a thread, so that a hang fails this test instead of stalling the suite
+        with process_pool(2) as pool:
+            try:
+                list(ordered_map(pool, _double_or_die, range(100), chunksize=4))
+            except WorkerDiedError as exc:
+                outcome.append(exc)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=run_map, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "a dead worker must not leave the pack waiting for its results"
+    assert outcome and "a worker process died" in str(outcome[0]) and time.monotonic() - started < 30
+    with process_pool(2) as pool:  # without a death: every result, in order, through a bounded window
+        assert list(ordered_map(pool, _double_or_die, range(37), chunksize=5, window=1)) == [2 * x for x in range(37)]

@@ -55,7 +55,7 @@ from celeba_dist.pack.progress import Progress, Segment, open_out_dir, plan_segm
 from celeba_dist.pack.samples import make_sample
 from celeba_dist.pack.sources import SourceData, SourceError, open_source
 from celeba_dist.pack.verify import verify
-from celeba_dist.pack.workers import default_workers
+from celeba_dist.pack.workers import WorkerDiedError, default_workers
 from celeba_dist.pack.writer import ShardWriter, sample_member_bytes
 from celeba_dist.shards.layout import SPLITS
 from celeba_dist.shards.manifest import MANIFEST_NAME, ManifestError, load_manifest
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
         pack(args.source, args.out_dir, options_from_args(args))
-    except (SourceError, PackError, ManifestError) as e:
+    except (SourceError, PackError, ManifestError, WorkerDiedError) as e:
         print(f"celeba-dist pack: error: {e}", file=sys.stderr)
         return 1
     except DiskFullError as e:
@@ -248,12 +248,19 @@ def write_segments(data: SourceData, plan: Plan, options: PackOptions, segments:
 
 
 def _counted(results: Iterator[Encoded], bar: tqdm, stops: signals.StopRequests) -> Iterator[Encoded]:
-    for result in results:
-        if stops.requested():
-            raise PackError(f"stopped by signal {stops.received}; finished shards are kept, "
-                            "run the same command again to resume")
-        bar.update(1)
-        yield result
+    """The results, counted on the progress bar, until a stop signal (which may have killed the workers too)."""
+    try:
+        for result in results:
+            if stops.requested():
+                break
+            bar.update(1)
+            yield result
+    except WorkerDiedError:
+        if not stops.requested():
+            raise
+    if stops.requested():
+        raise PackError(f"stopped by signal {stops.received}; finished shards are kept, "
+                        "run the same command again to resume")
 
 
 def write_segment(data: SourceData, plan: Plan, options: PackOptions, seg: Segment,

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator
 from PIL import Image, UnidentifiedImageError
 
 from celeba_dist.pack.sources import ImageStore
-from celeba_dist.pack.workers import process_pool
+from celeba_dist.pack.workers import ordered_map, process_pool
 
 RESAMPLE = "bicubic"  # the manifest's name for Image.Resampling.BICUBIC, used by --resize
 
@@ -78,7 +78,7 @@ class ImageEncoder:
 def encoded_images(encoder: ImageEncoder, locators: Iterable[Any], *, workers: int) -> Iterator[Iterator[Encoded]]:
     """The results of ``encoder`` over ``locators``, in order, from ``workers`` processes (or this one)."""
     with process_pool(workers, _install_encoder, (encoder,)) as pool:
-        yield pool.imap(_encode_in_worker, locators, chunksize=64) if pool else map(encoder, locators)
+        yield ordered_map(pool, _encode_in_worker, locators) if pool else map(encoder, locators)
 
 
 _worker_encoder: ImageEncoder | None = None

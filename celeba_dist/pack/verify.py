@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from celeba_dist.pack.samples import sample_members
-from celeba_dist.pack.workers import process_pool
+from celeba_dist.pack.workers import ordered_map, process_pool
 from celeba_dist.shards.layout import SPLITS, split_key
 from celeba_dist.shards.manifest import ManifestError, file_sha256, load_manifest
 
@@ -71,7 +71,7 @@ def _verify_shards(out_dir: Path, shards: list[dict[str, Any]], expected: Expect
     """One report per shard, in order, checked in ``workers`` processes."""
     tasks = [(str(out_dir / shard["file"]), shard, expected) for shard in shards]
     with process_pool(workers if len(tasks) > 1 else 1) as pool:
-        results = pool.imap(verify_shard, tasks) if pool else map(verify_shard, tasks)
+        results = ordered_map(pool, verify_shard, tasks, chunksize=1)
         return list(tqdm(results, total=len(tasks), unit="shard", desc="verify", file=sys.stderr, disable=None))
 
 

@@ -1,12 +1,25 @@
-"""Worker processes for packing and verifying: how many by default, and a pool that never outlives its work."""
+"""Worker processes for packing and verifying: how many by default, and an ordered, bounded map over them.
+
+One mechanism for every process pool of the package (the synthetic CelebA's too): a
+``concurrent.futures.ProcessPoolExecutor``, because a worker that dies (the OOM killer, a crash in a
+codec) makes it raise ``BrokenProcessPool`` at once, where ``multiprocessing.Pool.imap`` waits forever
+for the dead worker's results.
+"""
 from __future__ import annotations
 
+import collections
+import itertools
 import multiprocessing
-import multiprocessing.pool
 import os
 import signal
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
+
+
+class WorkerDiedError(RuntimeError):
+    """A worker process ended without finishing its work (killed, out of memory, crashed)."""
 
 
 def default_workers() -> int:
@@ -15,25 +28,56 @@ def default_workers() -> int:
     return max(1, min(8, cpus))
 
 
+def process_context() -> multiprocessing.context.BaseContext:
+    """Fork where the platform allows: workers inherit the opened source (a memory-mapped dataset)
+    instead of unpickling it."""
+    return multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+
+
 @contextmanager
 def process_pool(workers: int, initializer: Callable[..., None] | None = None,
-                 initargs: tuple = ()) -> Iterator[multiprocessing.pool.Pool | None]:
-    """``workers`` processes, terminated on exit; None when ``workers`` is 1: do the work in this process.
-
-    The workers ignore Ctrl-C: the parent handles it and stops the pool. They are forked where the
-    platform allows, so they inherit the opened source (a memory-mapped dataset) instead of unpickling it.
-    """
+                 initargs: tuple = ()) -> Iterator[ProcessPoolExecutor | None]:
+    """``workers`` processes, shut down on exit (pending work cancelled); None when ``workers`` is 1:
+    do the work in this process. The workers ignore Ctrl-C: the parent handles it and stops the pool."""
     if workers <= 1:
         yield None
         return
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else None)
-    pool = context.Pool(workers, initializer=_start_worker, initargs=(initializer, initargs))
+    pool = ProcessPoolExecutor(workers, mp_context=process_context(), initializer=_start_worker,
+                               initargs=(initializer, initargs))
     try:
         yield pool
     finally:
-        pool.terminate()
-        pool.join()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def ordered_map(pool: ProcessPoolExecutor | None, fn: Callable[[Any], Any], items: Iterable[Any], *,
+                chunksize: int = 64, window: int = 4) -> Iterator[Any]:
+    """``map(fn, items)`` in ``pool``'s workers, results in order; at most ``window`` chunks per worker
+    are in flight, so neither the items nor the results pile up in memory. A dead worker raises
+    :class:`WorkerDiedError`."""
+    if pool is None:
+        yield from map(fn, items)
+        return
+    chunks = iter(lambda it=iter(items): list(itertools.islice(it, chunksize)), [])
+    pending: collections.deque[Future] = collections.deque()
+    limit = window * pool._max_workers
+    for chunk in itertools.chain(chunks, [None]):
+        if chunk is not None:
+            pending.append(pool.submit(_apply, fn, chunk))
+        while pending and (len(pending) >= limit or chunk is None):
+            yield from _result(pending.popleft())
+
+
+def _apply(fn: Callable[[Any], Any], chunk: list[Any]) -> list[Any]:
+    return [fn(item) for item in chunk]
+
+
+def _result(future: Future) -> list[Any]:
+    try:
+        return future.result()
+    except BrokenProcessPool as exc:
+        raise WorkerDiedError(f"a worker process died ({exc}); the machine may be out of memory: "
+                              "run again with fewer --workers") from None
 
 
 def _start_worker(initializer: Callable[..., None] | None, initargs: tuple) -> None:
