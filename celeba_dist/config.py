@@ -110,7 +110,7 @@ class LogConfig:
 class RunConfig:
     dir: str = ""  # "": runs/<name>
     name: str = "run"
-    resume: str = "auto"  # auto | none | path to a checkpoint folder
+    resume: str = "auto"  # auto (the newest valid checkpoint of run.dir) | none | a checkpoint file
     max_requeues: int = 3  # SLURM: how often a preempted or timed-out job requeues itself
     lock_stale_s: float = 300.0  # a run folder's lock not refreshed for this long is taken over
 
