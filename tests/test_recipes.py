@@ -1,6 +1,7 @@
 """Every shipped recipe builds its model, loss, optimizer and schedule and takes one training step."""
 from __future__ import annotations
 
+import dataclasses
 import pytest
 import torch
 
@@ -18,8 +19,8 @@ def test_recipe_takes_a_training_step(name):
     cfg = load_config(name, ["model.pretrained=none"])
     attributes = resolve_attributes(cfg.data.attributes)
     model = build_model(cfg.model.name, num_attributes=len(attributes), pretrained="none", **cfg.model.options)
-    optimizer = build_optimizer(model.parameters(), cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.sched, cfg.optim, steps_per_epoch=10, total_steps=100)
+    optimizer = build_optimizer(model.parameters(), **dataclasses.asdict(cfg.optim))
+    scheduler = build_scheduler(optimizer, **dataclasses.asdict(cfg.sched), steps_per_epoch=10, total_steps=100)
     pos_weight = positive_weights([0.3] * len(attributes)) if cfg.loss.pos_weight else None
     loss_fn = build_loss(cfg.loss.name, pos_weight=pos_weight)
     h, w = cfg.data.image_size

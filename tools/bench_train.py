@@ -9,6 +9,7 @@ Target: ours >= 0.95 of the minimal loop.
 """
 from __future__ import annotations
 
+import dataclasses
 import argparse
 import platform
 import time
@@ -62,8 +63,8 @@ def ours(model_name: str, data: list, lr: float, precision: str) -> float:
     acc = build_accelerator(cfg)
     torch.manual_seed(0)
     model = build_model(model_name, num_attributes=data[0][1].shape[1])
-    opt = build_optimizer(model.parameters(), cfg.optim)
-    sched = build_scheduler(opt, cfg.sched, cfg.optim, steps_per_epoch=len(data), total_steps=len(data))
+    opt = build_optimizer(model.parameters(), **dataclasses.asdict(cfg.optim))
+    sched = build_scheduler(opt, **dataclasses.asdict(cfg.sched), steps_per_epoch=len(data), total_steps=len(data))
     model, opt = acc.prepare(model, opt)
     board = Board(None, enabled=False)
     trainer = Trainer(cfg, acc, model, opt, sched, build_loss("bce").to(acc.device), board, len(data) - 5,

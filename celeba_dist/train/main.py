@@ -6,6 +6,7 @@ the SLURM tasks of ``celeba_dist.launch``. ``python -m celeba_dist.train`` and
 """
 from __future__ import annotations
 
+import dataclasses
 import argparse
 import hashlib
 import logging
@@ -215,8 +216,8 @@ def _train(cfg: Config, accelerator: Accelerator, data: ShardData) -> dict[str, 
     total_steps = optimizer_steps * cfg.train.epochs
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
-    optimizer = build_optimizer(model.parameters(), cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.sched, cfg.optim, steps_per_epoch=optimizer_steps,
+    optimizer = build_optimizer(model.parameters(), **dataclasses.asdict(cfg.optim))
+    scheduler = build_scheduler(optimizer, **dataclasses.asdict(cfg.sched), steps_per_epoch=optimizer_steps,
                                 total_steps=total_steps)
     pos_weight = positive_weights(data.positive_rates("train")) if cfg.loss.pos_weight else None
     loss_fn = build_loss(cfg.loss.name, pos_weight=pos_weight).to(accelerator.device)
