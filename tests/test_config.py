@@ -93,3 +93,15 @@ def test_recipes_show_prints_the_resolved_config(capsys, tmp_path):
     path = tmp_path / "attrs40_resnext50.yaml"
     path.write_text(yaml.safe_dump(shown))
     assert load_config(str(path)).to_dict() == expected
+
+
+def test_input_normalisation_follows_the_weights():
+    assert load_config("smiling_simple_cnn").data.normalize == "unit"  # auto, trained from scratch
+    imagenet = load_config("default", ["model.name=resnext50_32x4d", "model.pretrained=imagenet"])
+    assert imagenet.data.normalize == "imagenet"  # auto follows the ImageNet weights
+    scratch = load_config("default", ["model.name=resnext50_32x4d", "data.normalize=imagenet"])
+    assert scratch.data.normalize == "imagenet"  # an explicit choice stands where nothing contradicts it
+    with pytest.raises(ConfigError, match=r"data\.normalize='unit' contradicts model\.pretrained='imagenet'"):
+        load_config("attrs40_resnext50", ["data.normalize=unit"])
+    saved = load_config("attrs40_resnext50").to_dict()  # what a checkpoint keeps is the resolved value
+    assert saved["data"]["normalize"] == "imagenet"
