@@ -69,3 +69,18 @@ def slurm_folder(tmp_path_factory, slurm_cluster) -> Path:
     """A fresh submitit folder per session: job ids restart when the cluster's state is wiped,
     and submitit would read an old job's result from a reused folder."""
     return tmp_path_factory.mktemp("submitit")
+
+
+@pytest.fixture(scope="session")
+def pristine(tmp_path_factory) -> Path:
+    """300 synthetic images packed 16 per shard, made once per session and never changed: a test that
+    damages shards takes a copy (``shards``)."""
+    from shardkit import synthetic_shards
+
+    return synthetic_shards(tmp_path_factory.mktemp("pristine"), num_images=300, samples_per_shard=16)
+
+
+@pytest.fixture
+def shards(pristine, tmp_path) -> Path:
+    """A copy of the ``pristine`` shards this test may damage."""
+    return Path(shutil.copytree(pristine, tmp_path / "shards"))

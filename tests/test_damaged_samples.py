@@ -8,7 +8,6 @@ shards' sha256 catches them.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -16,25 +15,13 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from celeba_dist.data.transforms import JpegWarning, decode_rgb
-from shardkit import synthetic_shards
 from test_failures import ENDS_WITHIN_S, assert_no_leftover_processes, run, train_cmd
 from test_train import cpu_env
 
 SUBSET = ["data.train_subset=240"]  # 15 full batches of 16: one epoch reads every one of these samples
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    return synthetic_shards(tmp_path_factory.mktemp("damaged"), num_images=300, samples_per_shard=16)
-
-
-@pytest.fixture
-def shards(pristine, tmp_path) -> Path:
-    return Path(shutil.copytree(pristine, tmp_path / "shards"))
 
 
 def damage_jpeg(shard: Path, index: int, how) -> str:

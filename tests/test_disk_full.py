@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from celeba_dist.train.checkpoint import list_checkpoints
-from shardkit import synthetic_shards
 from test_failures import ENDS_WITHIN_S, assert_no_leftover_processes, finished_step, run, total_steps, train_cmd
 from test_train import cpu_env
 
@@ -52,11 +51,6 @@ def fill(disk: Path, *, leave: int = 0) -> Path:
 
 def temporaries(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.name.endswith(".tmp") and p.is_file()]
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    return synthetic_shards(tmp_path_factory.mktemp("diskfull"), num_images=300, samples_per_shard=16)
 
 
 def test_full_disk_during_training_names_the_file_and_the_checkpoint_then_resumes(pristine, small_disk):

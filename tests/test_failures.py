@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from celeba_dist.train.checkpoint import list_checkpoints
-from shardkit import synthetic_shards
 from test_train import accelerate_cmd, cpu_env
 
 # Loader workers on (the default is 2): the hang this file guards against needs them.
@@ -28,17 +27,6 @@ FAST = ["data.batch_size=16", "data.num_workers=2", "data.image_size=[32, 32]", 
         "train.checkpoint_every_steps=4", "train.keep_last=100", "train.epochs=1", "train.eval_splits=[val]"]
 ENDS_WITHIN_S = 60
 MISSING = "train/celeba-train-000003.tar"
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    return synthetic_shards(tmp_path_factory.mktemp("failures"), num_images=300, samples_per_shard=16)
-
-
-@pytest.fixture
-def shards(pristine, tmp_path) -> Path:
-    """A copy of the shards this test may damage."""
-    return Path(shutil.copytree(pristine, tmp_path / "shards"))
 
 
 def train_cmd(shards: Path, run_dir: Path, *extra: str, processes: int = 1) -> list[str]:

@@ -117,3 +117,12 @@ def test_only_diskio_renames_files():
                  if p.name not in allowed and re.search(r"os\.replace\(|\.replace\(\s*(path|out|target)\b|os\.rename\(",
                                                         p.read_text())]
     assert not offenders, offenders
+
+
+def test_no_function_is_longer_than_60_lines():
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long

@@ -11,16 +11,10 @@ import pytest
 from celeba_dist import signals
 from celeba_dist.config import load_config
 from celeba_dist.train.main import main
-from shardkit import synthetic_shards
 
 FAST = ["data.batch_size=16", "data.num_workers=0", "data.image_size=[32, 32]", "log.progress_bar=false",
         "log.image_grid_size=0", "train.log_every_steps=2", "train.sync_every_steps=1",
         "train.checkpoint_every_steps=3", "train.keep_last=100", "train.epochs=1", "train.eval_splits=[val]"]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return synthetic_shards(tmp_path_factory.mktemp("signals"), num_images=300, samples_per_shard=16)
 
 
 @pytest.fixture
@@ -74,7 +68,8 @@ def _main_signalled(cfg, sig: signal.Signals) -> dict:
         sender.join()
 
 
-def test_each_run_in_a_process_reports_its_own_stop(shards, tmp_path, harmless_signals):
+def test_each_run_in_a_process_reports_its_own_stop(pristine, tmp_path, harmless_signals):
+    shards = pristine
     """SIGTERM → "terminated"; the next main() in the process does not inherit that stop: it trains
     until its own USR2 ("preempted"); the third completes with the steps of an uninterrupted run."""
     cfg = load_config("smiling_simple_cnn", FAST, data_dir=str(shards), run_dir=str(tmp_path / "run"))
