@@ -299,3 +299,21 @@ def test_of_concurrent_takers_of_a_stale_lock_exactly_one_wins(tmp_path):
 def test_lock_stale_s_is_validated():
     with pytest.raises(ConfigError, match=r"run.lock_stale_s must be >= 10"):
         load_config("default", ["run.lock_stale_s=5"])
+
+
+def test_a_run_whose_lock_is_taken_over_stops_at_its_next_step_check(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, *train_cmd(shards, run_dir, "run.lock_stale_s=10", "train.sync_every_steps=1",
+                                      "train.checkpoint_every_steps=2", "train.epochs=20")]
+    proc = subprocess.Popen(cmd, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_holder(run_dir, proc)
+    while not list((run_dir / "checkpoints").glob("step-*.pt")) and proc.poll() is None:
+        time.sleep(0.1)
+    other = write_lock(run_dir)  # another process took the folder over (e.g. after a long network partition)
+    taken = time.monotonic()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-2000:]
+    assert time.monotonic() - taken < 30, "the run noticed at its next lock refresh and stopped at the next step"
+    assert f"another process took the lock of {run_dir} over" in err
+    assert read_holder(run_dir / LOCK_NAME) == other  # left to its new holder
+    assert not (run_dir / "metrics.json").exists()

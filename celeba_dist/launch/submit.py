@@ -62,11 +62,13 @@ class TrainTask:
         from celeba_dist.train.main import EXIT_PREEMPTED, main
 
         cfg = load_config(self.config, self.overrides, data_dir=self.data_dir, run_dir=self.run_dir)
-        if cluster.rank == 0:
+
+        def started() -> None:  # once this job holds the run folder: a job refused by the lock records nothing
             record_job(cfg.run_dir, "started", job_id=_job_id(), restart=cluster.restart_count,
                        nodelist=os.environ.get("SLURM_JOB_NODELIST"), world_size=cluster.world_size,
                        master=f"{cluster.master_addr}:{cluster.master_port}")
-        result = main(cfg)
+
+        result = main(cfg, on_locked=started)
         if result["status"] == "terminated":
             self._leave_terminated(cluster, result, EXIT_PREEMPTED)
         if result["status"] == "preempted":

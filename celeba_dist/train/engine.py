@@ -5,6 +5,7 @@ import contextlib
 import inspect
 import logging
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -20,6 +21,7 @@ from celeba_dist.data.transforms import normalize_batch
 from celeba_dist.train.board import Board
 from celeba_dist.train.distributed import all_sum, gather_list, gather_rows
 from celeba_dist.train.metrics import compute_metrics
+from celeba_dist.train.runlock import RunLockedError
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ class Trainer:
     total_steps: int  # optimizer steps of the whole run
     save: Callable[[TrainState], None]  # collective: every rank calls it at the same step
     stops: signals.StopRequests = field(default_factory=signals.StopRequests)  # this run's, from its signal handlers
+    lost_lock: threading.Event = field(default_factory=threading.Event)  # set when another process took the folder
 
 
 def prepare_batch(images: torch.Tensor, labels: torch.Tensor, *, device: torch.device, normalize: str,
@@ -114,9 +117,13 @@ def _agree(trainer: Trainer, meter: _Meter, state: TrainState) -> tuple[float, s
     total, first = meter.summary()
     first_bad = int(first)
     reason = trainer.stops.reason()
-    loss_sum, count, bad, preempt, terminate, warned, skipped = all_sum(trainer.accelerator, [
+    loss_sum, count, bad, preempt, terminate, warned, skipped, lost = all_sum(trainer.accelerator, [
         float(total) if first_bad < 0 else 0.0, meter.count, float(first_bad >= 0),
-        float(reason == signals.PREEMPT), float(reason == signals.TERMINATE), meter.warned, meter.skipped])
+        float(reason == signals.PREEMPT), float(reason == signals.TERMINATE), meter.warned, meter.skipped,
+        float(trainer.lost_lock.is_set())])
+    if lost:
+        raise RunLockedError(f"another process took the lock of {trainer.cfg.run_dir} over (see the error logged "
+                             "then): this run stops at this step, without a checkpoint")
     state.jpeg_warnings += int(warned)
     state.skipped_samples += int(skipped)
     meter.warned = meter.skipped = 0

@@ -15,9 +15,10 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
@@ -174,12 +175,13 @@ def write_results(run_dir: Path, results: dict[str, dict], state: TrainState, th
 # main
 
 
-def main(cfg: Config) -> dict[str, Any]:
+def main(cfg: Config, *, on_locked: Callable[[], None] | None = None) -> dict[str, Any]:
     """Train ``cfg`` on every rank; returns {"status", "run_dir", "global_step", "best", "metrics"}.
 
     The run folder is locked for the whole run (:mod:`celeba_dist.train.runlock`): a second run on it
-    raises :class:`runlock.RunLockedError` before it writes anything, and so does this run at its end if
-    another process took its lock over meanwhile.
+    raises :class:`runlock.RunLockedError` before it writes anything (``on_locked``, called on the main
+    process once the lock is held, is not called then); a run whose lock another process took over
+    stops at its next step check with the same error, on every rank, writing nothing more.
     """
     accelerator = build_accelerator(cfg)
     setup_logging(rank=accelerator.process_index, is_main=accelerator.is_main_process, pending_file=True)
@@ -188,7 +190,9 @@ def main(cfg: Config) -> dict[str, Any]:
     lock = lock_run_dir(cfg, accelerator)
     try:
         attach_log_file(cfg.run_dir / "logs", rank=accelerator.process_index)
-        result = _train(cfg, accelerator, data)
+        if on_locked is not None and accelerator.is_main_process:
+            on_locked()
+        result = _train(cfg, accelerator, data, lost_lock=lock.lost if lock is not None else None)
     except DiskFullError as exc:
         raise exc.with_detail(resume_hint(cfg.run_dir / "checkpoints")) from exc
     finally:
@@ -200,7 +204,8 @@ def main(cfg: Config) -> dict[str, Any]:
     return result
 
 
-def _train(cfg: Config, accelerator: Accelerator, data: ShardData) -> dict[str, Any]:
+def _train(cfg: Config, accelerator: Accelerator, data: ShardData, *,
+           lost_lock: threading.Event | None = None) -> dict[str, Any]:
     """The run itself, with the run folder locked and the shards checked."""
     refuse_fresh_start_over_checkpoints(cfg)
     run_dir = build_run_dir(cfg, accelerator)
@@ -235,7 +240,7 @@ def _train(cfg: Config, accelerator: Accelerator, data: ShardData) -> dict[str, 
         # an error anywhere ends this rank's loader workers too; SIGTERM/SIGUSR2 become this run's stop requests
         with signals.stop_requests() as stops, owned_workers():
             trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, loss_fn, board, steps_per_epoch,
-                              total_steps, save, stops)
+                              total_steps, save, stops, lost_lock or threading.Event())
             status = _fit(trainer, data, train_ds, state)
             trained = param_checksum(accelerator.unwrap_model(model, keep_torch_compile=False))  # before best.pt's load
             results = {} if status == "stopped" else _final_test(trainer, data, state)
