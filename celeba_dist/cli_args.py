@@ -40,6 +40,8 @@ def report_error(prog: str, exc: BaseException) -> int:
         text = f"{lines[0].removeprefix('Caught ').rstrip('.')}: {lines[-1].partition(': ')[2]}"
     elif any(marker in text for marker in PEER_GONE):
         text = f"another process of this run ended (its own error, printed above or in its log, says why): {text}"
-    logging.getLogger("celeba_dist").error("%s: %s", type(exc).__name__, text)
+    logger = logging.getLogger("celeba_dist")
+    if logger.handlers:  # the run's log file keeps it too; unconfigured, logging would print it a second time
+        logger.error("%s: %s", type(exc).__name__, text)
     print(f"{prog}: error: {text}", file=sys.stderr)
     return 1

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from celeba_dist.cli_args import report_error
 from celeba_dist.diskio import write_text
 
 
@@ -454,7 +455,11 @@ def recipes_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--show", metavar="NAME", help="print one recipe's resolved config")
     args = parser.parse_args(argv)
     if args.show:
-        print(yaml.safe_dump(load_config(args.show).to_dict(), sort_keys=False))
+        try:
+            config = load_config(args.show)
+        except ConfigError as exc:
+            return report_error("celeba-dist recipes", exc)
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False))
         return 0
     for name in shipped_recipes():
         cfg = load_config(name)

@@ -105,3 +105,13 @@ def test_input_normalisation_follows_the_weights():
         load_config("attrs40_resnext50", ["data.normalize=unit"])
     saved = load_config("attrs40_resnext50").to_dict()  # what a checkpoint keeps is the resolved value
     assert saved["data"]["normalize"] == "imagenet"
+
+
+def test_recipes_show_of_an_unknown_recipe_is_one_error_line(capsys):
+    from celeba_dist.config import recipes_main
+
+    assert recipes_main(["--show", "no_such_recipe"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("celeba-dist recipes: error: unknown recipe 'no_such_recipe'; shipped recipes:")
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err

@@ -268,7 +268,8 @@ def test_non_finite_weights_with_a_finite_loss_are_not_checkpointed(shards, tmp_
                                               "train.sync_every_steps=1", "train.checkpoint_every_steps=3",
                                               "log.image_grid_size=0"],
                       data_dir=str(shards), run_dir=str(run_dir))
-    with pytest.raises(NonFiniteLossError, match=r"optimizer step 3: weights \['features.0.bias'\] are not finite"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite weights at optimizer step 3 \(the loss was finite\): "
+                                                 r"weights \['features.0.bias'\] are not finite"):
         main(cfg)
     assert checkpointed_steps_all_finite(run_dir) == []
     acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})

@@ -29,8 +29,9 @@ def make_saver(cfg: Config, accelerator: Accelerator, model, optimizer, schedule
         # DDP keeps the weights identical on every rank, so every rank reaches the same verdict.
         bad = [n for n, p in accelerator.unwrap_model(model).named_parameters() if not torch.isfinite(p).all()]
         if bad:
-            raise NonFiniteLossError(f"non-finite loss at optimizer step {state.global_step}: weights {bad[:3]} "
-                                     f"are not finite; not checkpointed (the last good checkpoint stays in {ckpt_dir})")
+            raise NonFiniteLossError(f"non-finite weights at optimizer step {state.global_step} (the loss was finite): "
+                                     f"weights {bad[:3]} are not finite; not checkpointed (the last good "
+                                     f"checkpoint stays in {ckpt_dir})")
         rngs = gather_list(accelerator, [rng_state()])
         seen = gather_list(accelerator, [state.samples_seen])
         path = step_path(ckpt_dir, state.global_step)
