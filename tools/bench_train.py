@@ -18,9 +18,13 @@ import torch
 
 
 def batches(n: int, batch_size: int, size: tuple[int, int], attrs: int) -> list:
+    """``n`` random batches shaped as the loader yields them (:class:`celeba_dist.data.streams.Batch`)."""
+    from celeba_dist.data.streams import Batch, SampleIssues
+
     g = torch.Generator().manual_seed(0)
-    return [(torch.randint(0, 256, (batch_size, 3, *size), dtype=torch.uint8, generator=g),
-             torch.randint(0, 2, (batch_size, attrs), generator=g).float(), [str(i)] * batch_size) for i in range(n)]
+    return [Batch(torch.randint(0, 256, (batch_size, 3, *size), dtype=torch.uint8, generator=g),
+                  torch.randint(0, 2, (batch_size, attrs), generator=g).float(), [str(i)] * batch_size, SampleIssues())
+            for i in range(n)]
 
 
 def minimal_loop(model_name: str, data: list, lr: float, precision: str, device: torch.device) -> float:

@@ -34,12 +34,15 @@ class Board:
     full disk comes out of the next call as :class:`celeba_dist.diskio.DiskFullError` naming the event file.
     """
 
-    def __init__(self, run_dir: Path, *, enabled: bool, purge_step: int | None = None):
+    def __init__(self, run_dir: Path | None, *, enabled: bool, purge_step: int | None = None):
+        self.writer: SummaryWriter | None = None
+        if not enabled or run_dir is None:
+            return
         self.events = run_dir / EVENTS_DIR
         with translate_disk_full(self.events):
-            self.writer = SummaryWriter(str(self.events), purge_step=purge_step) if enabled else None
-        if self.writer:  # the file the writer thread appends to (private in tensorboard; the folder otherwise)
-            self.events = Path(getattr(self.writer.file_writer.event_writer, "_file_name", self.events))
+            self.writer = SummaryWriter(str(self.events), purge_step=purge_step)
+        # the file the writer thread appends to (private in tensorboard; the folder otherwise)
+        self.events = Path(getattr(self.writer.file_writer.event_writer, "_file_name", self.events))
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer:
