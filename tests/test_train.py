@@ -391,7 +391,9 @@ def test_clip_grad_norm_bounds_the_step(shards, tmp_path):
 
 def last_run_log(run_dir) -> str:
     """The lines of the run folder's latest run (a run's first line is its model's 'built ...')."""
-    return (run_dir / "logs" / "rank0.log").read_text().rsplit("celeba_dist.models: built ", 1)[1]
+    runs = re.split(r"celeba_dist\.models[.\w]*: built ", (run_dir / "logs" / "rank0.log").read_text())
+    assert len(runs) > 1, "no run's first line in the log"
+    return runs[-1]
 
 
 def test_resume_from_a_given_checkpoint_or_from_none(trained, shards, tmp_path):
