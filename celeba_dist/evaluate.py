@@ -41,7 +41,8 @@ def evaluate_checkpoint(path: Path, *, split: str, data_dir: str | None, overrid
     ckpt = load_checkpoint(path)
     cfg = config_from_tree(ckpt["config"], ["model.pretrained=none", "run.resume=none", *overrides],
                            data_dir=data_dir)  # the weights come from the checkpoint
-    accelerator = build_accelerator(cfg)
+    accelerator = build_accelerator(precision=cfg.train.precision,
+                                    collective_timeout_min=cfg.train.collective_timeout_min)
     setup_logging(rank=accelerator.process_index, is_main=accelerator.is_main_process)
     data = ShardData(cfg.data.root, ckpt["attributes"])
     check_data(cfg, data, accelerator, (split,))

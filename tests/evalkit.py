@@ -23,7 +23,8 @@ from celeba_dist.train.losses import LOSSES
 def eval_predictions(checkpoint: Path, split: str) -> Predictions:
     ckpt = load_checkpoint(checkpoint)
     cfg = config_from_tree(ckpt["config"], ["model.pretrained=none", "run.resume=none"])
-    accelerator = build_accelerator(cfg)
+    accelerator = build_accelerator(precision=cfg.train.precision,
+                                    collective_timeout_min=cfg.train.collective_timeout_min)
     data = ShardData(cfg.data.root, ckpt["attributes"])
     model = build_model_for(cfg, len(data.attributes))
     model.load_state_dict(ckpt["model"])

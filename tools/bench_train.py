@@ -64,7 +64,8 @@ def ours(model_name: str, data: list, lr: float, precision: str) -> float:
     cfg = load_config("smiling_simple_cnn", [f"model.name={model_name}", f"optim.lr={lr}", f"train.precision={precision}",
                                              "log.progress_bar=false", "train.checkpoint_every_steps=0",
                                              f"train.log_every_steps={len(data)}"])
-    acc = build_accelerator(cfg)
+    acc = build_accelerator(precision=cfg.train.precision,
+                            collective_timeout_min=cfg.train.collective_timeout_min)
     torch.manual_seed(0)
     model = build_model(model_name, num_attributes=data[0][1].shape[1])
     opt = build_optimizer(model.parameters(), **dataclasses.asdict(cfg.optim))

@@ -9,12 +9,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object
 
-from celeba_dist.config import Config
-
 log = logging.getLogger(__name__)
 
 
-def build_accelerator(cfg: Config) -> Accelerator:
+def build_accelerator(*, precision: str = "no", collective_timeout_min: float = 30.0) -> Accelerator:
     """An Accelerator for whatever launched us: one process, accelerate launch, torchrun or SLURM.
 
     Without CUDA, ``cpu=True`` is what makes a multi-process launch real DDP over gloo; without
@@ -22,11 +20,10 @@ def build_accelerator(cfg: Config) -> Accelerator:
     (see ``engine.train_one_epoch``), so Accelerate's own counter stays at 1.
     """
     cpu = not torch.cuda.is_available()
-    precision = cfg.train.precision
     if cpu and precision == "fp16":
         raise ValueError("train.precision=fp16 needs a GPU; use bf16 or no on the CPU")
     # A dead or hung peer turns into an error after this long instead of holding the allocation forever.
-    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.train.collective_timeout_min))
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=collective_timeout_min))
     return Accelerator(cpu=cpu, mixed_precision=precision, step_scheduler_with_optimizer=False,
                        kwargs_handlers=[timeout])
 

@@ -183,7 +183,8 @@ def main(cfg: Config, *, on_locked: Callable[[], None] | None = None) -> dict[st
     process once the lock is held, is not called then); a run whose lock another process took over
     stops at its next step check with the same error, on every rank, writing nothing more.
     """
-    accelerator = build_accelerator(cfg)
+    accelerator = build_accelerator(precision=cfg.train.precision,
+                                    collective_timeout_min=cfg.train.collective_timeout_min)
     setup_logging(rank=accelerator.process_index, is_main=accelerator.is_main_process, pending_file=True)
     data = ShardData(cfg.data.root, cfg.data.attributes)
     check_data(cfg, data, accelerator, ("train", *cfg.train.eval_splits))
