@@ -1,18 +1,18 @@
 """Streaming the packed shards into batches, with exact sample accounting across ranks and workers.
 
 The unit of work is a *slot*: one loader worker of one rank (``rank * workers + worker``).
-The manifest's shards are dealt to slots; when there are fewer shards than slots, several slots
-share a shard and each keeps every ``stride``-th sample of it, so every sample still belongs to
-exactly one slot, whatever the shard count, world size and worker count.
 
-Evaluation reads each slot's share once: every sample of the split is seen exactly once across
-all ranks and workers (no padding, no duplicates).
+Evaluation deals whole shards to slots (:func:`deal_shards`); when there are fewer shards than
+slots, several slots share a shard and each keeps every ``stride``-th sample of it. Each slot reads
+its share once: every sample of the split is seen exactly once across all ranks and workers (no
+padding, no duplicates).
 
-Training gives every slot the same fixed quota of batches per epoch, so every rank steps the
-same number of times and DDP never waits on a rank that ran dry (the classic WebDataset + DDP
-hang). A slot that exhausts its share before its quota starts over on it, reshuffled. The shard
-order is shuffled with the same (seed, epoch) on every rank *before* it is dealt, so ranks never
-overlap within a pass. Samples are shuffled in a seeded buffer, and the random augmentations of
+Training gives every rank the same number of batches per epoch, so DDP never waits on a rank that
+ran dry (the classic WebDataset + DDP hang), and deals *samples*, not shards (:func:`deal_samples`):
+the epoch's shard order, shuffled with the same (seed, epoch) on every rank, is cut into
+consecutive runs of exactly each slot's quota. No sample is read twice in an epoch, at any scale;
+only the remainder of equal batches (fewer than ``batch_size * world_size`` samples) sits the
+epoch out, a different one each epoch. Samples are shuffled in a seeded buffer, and the random augmentations of
 each sample are seeded by (seed, epoch, sample id): an epoch's batches are a pure function of
 (seed, epoch, world size, workers), which is what makes mid-epoch resumption exact.
 
@@ -57,12 +57,14 @@ class ShardCheckError(ManifestError):
 
 @dataclass(frozen=True)
 class ShardPart:
-    """The samples of one shard that one slot reads: indices ``offset, offset+stride, …`` below ``limit``."""
+    """The samples of one shard that one slot reads: indices ``i`` in ``[start, limit)`` with
+    ``i % stride == offset``."""
 
     path: str
     stride: int = 1
     offset: int = 0
     limit: int = -1  # -1: to the end of the shard
+    start: int = 0
 
 
 def deal_shards(shards: list[tuple[str, int]], num_slots: int, slot: int) -> list[ShardPart]:
@@ -77,6 +79,32 @@ def deal_shards(shards: list[tuple[str, int]], num_slots: int, slot: int) -> lis
     j = slot % len(shards)
     sharing = len(range(j, num_slots, len(shards)))
     return [ShardPart(shards[j][0], stride=sharing, offset=slot // len(shards), limit=shards[j][1])]
+
+
+def deal_samples(shards: list[tuple[str, int]], quotas: list[int]) -> list[list[ShardPart]]:
+    """Training's dealing: consecutive runs of the concatenated ``shards`` (in their order), ``quotas[i]``
+    samples for slot ``i``, cut at sample boundaries.
+
+    No sample goes to two slots and every slot gets exactly its quota, whatever the shard count and
+    sizes, so an epoch repeats nothing and leaves out only the samples past ``sum(quotas)`` (the
+    remainder of equal batches on every rank; the epoch's shuffled order makes it others each epoch).
+    Each slot reads its shards front to back.
+    """
+    total = sum(n for _, n in shards)
+    if sum(quotas) > total:
+        raise ValueError(f"the slots' quotas ({sum(quotas)} samples) exceed the {total} samples of the shards")
+    parts: list[list[ShardPart]] = [[] for _ in quotas]
+    remaining = iter(shards)
+    path, size, pos = "", 0, 0
+    for slot, quota in enumerate(quotas):
+        while quota > 0:
+            if pos >= size:
+                (path, size), pos = next(remaining), 0
+                continue
+            take = min(quota, size - pos)
+            parts[slot].append(ShardPart(path, start=pos, limit=pos + take))
+            pos, quota = pos + take, quota - take
+    return parts
 
 
 def subset_shards(shards: list[tuple[str, int]], limit: int) -> list[tuple[str, int]]:
@@ -100,7 +128,7 @@ def read_part(part: ShardPart) -> Iterator[dict]:
         for index, sample in enumerate(iter_samples(part.path)):
             if 0 <= part.limit <= index:
                 return
-            if index % part.stride == part.offset:
+            if index >= part.start and index % part.stride == part.offset:
                 yield sample
     except (OSError, ValueError) as exc:  # missing or unreadable file, a tar cut short or damaged
         raise DataError(f"cannot read shard {part.path}: {exc}") from exc
@@ -277,14 +305,25 @@ class TrainStream(IterableDataset):
         skipped = len(range(logical_worker, min(skip, self.steps_per_epoch), self.workers))
         return skipped, mine - skipped
 
+    def slot_quotas(self) -> list[int]:
+        """Samples per slot (``rank * workers + logical worker``) in one epoch: its batches' worth."""
+        per_worker = [self.quota(w)[1] * self.batch_size for w in range(self.workers)]
+        return per_worker * self.world_size
+
+    def epoch_parts(self) -> list[list[ShardPart]]:
+        """Every slot's share of the epoch: the epoch's shuffled shard order (the same on every rank)
+        dealt by :func:`deal_samples`; slot ``rank * workers + logical worker``."""
+        order = list(self.shards)
+        random.Random(_mix(self.seed, self.epoch)).shuffle(order)
+        return deal_samples(order, self.slot_quotas())
+
     def _slot_samples(self, slot: int) -> Iterator[dict]:
-        """The slot's share of the epoch's shard order, shuffled, over and over (reshuffled each pass).
+        """The slot's share of the epoch, shuffled; over and over (reshuffled each pass) should a slot need
+        more than its share (only when ``data.skip_bad_samples`` skipped some of it).
 
         The shuffle buffer works within one pass, so it never reads ahead into the next one.
         """
-        order = list(self.shards)
-        random.Random(_mix(self.seed, self.epoch)).shuffle(order)  # same on every rank
-        parts = deal_shards(order, self.world_size * self.workers, slot)
+        parts = self.epoch_parts()[slot]
         for repeat in itertools.count():
             if repeat:
                 random.Random(_mix(self.seed, self.epoch, slot, repeat)).shuffle(parts)
