@@ -119,13 +119,16 @@ def subset_shards(shards: list[tuple[str, int]], limit: int) -> list[tuple[str, 
     return out
 
 
+SAMPLE_FIELDS = frozenset({"jpg", "attr.json"})  # what the Decoder reads; a sample's other members are skipped
+
+
 def read_part(part: ShardPart) -> Iterator[dict]:
-    """Raw samples (``__key__``, ``jpg``, ``attr.json`` bytes, …) of one shard part.
+    """Raw samples (``__key__``, ``__url__``, ``jpg`` and ``attr.json`` bytes) of one shard part.
 
     Raises :class:`DataError` naming the shard (and, for a damaged one, where in it).
     """
     try:
-        for index, sample in enumerate(iter_samples(part.path)):
+        for index, sample in enumerate(iter_samples(part.path, SAMPLE_FIELDS)):
             if 0 <= part.limit <= index:
                 return
             if index >= part.start and index % part.stride == part.offset:

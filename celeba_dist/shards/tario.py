@@ -10,6 +10,7 @@ check it against ``webdataset.WebDataset`` on real shards.
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 from typing import Iterator
 
@@ -25,7 +26,7 @@ class TarFormatError(ValueError):
     """The shard is not a tar file this reader understands (names the file and offset)."""
 
 
-def _octal(field: bytes, where: str) -> int:
+def _octal(field: bytes, path: str, pos: int) -> int:
     text = field.split(b"\0", 1)[0].strip()
     if not text:
         return 0
@@ -34,7 +35,7 @@ def _octal(field: bytes, where: str) -> int:
     try:
         return int(text, 8)
     except ValueError as exc:
-        raise TarFormatError(f"{where}: bad number {field!r} in a tar header") from exc
+        raise TarFormatError(f"{path} at byte {pos}: bad number {field!r} in a tar header") from exc
 
 
 def _pax_path(data: bytes) -> str | None:
@@ -52,66 +53,81 @@ def _pax_path(data: bytes) -> str | None:
 
 def iter_members(path: str) -> Iterator[tuple[str, bytes]]:
     """(name, content) of every regular file in the tar at ``path``, in order."""
+    with _mapped(path) as buf:
+        if buf is not None:
+            for name, start, size in _walk(buf, path):
+                yield name, buf[start: start + size]
+
+
+@contextlib.contextmanager
+def _mapped(path: str) -> Iterator[mmap.mmap | None]:
     with open(path, "rb") as fh:
         if fh.seek(0, 2) == 0:
+            yield None
             return
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            yield from _walk(buf, path)
+            yield buf
 
 
-def _walk(buf: mmap.mmap, path: str) -> Iterator[tuple[str, bytes]]:
+def _walk(buf: mmap.mmap, path: str) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of every regular file; headers are read field by field, data never."""
     pos, end, long_name = 0, len(buf), None
     while pos + BLOCK <= end:
-        header = buf[pos: pos + BLOCK]
-        if header.count(0) == BLOCK:  # end-of-archive marker
+        if buf[pos] == 0 and buf[pos: pos + BLOCK].count(0) == BLOCK:  # end-of-archive marker
             return
-        where = f"{path} at byte {pos}"
-        size = _octal(header[124:136], where)
-        kind = header[156:157]
-        data_start = pos + BLOCK
+        size = _octal(buf[pos + 124: pos + 136], path, pos)
+        kind = buf[pos + 156: pos + 157]
+        header, data_start = pos, pos + BLOCK
         pos = data_start + (size + BLOCK - 1) // BLOCK * BLOCK
         if pos > end:
-            raise TarFormatError(f"{where}: truncated tar member ({size} bytes past the end of the file)")
+            raise TarFormatError(f"{path} at byte {header}: truncated tar member ({size} bytes past the end of the file)")
         if kind == GNU_LONGNAME:
             long_name = buf[data_start: data_start + size].split(b"\0", 1)[0].decode("utf-8")
             continue
         if kind in PAX_HEADERS:
             long_name = _pax_path(buf[data_start: data_start + size]) or long_name
             continue
-        name = long_name or _header_name(header)
+        name = long_name or _header_name(buf, header)
         long_name = None
         if kind in REGULAR:
-            yield name, buf[data_start: data_start + size]
+            yield name, data_start, size
 
 
-def _header_name(header: bytes) -> str:
-    name = header[0:100].split(b"\0", 1)[0].decode("utf-8")
-    if header[257:262] == b"ustar":
-        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8")
+def _header_name(buf: mmap.mmap, header: int) -> str:
+    name = buf[header: header + 100].split(b"\0", 1)[0].decode("utf-8")
+    if buf[header + 257: header + 262] == b"ustar":
+        prefix = buf[header + 345: header + 500].split(b"\0", 1)[0].decode("utf-8")
         if prefix:
             name = f"{prefix}/{name}"
     return name
 
 
-def iter_samples(path: str) -> Iterator[dict]:
-    """webdataset-style samples: {"__key__", "__url__", field: bytes, ...}, consecutive members grouped."""
+def iter_samples(path: str, fields: frozenset[str] | None = None) -> Iterator[dict]:
+    """webdataset-style samples: {"__key__", "__url__", field: bytes, ...}, consecutive members grouped.
+
+    ``fields``: only these members' bytes are read (the others are skipped in the file, not copied).
+    """
     current: dict | None = None
-    members = iter_members(path)
-    while True:
-        try:
-            name, data = next(members)
-        except StopIteration:
-            break
-        except TarFormatError as exc:  # name the last sample read whole: the damage lies past it
-            after = f" (after sample {current['__key__']})" if current else " (before its first sample)"
-            raise TarFormatError(f"{exc}{after}") from exc
-        key, field = split_key(name)
-        if not field:
-            continue
-        if current is None or current["__key__"] != key:
-            if current is not None:
-                yield current
-            current = {"__key__": key, "__url__": path}
-        current[field] = data
-    if current is not None:
-        yield current
+    with _mapped(path) as buf:
+        if buf is None:
+            return
+        members = _walk(buf, path)
+        while True:
+            try:
+                name, start, size = next(members)
+            except StopIteration:
+                break
+            except TarFormatError as exc:  # name the last sample read whole: the damage lies past it
+                after = f" (after sample {current['__key__']})" if current else " (before its first sample)"
+                raise TarFormatError(f"{exc}{after}") from exc
+            key, field = split_key(name)
+            if not field:
+                continue
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__url__": path}
+            if fields is None or field in fields:
+                current[field] = buf[start: start + size]
+        if current is not None:
+            yield current
