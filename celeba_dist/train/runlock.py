@@ -30,6 +30,8 @@ import uuid
 from pathlib import Path
 from typing import Mapping
 
+from celeba_dist.diskio import translate_disk_full
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
@@ -132,11 +134,11 @@ def _write_temp(path: Path, holder: Holder) -> Path:
     """A complete, synced copy of ``holder`` under a name of this acquisition's own, next to ``path``."""
     tmp = path.with_name(f"{path.name}.{holder.token}.{time.monotonic_ns()}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with translate_disk_full(path), open(tmp, "w", encoding="utf-8") as fh:
             fh.write(json.dumps(dataclasses.asdict(holder), indent=2) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-    except BaseException:  # a full disk: no partial copy is left next to the lock
+    except BaseException:  # a full disk (named as such): no partial copy is left next to the lock
         tmp.unlink(missing_ok=True)
         raise
     return tmp
