@@ -55,7 +55,10 @@ def temporaries(folder: Path) -> list[Path]:
 
 def test_full_disk_during_training_names_the_file_and_the_checkpoint_then_resumes(pristine, small_disk):
     run_dir = small_disk / "run"
-    cmd = train_cmd(pristine, run_dir, "train.checkpoint_every_steps=1", "train.keep_last=2", processes=2)
+    # No loader workers here: forking them while another thread starts or ends can deadlock the child inside
+    # CPython 3.11's os.fork() (seen once in CI, and not specific to full disks); see the README's open issues.
+    cmd = train_cmd(pristine, run_dir, "train.checkpoint_every_steps=1", "train.keep_last=2", "data.num_workers=0",
+                    processes=2)
     started = time.monotonic()
     proc = subprocess.Popen(cmd, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while not list_checkpoints(run_dir / "checkpoints") and proc.poll() is None:
