@@ -51,14 +51,6 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-def iter_members(path: str) -> Iterator[tuple[str, bytes]]:
-    """(name, content) of every regular file in the tar at ``path``, in order."""
-    with _mapped(path) as buf:
-        if buf is not None:
-            for name, start, size in _walk(buf, path):
-                yield name, buf[start: start + size]
-
-
 @contextlib.contextmanager
 def _mapped(path: str) -> Iterator[mmap.mmap | None]:
     with open(path, "rb") as fh:
