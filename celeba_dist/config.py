@@ -42,6 +42,7 @@ class DataConfig:
     train_subset: int = 0  # 0: every training sample; N: a fixed subset of N samples
     check_shards: str = "size"  # before the first step: size (a stat per shard) | sha256 | none
     skip_bad_samples: bool = False  # a sample that cannot be decoded is skipped and counted instead of ending the run
+    cache: str = "none"  # none | host | device: each rank's share decoded once, kept in that memory (data/cache.py)
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sched.cyclic_mode": ("triangular", "triangular2", "exp_range"),
     "data.normalize": ("auto", "unit", "imagenet"),
     "data.check_shards": ("size", "sha256", "none"),
+    "data.cache": ("none", "host", "device"),
 }
 
 

@@ -151,15 +151,25 @@ def test_truncated_shard_is_an_error_naming_it(shards, tmp_path):
 
 
 def _coverage(shards: list[tuple[str, int]], world: int, workers: int, batch_size: int) -> tuple[int, int]:
-    """(samples an epoch reads, of them read more than once) over every slot of every rank, as intervals."""
+    """(samples an epoch reads, of them read more than once) over every slot of every rank, as intervals.
+
+    Also checks that each rank's share is the same in every epoch (what ``data.cache`` holds) and that each
+    epoch's parts of a worker lie inside its rank's share."""
     steps = sum(n for _, n in shards) // (batch_size * world)
-    ds = TrainStream(shards, None, batch_size=batch_size, rank=0, world_size=world, num_workers=workers,
-                     steps_per_epoch=steps, seed=0, shuffle_buffer=1)  # every rank deals the same way
-    ds.epoch = 3
     intervals = []
-    for slot, parts in enumerate(ds.epoch_parts()):
-        assert sum(p.limit - p.start for p in parts) == ds.quota(slot % max(1, workers))[1] * batch_size
-        intervals += [(p.path, p.start, p.limit) for p in parts]
+    for rank in range(world):
+        ds = TrainStream(shards, None, batch_size=batch_size, rank=rank, world_size=world, num_workers=workers,
+                         steps_per_epoch=steps, seed=0, shuffle_buffer=1)
+        share: dict[str, list[tuple[int, int]]] = {}
+        for p in ds.rank_parts():
+            share.setdefault(p.path, []).append((p.start, p.limit))
+        for epoch in (3, 4):
+            ds.epoch = epoch
+            for worker, parts in enumerate(ds.epoch_parts()):
+                assert sum(p.limit - p.start for p in parts) == ds.quota(worker)[1] * batch_size
+                assert all(any(a <= p.start and p.limit <= b for a, b in share[p.path]) for p in parts)
+                if epoch == 3:
+                    intervals += [(p.path, p.start, p.limit) for p in parts]
     intervals.sort()
     repeated = sum(max(0, prev[2] - cur[1]) for prev, cur in zip(intervals, intervals[1:]) if prev[0] == cur[0])
     return sum(b - a for _, a, b in intervals), repeated

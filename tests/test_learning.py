@@ -36,18 +36,22 @@ def check_bar(metrics: dict) -> None:
 
 
 @pytest.mark.slow
-def test_simple_cnn_learns_the_drawn_attributes(shards, tmp_path):
-    cfg = load_config("smiling_simple_cnn", [*RECIPE, "data.batch_size=32"], data_dir=str(shards),
+@pytest.mark.parametrize("cache", ["none", "host"])
+def test_simple_cnn_learns_the_drawn_attributes(shards, tmp_path, cache):
+    cfg = load_config("smiling_simple_cnn", [*RECIPE, "data.batch_size=32", f"data.cache={cache}"], data_dir=str(shards),
                       run_dir=str(tmp_path / "one"))
     result = main(cfg)
     check_bar(result["metrics"])
 
 
 @pytest.mark.slow
-def test_two_process_ddp_learns_the_same(shards, tmp_path):
+@pytest.mark.parametrize("cache", ["none", "device"])
+def test_two_process_ddp_learns_the_same(shards, tmp_path, cache):
+    """Also with data.cache=device (the device is the CPU here): each rank decodes its share once."""
     run_dir = tmp_path / "ddp"
     cmd = accelerate_cmd("-m", "celeba_dist.train", "--config", "smiling_simple_cnn", "--data", str(shards),
-                         "--run-dir", str(run_dir), "--set", *RECIPE, "data.batch_size=16")  # global batch 32
+                         "--run-dir", str(run_dir), "--set", *RECIPE, "data.batch_size=16",  # global batch 32
+                         f"data.cache={cache}")
     proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads((run_dir / "env.json").read_text())["world_size"] == 2

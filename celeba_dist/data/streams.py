@@ -8,13 +8,16 @@ its share once: every sample of the split is seen exactly once across all ranks 
 padding, no duplicates).
 
 Training gives every rank the same number of batches per epoch, so DDP never waits on a rank that
-ran dry (the classic WebDataset + DDP hang), and deals *samples*, not shards (:func:`deal_samples`):
-the epoch's shard order, shuffled with the same (seed, epoch) on every rank, is cut into
-consecutive runs of exactly each slot's quota. No sample is read twice in an epoch, at any scale;
-only the remainder of equal batches (fewer than ``batch_size * world_size`` samples) sits the
-epoch out, a different one each epoch. Samples are shuffled in a seeded buffer, and the random augmentations of
-each sample are seeded by (seed, epoch, sample id): an epoch's batches are a pure function of
-(seed, epoch, world size, workers), which is what makes mid-epoch resumption exact.
+ran dry (the classic WebDataset + DDP hang), and deals *samples*, not shards (:func:`deal_samples`).
+Each rank owns a fixed share of the training set for the whole run (consecutive runs of a seeded
+shard order, cut at sample boundaries, sizes differing by at most one): that share is what
+``data.cache`` decodes once and keeps. Every epoch the rank's parts are put in the epoch's seeded
+order and cut into consecutive runs of exactly each worker's quota. No sample is read twice in an
+epoch, at any scale; only the remainder of equal batches (fewer than ``batch_size`` samples per
+rank) sits the epoch out, a different one each epoch. Samples are shuffled in a seeded buffer, and
+the random augmentations of each sample are seeded by (seed, epoch, sample id): an epoch's batches
+are a pure function of (seed, epoch, world size, workers), which is what makes mid-epoch
+resumption exact, and what lets the cache replay the very same batches.
 
 Samples come out of the tars through :mod:`celeba_dist.shards.tario` (webdataset's grouping, a
 faster reader) and are shuffled by webdataset's ``shuffle``. The loader is kept out of
@@ -34,7 +37,7 @@ import time
 import warnings
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import torch
 import webdataset as wds
@@ -81,30 +84,42 @@ def deal_shards(shards: list[tuple[str, int]], num_slots: int, slot: int) -> lis
     return [ShardPart(shards[j][0], stride=sharing, offset=slot // len(shards), limit=shards[j][1])]
 
 
-def deal_samples(shards: list[tuple[str, int]], quotas: list[int]) -> list[list[ShardPart]]:
-    """Training's dealing: consecutive runs of the concatenated ``shards`` (in their order), ``quotas[i]``
-    samples for slot ``i``, cut at sample boundaries.
+def sample_range(shards: list[tuple[str, int]], begin: int, end: int) -> list[ShardPart]:
+    """The parts of ``shards`` (in their order) that hold samples ``[begin, end)`` of their concatenation."""
+    parts, offset = [], 0
+    for path, n in shards:
+        lo, hi = max(begin - offset, 0), min(end - offset, n)
+        if lo < hi:
+            parts.append(ShardPart(path, start=lo, limit=hi))
+        offset += n
+        if offset >= end:
+            break
+    return parts
+
+
+def deal_samples(parts: list[ShardPart], quotas: list[int]) -> list[list[ShardPart]]:
+    """Training's dealing: consecutive runs of the concatenated ``parts`` (in their order, each a
+    ``[start, limit)`` range of a shard), ``quotas[i]`` samples for slot ``i``, cut at sample boundaries.
 
     No sample goes to two slots and every slot gets exactly its quota, whatever the shard count and
-    sizes, so an epoch repeats nothing and leaves out only the samples past ``sum(quotas)`` (the
-    remainder of equal batches on every rank; the epoch's shuffled order makes it others each epoch).
-    Each slot reads its shards front to back.
+    sizes; the samples past ``sum(quotas)`` go to no one. Each slot reads its shards front to back.
     """
-    total = sum(n for _, n in shards)
+    total = sum(p.limit - p.start for p in parts)
     if sum(quotas) > total:
         raise ValueError(f"the slots' quotas ({sum(quotas)} samples) exceed the {total} samples of the shards")
-    parts: list[list[ShardPart]] = [[] for _ in quotas]
-    remaining = iter(shards)
-    path, size, pos = "", 0, 0
+    dealt: list[list[ShardPart]] = [[] for _ in quotas]
+    remaining = iter(parts)
+    part, pos = ShardPart("", limit=0), 0
     for slot, quota in enumerate(quotas):
         while quota > 0:
-            if pos >= size:
-                (path, size), pos = next(remaining), 0
+            if pos >= part.limit:
+                part = next(remaining)
+                pos = part.start
                 continue
-            take = min(quota, size - pos)
-            parts[slot].append(ShardPart(path, start=pos, limit=pos + take))
+            take = min(quota, part.limit - pos)
+            dealt[slot].append(ShardPart(part.path, start=pos, limit=pos + take))
             pos, quota = pos + take, quota - take
-    return parts
+    return dealt
 
 
 def subset_shards(shards: list[tuple[str, int]], limit: int) -> list[tuple[str, int]]:
@@ -301,6 +316,7 @@ class TrainStream(IterableDataset):
         self.rank, self.world_size, self.workers = rank, world_size, max(1, num_workers)
         self.steps_per_epoch, self.seed, self.shuffle_buffer = steps_per_epoch, seed, shuffle_buffer
         self.epoch, self.skip_batches = 0, 0
+        self._rank_parts: list[ShardPart] | None = None
 
     def quota(self, logical_worker: int, skip: int = 0) -> tuple[int, int]:
         """(batches to skip, batches to deliver) for one logical worker: batch b is worker b % W's."""
@@ -308,34 +324,52 @@ class TrainStream(IterableDataset):
         skipped = len(range(logical_worker, min(skip, self.steps_per_epoch), self.workers))
         return skipped, mine - skipped
 
-    def slot_quotas(self) -> list[int]:
-        """Samples per slot (``rank * workers + logical worker``) in one epoch: its batches' worth."""
-        per_worker = [self.quota(w)[1] * self.batch_size for w in range(self.workers)]
-        return per_worker * self.world_size
+    def rank_sizes(self) -> list[int]:
+        """Samples in each rank's share of the training set: as equal as they can be."""
+        total = sum(n for _, n in self.shards)
+        return [total // self.world_size + (r < total % self.world_size) for r in range(self.world_size)]
+
+    def rank_parts(self) -> list[ShardPart]:
+        """This rank's share of the training set, the same in every epoch (what ``data.cache`` holds):
+        a consecutive run of the shards in a seeded order, cut at sample boundaries."""
+        if self._rank_parts is None:
+            order = list(self.shards)
+            random.Random(_mix(self.seed, -1)).shuffle(order)
+            begin = sum(self.rank_sizes()[: self.rank])
+            self._rank_parts = sample_range(order, begin, begin + self.rank_sizes()[self.rank])
+        return list(self._rank_parts)
+
+    def worker_quotas(self) -> list[int]:
+        """Samples per logical worker in one epoch: its batches' worth."""
+        return [self.quota(w)[1] * self.batch_size for w in range(self.workers)]
 
     def epoch_parts(self) -> list[list[ShardPart]]:
-        """Every slot's share of the epoch: the epoch's shuffled shard order (the same on every rank)
-        dealt by :func:`deal_samples`; slot ``rank * workers + logical worker``."""
-        order = list(self.shards)
-        random.Random(_mix(self.seed, self.epoch)).shuffle(order)
-        return deal_samples(order, self.slot_quotas())
+        """Each logical worker's share of this rank's samples in this epoch: the rank's parts in the
+        epoch's seeded order, dealt by :func:`deal_samples`. What is left over (fewer than
+        ``batch_size`` samples of the rank's share) sits this epoch out, others each epoch."""
+        parts = self.rank_parts()
+        random.Random(_mix(self.seed, self.epoch, self.rank)).shuffle(parts)
+        return deal_samples(parts, self.worker_quotas())
 
-    def _slot_samples(self, slot: int) -> Iterator[dict]:
-        """The slot's share of the epoch, shuffled; over and over (reshuffled each pass) should a slot need
-        more than its share (only when ``data.skip_bad_samples`` skipped some of it).
+    def worker_samples(self, worker: int, read: Callable[[ShardPart], Iterable] = read_part) -> Iterator:
+        """Logical ``worker``'s share of the epoch, shuffled: the items ``read`` gives for its parts (raw
+        samples, or :mod:`celeba_dist.data.cache`'s indices); over and over (reshuffled each pass) should
+        it need more than its share (only when ``data.skip_bad_samples`` skipped some of it).
 
-        The shuffle buffer works within one pass, so it never reads ahead into the next one.
+        The shuffle buffer works within one pass, so it never reads ahead into the next one. Its
+        random draws do not depend on the items, so any ``read`` gives the same order.
         """
-        parts = self.epoch_parts()[slot]
+        parts = self.epoch_parts()[worker]
+        slot = self.rank * self.workers + worker
         for repeat in itertools.count():
             if repeat:
                 random.Random(_mix(self.seed, self.epoch, slot, repeat)).shuffle(parts)
             shuffle = wds.shuffle(bufsize=self.shuffle_buffer, initial=min(self.shuffle_buffer, 100),
                                   rng=random.Random(_mix(self.seed, self.epoch, slot, repeat)))
             empty = True
-            for sample in shuffle(s for part in parts for s in read_part(part)):
+            for item in shuffle(item for part in parts for item in read(part)):
                 empty = False
-                yield sample
+                yield item
             if empty:
                 return
 
@@ -345,20 +379,19 @@ class TrainStream(IterableDataset):
         # the DataLoader always asks worker 0 first.
         logical = (worker + self.skip_batches) % self.workers
         skip, deliver = self.quota(logical, self.skip_batches)
-        slot = self.rank * self.workers + logical
         # The batches a mid-epoch resume skips are read but never decoded. (Samples skipped as
         # undecodable, data.skip_bad_samples, are not known then: after one, a resumed epoch
         # differs from an uninterrupted one by that many samples.)
-        stream = itertools.islice(self._slot_samples(slot), skip * self.batch_size, None)
+        stream = itertools.islice(self.worker_samples(logical), skip * self.batch_size, None)
         decoded = (self.decoder(s, sample_seed(self.seed, self.epoch, s["__key__"])) for s in stream)
         produced = 0
         for batch in itertools.islice(_batches(decoded, self.batch_size), deliver):
             if len(batch.keys) < self.batch_size:
-                raise RuntimeError(f"slot {slot} ran out of samples: its shards are empty")
+                raise RuntimeError(f"rank {self.rank}, worker {logical} ran out of samples: its shards are empty")
             produced += 1
             yield batch
         if produced != deliver:
-            raise RuntimeError(f"slot {slot} delivered {produced} batches instead of {deliver}")
+            raise RuntimeError(f"rank {self.rank}, worker {logical} delivered {produced} batches instead of {deliver}")
 
 
 @dataclass

@@ -139,23 +139,106 @@ def resize(*, image_size: tuple[int, int], train: bool) -> Transform:
 
 
 @dataclass(frozen=True)
+class CachedForm:
+    """A preset split for ``data.cache``: ``base`` (the decode and everything deterministic) runs once
+    per sample into the cache, which holds uint8 images of ``size`` (H, W); the random part (a crop to
+    ``crop`` (H, W), a horizontal flip) runs on whole batches on the training device (:func:`augment_batch`)."""
+
+    size: tuple[int, int]
+    base: Transform
+    crop: tuple[int, int] | None = None
+    flip: bool = False
+
+
+def _cached_crop178(image_size: tuple[int, int]) -> CachedForm:
+    return CachedForm(image_size, crop178_resize(image_size=image_size, train=False), flip=True)
+
+
+def _cached_resize_crop(image_size: tuple[int, int]) -> CachedForm:
+    big = (270, 220)  # resize_crop's resize_to, (H, W)
+    if image_size[0] > big[0] or image_size[1] > big[1]:
+        raise ValueError(f"crop {image_size} larger than the resize {big}")
+    return CachedForm(big, resize(image_size=big, train=False), crop=image_size, flip=True)
+
+
+def _cached_resize(image_size: tuple[int, int]) -> CachedForm:
+    return CachedForm(image_size, resize(image_size=image_size, train=False), flip=True)
+
+
+@dataclass(frozen=True)
 class Preset:
     build: Callable[..., Transform]
+    cached: Callable[[tuple[int, int]], CachedForm]  # the training transform, split for data.cache
     description: str
 
 
 PRESETS: dict[str, Preset] = {
-    "crop178_resize": Preset(crop178_resize, "CenterCrop 178 -> Resize (64x64) -> flip"),
-    "resize_crop": Preset(resize_crop, "Resize 220x270 -> crop 178x218 (random in training) -> flip"),
-    "imagenet": Preset(resize, "Resize (224x224) -> flip; use with data.normalize=imagenet"),
+    "crop178_resize": Preset(crop178_resize, _cached_crop178, "CenterCrop 178 -> Resize (64x64) -> flip"),
+    "resize_crop": Preset(resize_crop, _cached_resize_crop,
+                          "Resize 220x270 -> crop 178x218 (random in training) -> flip"),
+    "imagenet": Preset(resize, _cached_resize, "Resize (224x224) -> flip; use with data.normalize=imagenet"),
 }
 
 
 def build_transform(name: str, *, image_size: tuple[int, int], train: bool) -> Transform:
     """The transform preset ``name`` (see :data:`PRESETS`) for training or evaluation."""
+    return _preset(name).build(image_size=tuple(image_size), train=train)
+
+
+def build_cached_form(name: str, *, image_size: tuple[int, int], train: bool) -> CachedForm:
+    """What ``data.cache`` keeps of preset ``name``, and what it does per batch: for training the
+    deterministic part and the random crop and flip; for evaluation the whole (deterministic) transform."""
+    if train:
+        return _preset(name).cached(tuple(image_size))
+    return CachedForm(tuple(image_size), build_transform(name, image_size=image_size, train=False))
+
+
+def _preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown transform {name!r}; valid: {sorted(PRESETS)}")
-    return PRESETS[name].build(image_size=tuple(image_size), train=train)
+    return PRESETS[name]
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (two multiply-xorshift rounds), elementwise on int64 tensors of any device."""
+    x = x & _MASK32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    return (x >> 16) ^ x
+
+
+def batch_uniforms(sample_seeds: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, count) floats in [0, 1), a pure function of each sample's seed: the same sample with the same
+    seed gets the same draws in any batch, on any rank, on any device."""
+    salts = torch.arange(1, count + 1, device=sample_seeds.device, dtype=torch.int64) * 0x9E3779B1
+    bits = hash32(sample_seeds.view(-1, 1) ^ salts.view(1, -1))
+    return (bits >> 8).float() / float(1 << 24)
+
+
+def augment_batch(images: torch.Tensor, sample_seeds: torch.Tensor, form: CachedForm) -> torch.Tensor:
+    """The random crop and flip of ``form`` on a uint8 batch (B, 3, H, W), in one gather on its device.
+
+    Per sample, a crop offset uniform over the valid positions and a flip with probability 1/2, drawn
+    by :func:`batch_uniforms` from ``sample_seeds`` (int64, one per sample).
+    """
+    if form.crop is None and not form.flip:
+        return images
+    b, _, h, w = images.shape
+    u = batch_uniforms(sample_seeds, 3)
+    if form.crop is None:  # a flip alone: no gather needed
+        return torch.where((u[:, 2] < 0.5)[:, None, None, None], images.flip(3), images)
+    ch, cw = form.crop
+    top = (u[:, 0] * (h - ch + 1)).long().clamp_(max=h - ch)
+    left = (u[:, 1] * (w - cw + 1)).long().clamp_(max=w - cw)
+    rows = top[:, None] + torch.arange(ch, device=images.device)  # (B, ch)
+    cols = left[:, None] + torch.arange(cw, device=images.device)  # (B, cw)
+    if form.flip:
+        cols = torch.where((u[:, 2] < 0.5)[:, None], cols.flip(1), cols)
+    picked = images[torch.arange(b, device=images.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    return picked.permute(0, 3, 1, 2).contiguous()  # advanced indexing put the channels last
 
 
 def normalize_batch(images: torch.Tensor, name: str) -> torch.Tensor:

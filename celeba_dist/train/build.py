@@ -1,15 +1,20 @@
 """What ``train``, ``eval`` and ``predict`` build alike from a config: the start-up shard check, the model,
-an evaluation loader."""
+the training batches and evaluation loaders (streamed, or from ``data.cache``)."""
 from __future__ import annotations
 
 import logging
+import platform
+from typing import Iterable
 
 import torch
 from accelerate import Accelerator
 
 from celeba_dist.config import Config
-from celeba_dist.data.streams import ShardCheckError, ShardData, eval_stream, make_loader
-from celeba_dist.data.transforms import build_transform
+from celeba_dist.data.cache import (CacheMemoryError, CachedEval, CachedTrain, Store, cache_bytes, fill_store,
+                                    fit_problem, part_size)
+from celeba_dist.data.streams import (ShardCheckError, ShardData, ShardPart, TrainStream, deal_shards, eval_stream,
+                                      make_loader, train_stream)
+from celeba_dist.data.transforms import CachedForm, build_cached_form, build_transform
 from celeba_dist.models import build_model
 from celeba_dist.train.distributed import gather_list, leave_process_group
 
@@ -50,3 +55,57 @@ def eval_loader(cfg: Config, data: ShardData, split: str, accelerator: Accelerat
                          rank=accelerator.process_index, world_size=accelerator.num_processes,
                          skip_bad=cfg.data.skip_bad_samples)
     return make_loader(stream, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
+
+
+def train_data(cfg: Config, data: ShardData, accelerator: Accelerator) -> TrainStream | CachedTrain:
+    """The training batches: the shard stream, or with ``data.cache`` the rank's share decoded once
+    (before the model is built, so a cache that cannot fit fails first) and replayed from memory."""
+    stream = train_stream(
+        data, build_transform(cfg.data.transform, image_size=cfg.data.image_size, train=True),
+        batch_size=cfg.data.batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes,
+        num_workers=cfg.data.num_workers, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+        subset=cfg.data.train_subset, skip_bad=cfg.data.skip_bad_samples)
+    if cfg.data.cache == "none":
+        return stream
+    form = build_cached_form(cfg.data.transform, image_size=cfg.data.image_size, train=True)
+    store = cached_store(cfg, data, accelerator, stream.rank_parts(), form, what="train")
+    return CachedTrain(stream, store, form, device=accelerator.device)
+
+
+def epoch_loader(cfg: Config, train: TrainStream | CachedTrain) -> Iterable:
+    """What one epoch iterates (set ``train.epoch`` and ``train.skip_batches`` first)."""
+    if isinstance(train, CachedTrain):
+        return train
+    return make_loader(train, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
+
+
+def cached_store(cfg: Config, data: ShardData, accelerator: Accelerator, parts: list[ShardPart], form: CachedForm,
+                 *, what: str) -> Store:
+    """Fill this rank's cache of ``parts``, once every rank knows that every rank's fits (collective)."""
+    device = accelerator.device if cfg.data.cache == "device" else torch.device("cpu")
+    needed = cache_bytes(sum(part_size(p) for p in parts), form, len(data.attributes))
+    hosts = gather_list(accelerator, [platform.node()])
+    problem = fit_problem(needed=needed, local_ranks=hosts.count(platform.node()), device=device,
+                          what=f"data.cache={cfg.data.cache} {what}")
+    problems = gather_list(accelerator, [f"rank {accelerator.process_index}: {problem}"] if problem else [])
+    if problems:
+        leave_process_group(accelerator)  # every rank is here with the same verdict: leave together
+        raise CacheMemoryError("; ".join(problems[:3]) + (f" (and {len(problems) - 3} more ranks)"
+                                                         if len(problems) > 3 else ""))
+    return fill_store(parts, data.decoder(form.base, skip_bad=cfg.data.skip_bad_samples), size=form.size,
+                      num_attributes=len(data.attributes), device=device, pin=torch.cuda.is_available(),
+                      num_workers=cfg.data.num_workers, where=f"{what} (rank {accelerator.process_index})")
+
+
+def eval_batches(cfg: Config, data: ShardData, split: str, accelerator: Accelerator, caches: dict) -> Iterable:
+    """An evaluation pass over this rank's share of ``split``: streamed, or with ``data.cache`` from a
+    cache filled on the first pass and kept in ``caches``."""
+    if cfg.data.cache == "none":
+        return eval_loader(cfg, data, split, accelerator)
+    if split not in caches:
+        form = build_cached_form(cfg.data.transform, image_size=cfg.data.image_size, train=False)
+        parts = deal_shards(data.split(split).shards, accelerator.num_processes, accelerator.process_index)
+        caches[split] = CachedEval(cached_store(cfg, data, accelerator, parts, form, what=split),
+                                   batch_size=cfg.data.eval_batch_size or cfg.data.batch_size,
+                                   device=accelerator.device)
+    return caches[split]

@@ -64,6 +64,7 @@ class Trainer:
     save: Callable[[TrainState], None]  # collective: every rank calls it at the same step
     stops: signals.StopRequests = field(default_factory=signals.StopRequests)  # this run's, from its signal handlers
     lost_lock: threading.Event = field(default_factory=threading.Event)  # set when another process took the folder
+    eval_caches: dict = field(default_factory=dict)  # data.cache: split -> its CachedEval, filled at first use
 
 
 def prepare_batch(images: torch.Tensor, labels: torch.Tensor, *, device: torch.device, normalize: str,

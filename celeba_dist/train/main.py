@@ -27,14 +27,15 @@ from accelerate.utils import set_seed
 from celeba_dist import __version__, signals
 from celeba_dist.cli_args import report_error
 from celeba_dist.config import Config, ConfigError, add_config_arguments, config_from_args, save_config
-from celeba_dist.data.streams import DataError, ShardData, eval_stream, make_loader, owned_workers, train_stream
+from celeba_dist.data.cache import CacheMemoryError, CachedTrain
+from celeba_dist.data.streams import DataError, ShardData, eval_stream, owned_workers
 from celeba_dist.data.transforms import build_transform
 from celeba_dist.diskio import DiskFullError, write_json
 from celeba_dist.logs import attach_log_file, setup_logging
 from celeba_dist.shards.manifest import ManifestError
 from celeba_dist.train import runlock
 from celeba_dist.train.board import Board, accuracy_bars, attention_overlay, prediction_grid
-from celeba_dist.train.build import build_model_for, check_data, eval_loader
+from celeba_dist.train.build import build_model_for, check_data, epoch_loader, eval_batches, train_data
 from celeba_dist.train.checkpoint import BEST, load_checkpoint
 from celeba_dist.train.distributed import build_accelerator, from_main, leave_process_group
 from celeba_dist.train.engine import (NonFiniteLossError, Predictions, TrainState, Trainer, evaluate, prepare_batch,
@@ -121,7 +122,7 @@ def environment(accelerator: Accelerator) -> dict[str, Any]:
 def validate(trainer: Trainer, data: ShardData, split: str, state: TrainState, *,
              thresholds: list[float] | None = None, log_scalars: bool = True) -> tuple[dict, Predictions]:
     cfg, acc = trainer.cfg, trainer.accelerator
-    preds = evaluate(trainer.model, eval_loader(cfg, data, split, acc), accelerator=acc, cfg=cfg,
+    preds = evaluate(trainer.model, eval_batches(cfg, data, split, acc, trainer.eval_caches), accelerator=acc, cfg=cfg,
                      to_prob=LOSSES[cfg.loss.name].to_prob, expected=data.split(split).num_samples, split=split,
                      num_attributes=len(data.attributes))
     metrics = split_metrics(preds, data.attributes, thresholds)
@@ -211,12 +212,8 @@ def _train(cfg: Config, accelerator: Accelerator, data: ShardData, *,
     refuse_fresh_start_over_checkpoints(cfg)
     run_dir = build_run_dir(cfg, accelerator)
     seed_everything(cfg)
+    train_ds = train_data(cfg, data, accelerator)
     model = build_model_for(cfg, len(data.attributes))
-    train_ds = train_stream(
-        data, build_transform(cfg.data.transform, image_size=cfg.data.image_size, train=True),
-        batch_size=cfg.data.batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes,
-        num_workers=cfg.data.num_workers, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-        subset=cfg.data.train_subset, skip_bad=cfg.data.skip_bad_samples)
     steps_per_epoch = train_ds.steps_per_epoch
     optimizer_steps = math.ceil(steps_per_epoch / cfg.train.grad_accum_steps)
     total_steps = optimizer_steps * cfg.train.epochs
@@ -247,6 +244,8 @@ def _train(cfg: Config, accelerator: Accelerator, data: ShardData, *,
             results = {} if status == "stopped" else _final_test(trainer, data, state)
         failed = False
     finally:
+        if isinstance(train_ds, CachedTrain):
+            train_ds.close()
         checksum = trained or param_checksum(accelerator.unwrap_model(model, keep_torch_compile=False))
         _close_run(board, run_dir, accelerator.process_index, state, checksum, failed=failed)
     leave_process_group(accelerator)
@@ -257,7 +256,7 @@ def _fit(trainer: Trainer, data: ShardData, train_ds, state: TrainState) -> str:
     cfg = trainer.cfg
     while state.epoch < cfg.train.epochs and not (cfg.train.max_steps and state.global_step >= cfg.train.max_steps):
         train_ds.epoch, train_ds.skip_batches = state.epoch, state.batch_in_epoch
-        loader = make_loader(train_ds, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
+        loader = epoch_loader(cfg, train_ds)
         started = time.perf_counter()
         status = train_one_epoch(trainer, loader, state)
         if status == "stopped":
@@ -375,7 +374,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         result = main(config_from_args(args))
     except Exception as exc:
         expected = (ConfigError, ManifestError, NonFiniteLossError, FileNotFoundError, DataError, DiskFullError,
-                    runlock.RunLockedError)
+                    runlock.RunLockedError, CacheMemoryError)
         if not isinstance(exc, expected):
             logging.getLogger("celeba_dist").debug("run failed", exc_info=True)  # the rank's log file keeps it
         return report_error("celeba-dist train", exc)

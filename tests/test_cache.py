@@ -1,0 +1,182 @@
+"""data.cache=host|device: the rank's share decoded once, the same batches replayed from memory.
+
+On real shards: the cached loader gives the streaming loader's batches (sample ids, labels, and images
+that differ only by the augmentation's draw), a killed cached run resumes to bit-identical weights,
+two-process DDP caches one share per rank, and a cache that cannot fit stops before anything trains.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from celeba_dist.data.cache import CachedEval, CachedTrain, cache_bytes, fill_store, fit_problem
+from celeba_dist.data.streams import ShardData, deal_shards, make_loader, read_part, train_stream
+from celeba_dist.data.transforms import augment_batch, build_cached_form, build_transform
+from shardkit import synthetic_shards
+from test_resume import assert_same_weights, final_state, kill_mid_epoch, run_to_end, steps_per_epoch, train_cmd
+from test_train import cpu_env
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    # 600 images in 24-sample shards: ~480 training samples, more shards than slots and a short last one
+    return synthetic_shards(tmp_path_factory.mktemp("cache"), num_images=600, samples_per_shard=24)
+
+
+def streamed(data, transform, **kw):
+    stream = train_stream(data, transform, **kw)
+    return stream, lambda: make_loader(stream, num_workers=kw["num_workers"])
+
+
+def cached(data, transform_name, image_size, **kw):
+    stream = train_stream(data, build_transform(transform_name, image_size=image_size, train=True), **kw)
+    form = build_cached_form(transform_name, image_size=image_size, train=True)
+    store = fill_store(stream.rank_parts(), data.decoder(form.base), size=form.size, num_attributes=len(data.attributes),
+                       device=torch.device("cpu"), pin=False, num_workers=kw["num_workers"], where="test")
+    return CachedTrain(stream, store, form, device=torch.device("cpu"))
+
+
+def epoch_batches(source, epoch: int, skip: int = 0) -> list:
+    source.epoch, source.skip_batches = epoch, skip
+    return list(source)
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (2, 2), (3, 1)])
+def test_cached_batches_are_the_streamed_ones(shards, world, workers):
+    """Same seed: every batch holds the same sample ids and labels as cache=none, in every epoch and after a
+    mid-epoch skip; each image is the streamed one or its mirror image (the flip is drawn differently)."""
+    data = ShardData(str(shards), ["Smiling", "Male"])
+    shares = []
+    for rank in range(world):
+        kw = dict(batch_size=8, rank=rank, world_size=world, num_workers=workers, seed=5, shuffle_buffer=50)
+        stream, loader = streamed(data, build_transform("crop178_resize", image_size=(32, 32), train=True), **kw)
+        cache = cached(data, "crop178_resize", (32, 32), **kw)
+        shares.append(set(cache.store.keys))
+        assert len(cache.store.keys) == stream.rank_sizes()[rank]
+        flips = 0
+        for epoch, skip in ((0, 0), (1, 0), (1, 5)):
+            stream.epoch, stream.skip_batches = epoch, skip
+            want = list(loader())
+            got = epoch_batches(cache, epoch, skip)
+            assert len(got) == len(want) == stream.steps_per_epoch - skip
+            for a, b in zip(want, got):
+                assert a.keys == b.keys
+                assert torch.equal(a.labels, b.labels)
+                assert b.images.dtype == torch.uint8 and b.images.shape == a.images.shape
+                for x, y in zip(a.images, b.images):
+                    assert torch.equal(x, y) or torch.equal(x, y.flip(-1))
+                    flips += not torch.equal(x, y)
+        assert flips > 0  # the draws differ from the streamed ones, but there are draws
+        cache.close()
+    # each rank caches only its share: disjoint, and together the whole training split
+    assert sum(len(s) for s in shares) == len(set().union(*shares)) == data.split("train").num_samples
+
+
+def test_augmentation_is_a_pure_function_of_seed_epoch_and_sample(shards):
+    """The same sample gets the same crop and flip in any batch position and epoch replay; another epoch
+    draws again. resize_crop's random crop lies inside the cached 270x220 image."""
+    data = ShardData(str(shards), "all")
+    kw = dict(batch_size=8, rank=0, world_size=1, num_workers=0, seed=0, shuffle_buffer=20)
+    cache = cached(data, "resize_crop", (218, 178), **kw)
+    first, again, later = (epoch_batches(cache, e) for e in (0, 0, 1))
+    assert all(torch.equal(a.images, b.images) for a, b in zip(first, again))
+    by_key = {k: img for batch in first for k, img in zip(batch.keys, batch.images)}
+    by_key_later = {k: img for batch in later for k, img in zip(batch.keys, batch.images)}
+    common = sorted(set(by_key) & set(by_key_later))
+    assert sum(not torch.equal(by_key[k], by_key_later[k]) for k in common) > len(common) // 2
+    store = cache.store
+    for key in common[:20]:
+        base = store.images[store.keys.index(key)]
+        img = by_key[key]
+        windows = base.unfold(1, 218, 1).unfold(2, 178, 1)  # every 218x178 window of the cached image
+        match = [(windows[:, i, j] == im).all() for im in (img, img.flip(-1)) for i in range(windows.shape[1])
+                 for j in range(windows.shape[2])]
+        assert any(match), key
+    # one sample alone in a batch gets the draw it gets among others
+    seeds = torch.tensor([7, 8, 9])
+    images = store.images[:3]
+    assert torch.equal(augment_batch(images, seeds, cache.form)[1], augment_batch(images[1:2], seeds[1:2], cache.form)[0])
+    cache.close()
+
+
+def test_cached_evaluation_matches_the_streamed_images(shards):
+    data = ShardData(str(shards), "all")
+    form = build_cached_form("crop178_resize", image_size=(32, 32), train=False)
+    keys = []
+    for rank in range(2):
+        parts = deal_shards(data.split("val").shards, 2, rank)
+        store = fill_store(parts, data.decoder(form.base), size=form.size, num_attributes=40,
+                           device=torch.device("cpu"), pin=False, num_workers=2, where="val")
+        for batch in CachedEval(store, batch_size=7, device=torch.device("cpu")):
+            for key, img in zip(batch.keys, batch.images):
+                sample = next(s for p in parts for s in read_part(p) if s["__key__"] == key)
+                assert torch.equal(img, form.base(sample["jpg"], None))
+            keys += batch.keys
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == data.split("val").num_samples
+
+
+def test_fit_problem_names_needed_and_free_bytes():
+    form = build_cached_form("imagenet", image_size=(20000, 20000), train=True)
+    needed = cache_bytes(1000, form, 40)
+    problem = fit_problem(needed=needed, local_ranks=2, device=torch.device("cpu"), what="train")
+    assert problem and f"({2 * needed} bytes)" in problem and "MemAvailable" in problem
+    assert "data.image_size" in problem and "more ranks" in problem
+    assert fit_problem(needed=1000, local_ranks=1, device=torch.device("cpu"), what="train") is None
+
+
+def test_a_cache_that_cannot_fit_stops_before_training(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "celeba_dist.train", "--config", "smiling_simple_cnn", "--data", str(shards),
+           "--run-dir", str(run_dir), "--set", "data.cache=device", "data.transform=imagenet",
+           "data.image_size=[20000, 20000]", "log.progress_bar=false"]
+    started = time.monotonic()
+    proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert elapsed < 60
+    message = proc.stderr.strip().splitlines()[-1]
+    needed = re.search(r"needs ([\d.]+) GiB \((\d+) bytes\), more than .* \((\d+) bytes\)", message)
+    assert needed, message
+    assert int(needed.group(2)) > int(needed.group(3)) > 0
+    assert "data.image_size" in message and "data.cache" in message
+    assert not (run_dir / "checkpoints").exists() or not list((run_dir / "checkpoints").iterdir())
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "tensorboard").exists()
+
+
+CACHED = ("data.cache=host", "train.deterministic=true")
+
+
+def test_killed_cached_run_resumes_to_the_same_weights(shards, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_to_end(train_cmd(shards, straight, *CACHED))
+    cmd = train_cmd(shards, killed, *CACHED)
+    step = kill_mid_epoch(cmd, killed, after_step=14)
+    assert step % steps_per_epoch(shards, 1) != 0, "the kill should land mid-epoch"
+    run_to_end(cmd)
+    s1, w1 = final_state(straight)
+    s2, w2 = final_state(killed)
+    assert s1["global_step"] == s2["global_step"] == 3 * steps_per_epoch(shards, 1)
+    assert_same_weights(w1, w2)
+
+
+def test_two_process_device_cache_holds_one_share_per_rank(shards, tmp_path):
+    run_dir = tmp_path / "ddp"
+    cmd = train_cmd(shards, run_dir, "data.cache=device", "train.epochs=1", processes=2)
+    proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    total = json.loads((shards / "manifest.json").read_text())["splits"]["train"]["num_samples"]
+    counts = []
+    for rank in (0, 1):
+        text = (run_dir / "logs" / f"rank{rank}.log").read_text()
+        counts.append(int(re.search(rf"train \(rank {rank}\) cache: (\d+) samples", text).group(1)))
+    assert sum(counts) == total and abs(counts[0] - counts[1]) <= 1
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    manifest = json.loads((shards / "manifest.json").read_text())
+    for split in ("val", "test"):  # evaluation checked every sample once against the manifest
+        assert metrics[split]["mean"]["num_samples"] == manifest["splits"][split]["num_samples"]
