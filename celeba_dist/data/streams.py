@@ -34,7 +34,6 @@ import random
 import signal
 import threading
 import time
-import warnings
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, NamedTuple
@@ -43,7 +42,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from celeba_dist.data.transforms import JpegWarning
+from celeba_dist.data.transforms import collect_jpeg_damage
 from celeba_dist.shards.manifest import ManifestError, load_manifest, shard_problems, split_shards
 from celeba_dist.shards.tario import iter_samples
 
@@ -233,8 +232,7 @@ class Decoder:
     def __call__(self, sample: dict, seed: int = 0) -> tuple[torch.Tensor, list[int], str, str | None] | _Skipped:
         key, shard = sample["__key__"], sample.get("__url__")
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", JpegWarning)
+            with collect_jpeg_damage() as damage:
                 image = self.transform(sample["jpg"], random.Random(seed))
             attrs = json.loads(sample["attr.json"])
             labels = [attrs[i] for i in self.label_index]
@@ -243,9 +241,6 @@ class Decoder:
                 return _Skipped(key, f"{shard}: {type(exc).__name__}: {exc}")
             raise DataError(f"cannot decode sample {key} of shard {shard}: {exc}; set data.skip_bad_samples=true "
                             f"to skip such samples, `celeba-dist verify` checks every shard") from exc
-        damage = [str(w.message) for w in caught if issubclass(w.category, JpegWarning)]
-        for other in (w for w in caught if not issubclass(w.category, JpegWarning)):
-            warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
         return image, labels, key, f"{shard}: {damage[0]}" if damage else None
 
 

@@ -14,11 +14,13 @@ lazy seeding calls for every accelerator backend, which costs more than decoding
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import random
+import threading
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import simplejpeg
@@ -40,13 +42,30 @@ class JpegWarning(UserWarning):
     part of the image may be grey or garbage. Issued by :func:`decode_rgb`; the loader counts them."""
 
 
+_DAMAGE = threading.local()
+
+
+@contextlib.contextmanager
+def collect_jpeg_damage() -> Iterator[list[str]]:
+    """Within the block, :func:`decode_rgb` on this thread appends its libjpeg warnings to the list it
+    yields instead of issuing :class:`JpegWarning` (the loader takes them per sample: a list append costs
+    nothing next to a ``warnings.catch_warnings`` per sample)."""
+    previous = getattr(_DAMAGE, "notes", None)
+    _DAMAGE.notes = notes = []
+    try:
+        yield notes
+    finally:
+        _DAMAGE.notes = previous
+
+
 def decode_rgb(data: bytes, *, min_size: tuple[int, int] = (0, 0)) -> Image.Image:
     """Image bytes → RGB PIL image, no smaller than ``min_size`` (W, H) where the source allows.
 
     JPEGs go through libjpeg-turbo (simplejpeg), which decodes straight to the smallest DCT
     scale n/8 that still covers ``min_size`` (3/8 of 178×218 for a 64×64 model); other formats
     and colour spaces libjpeg-turbo cannot convert (CMYK) fall back to PIL. A JPEG that decodes
-    only with libjpeg's warnings (damaged data it can work around) issues a :class:`JpegWarning`.
+    only with libjpeg's warnings (damaged data it can work around) issues a :class:`JpegWarning`
+    (or, inside :func:`collect_jpeg_damage`, notes it there).
     Damage libjpeg cannot notice (changed bits in the compressed data) decodes without one: only
     the shard's sha256 (``celeba-dist verify``, ``data.check_shards=sha256``) catches that.
     """
@@ -60,7 +79,11 @@ def decode_rgb(data: bytes, *, min_size: tuple[int, int] = (0, 0)) -> Image.Imag
             except ValueError:
                 array = None  # not decodable by libjpeg-turbo at all: PIL has the last word
             if array is not None:
-                warnings.warn(JpegWarning(str(strict_error)), stacklevel=2)
+                notes = getattr(_DAMAGE, "notes", None)
+                if notes is None:
+                    warnings.warn(JpegWarning(str(strict_error)), stacklevel=2)
+                else:
+                    notes.append(str(strict_error))
                 return Image.fromarray(array)
     img = Image.open(io.BytesIO(data))
     if img.format == "JPEG" and min_size != (0, 0):

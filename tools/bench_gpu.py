@@ -1,0 +1,193 @@
+"""Does the data wait? Real training runs of the four models under data.cache none | host | device.
+
+Each run is ``celeba_dist.train.main`` on synthetic shards (bf16, channels_last by default), stopped by
+``train.max_steps``; the figures come from its own TensorBoard scalars and log:
+
+  img/s          train/images_per_s, mean over the log windows after the first (warm-up)
+  data wait      train/data_wait_fraction, the same windows
+  fill s         seconds the rank took to decode its share into the cache (the log's "cache:" line)
+  peak GPU GiB   train/gpu_mem_gb, the run's maximum
+  epoch 2 s      with --epochs N >= 2: the second epoch's training seconds (metrics.json's history), and
+                 cache=none's over it (the speed-up once the cache is full)
+
+``--headline`` then trains the smiling recipe for 30 epochs over ``--headline-images`` synthetic images
+(162,770: full CelebA's training split) with ``data.cache=device`` and batch 512 (learning rate scaled
+from the recipe's batch 32), and reports the time to fill the cache apart from the training time, and
+the test accuracy. Targets: data wait < 0.02 for every model with cache=device; simple_cnn with
+cache=device >= 5x the img/s of the CPU loader; the headline under 2 minutes of training on one H200.
+
+    python tools/bench_gpu.py [--work-dir /tmp/bench-gpu] [--num-images 20000] [--steps 150] [--headline]
+
+One machine, one run: the ratios are only meaningful within it. On a CPU machine it runs too (the
+"device" is then the CPU), which is how it is tested; use --precision no there.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# (name, recipe, batch size, overrides): the recipes' models and transforms; no ImageNet download
+MODELS = {
+    "simple_cnn": ("smiling_simple_cnn", 512, ["data.attributes=drawn"]),
+    "celeb_cnn": ("attrs40_celeb_cnn", 256, []),
+    "resnext50_32x4d": ("attrs40_resnext50", 128, ["model.pretrained=none"]),
+    "resnet18_lstm_attn": ("male_resnet18_lstm_attn", 128, ["model.pretrained=none"]),
+}
+
+
+def make_shards(work: Path, num_images: int, workers: int) -> Path:
+    shards = work / f"shards-{num_images}"
+    if not (shards / "manifest.json").is_file():
+        source = work / f"celeba-{num_images}"
+        run = [sys.executable, "-m", "celeba_dist"]
+        subprocess.run([*run, "synth", str(source), "--num-images", str(num_images), "--workers", str(workers)],
+                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([*run, "pack", str(source), str(shards), "--workers", str(workers)], check=True,
+                       stdout=subprocess.DEVNULL)
+    return shards
+
+
+def train(shards: Path, run_dir: Path, recipe: str, overrides: list[str]) -> tuple[dict, float]:
+    """Run ``main`` once; returns (its result, wall seconds)."""
+    from celeba_dist.config import load_config
+    from celeba_dist.train.main import main
+
+    cfg = load_config(recipe, overrides, data_dir=str(shards), run_dir=str(run_dir))
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    result = main(cfg)
+    seconds = time.perf_counter() - started
+    gc.collect()  # the cache goes with the run
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result, seconds
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def fill_seconds(run_dir: Path) -> float | None:
+    found = re.search(r"train \(rank 0\) cache: .* in ([\d.]+)s", (run_dir / "logs" / "rank0.log").read_text())
+    return float(found.group(1)) if found else None
+
+
+def measure(shards: Path, work: Path, model: str, cache: str, args) -> dict:
+    recipe, batch, extra = MODELS[model]
+    batch = args.batch_size or batch
+    run_dir = work / "runs" / f"{model}-{cache}-{time.time_ns()}"
+    overrides = [*extra, f"data.cache={cache}", f"data.batch_size={batch}", f"data.num_workers={args.workers}",
+                 f"train.precision={args.precision}", f"train.channels_last={str(args.channels_last).lower()}",
+                 *([f"train.epochs={args.epochs}"] if args.epochs else [f"train.max_steps={args.steps}", "train.epochs=1000"]),
+                 f"train.log_every_steps={args.log_every}",
+                 "train.checkpoint_every_steps=0", "train.eval_splits=[]", "log.image_grid_size=0",
+                 "log.progress_bar=false"]
+    _, seconds = train(shards, run_dir, recipe, overrides)
+    values = scalars(run_dir)
+    history = json.loads((run_dir / "metrics.json").read_text())["history"]
+    rates, waits = values["train/images_per_s"][1:], values["train/data_wait_fraction"][1:]
+    return {"model": model, "cache": cache, "batch": batch, "img_s": statistics.mean(rates) if rates else None,
+            "data_wait": statistics.mean(waits) if waits else None, "fill_s": fill_seconds(run_dir),
+            "peak_gib": max(values.get("train/gpu_mem_gb", [0.0]) or [0.0]), "seconds": round(seconds, 1),
+            "epoch_s": [e["seconds"] for e in history]}
+
+
+def headline(work: Path, args) -> dict:
+    shards = make_shards(work, args.headline_images, args.workers)
+    run_dir = work / "runs" / f"headline-{time.time_ns()}"
+    overrides = ["data.attributes=drawn", "data.cache=device", "data.batch_size=512", "optim.lr=0.008",
+                 "sched.name=cosine", "model.dropout=0.0", f"data.num_workers={args.workers}",
+                 f"train.precision={args.precision}", f"train.channels_last={str(args.channels_last).lower()}",
+                 "train.epochs=30", "train.checkpoint_every_steps=0", "log.image_grid_size=0",
+                 "log.progress_bar=false", "train.log_every_steps=50"]
+    result, seconds = train(shards, run_dir, "smiling_simple_cnn", overrides)
+    epochs = json.loads((run_dir / "metrics.json").read_text())["history"]
+    fill = fill_seconds(run_dir) or 0.0
+    return {"images": args.headline_images, "total_s": round(seconds, 1), "fill_s": fill,
+            "train_s": round(sum(e["seconds"] for e in epochs), 1),
+            "test_smiling_accuracy": result["metrics"]["test"]["attributes"]["Smiling"]["accuracy"],
+            "test_mean_accuracy": result["metrics"]["test"]["mean"]["accuracy"]}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{gpu}; {cpu}, {os.cpu_count()} cores; torch {torch.__version__}"
+
+
+def table(rows: list[dict]) -> str:
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    lines = ["| model | batch | cache | img/s | data wait | fill s | peak GPU GiB | img/s vs none | epoch 2 s, vs none |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    base = {r["model"]: r for r in rows if r["cache"] == "none"}
+    for r in rows:
+        none = base.get(r["model"])
+        ratio = r["img_s"] / none["img_s"] if none and r["img_s"] and none["img_s"] else None
+        second = r["epoch_s"][1] if len(r["epoch_s"]) > 1 else None
+        speedup = none["epoch_s"][1] / second if none and second and len(none["epoch_s"]) > 1 else None
+        lines.append(f"| {r['model']} | {r['batch']} | {r['cache']} | {fmt(r['img_s'], '.0f')} | "
+                     f"{fmt(r['data_wait'], '.3f')} | {fmt(r['fill_s'], '.1f')} | {fmt(r['peak_gib'] or None, '.2f')} | "
+                     f"{fmt(ratio, '.2f')} | {fmt(second, '.1f')}{', ' + format(speedup, '.2f') + 'x' if speedup else ''} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/bench-gpu"))
+    parser.add_argument("--num-images", type=int, default=20000)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--epochs", type=int, default=0, help="whole epochs instead of --steps (epoch 2's time)")
+    parser.add_argument("--batch-size", type=int, default=0, help="per model (default: its entry in MODELS)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--caches", nargs="+", default=["none", "host", "device"], choices=["none", "host", "device"])
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="loader workers (default: all cores)")
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"])
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    parser.add_argument("--headline", action="store_true", help="also the 30-epoch smiling run (see above)")
+    parser.add_argument("--headline-images", type=int, default=162_770)
+    parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    shards = make_shards(args.work_dir, args.num_images, args.workers)
+    print(f"machine: {machine()}; {args.precision}, channels_last={args.channels_last}, {args.steps} steps, "
+          f"{args.workers} loader workers, {args.num_images} synthetic images", flush=True)
+    rows = []
+    for model in args.models:
+        for cache in args.caches:
+            rows.append(measure(shards, args.work_dir, model, cache, args))
+            print(json.dumps(rows[-1]), flush=True)
+    print(table(rows), flush=True)
+    report = {"machine": machine(), "rows": rows}
+    if args.headline:
+        report["headline"] = headline(args.work_dir, args)
+        print("headline:", json.dumps(report["headline"]), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
