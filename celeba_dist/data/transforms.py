@@ -14,13 +14,12 @@ lazy seeding calls for every accelerator backend, which costs more than decoding
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import random
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import simplejpeg
@@ -45,17 +44,17 @@ class JpegWarning(UserWarning):
 _DAMAGE = threading.local()
 
 
-@contextlib.contextmanager
-def collect_jpeg_damage() -> Iterator[list[str]]:
-    """Within the block, :func:`decode_rgb` on this thread appends its libjpeg warnings to the list it
-    yields instead of issuing :class:`JpegWarning` (the loader takes them per sample: a list append costs
-    nothing next to a ``warnings.catch_warnings`` per sample)."""
+def collect_jpeg_damage() -> tuple[list[str], list[str] | None]:
+    """From now on, :func:`decode_rgb` on this thread appends its libjpeg warnings to the returned list
+    instead of issuing :class:`JpegWarning`, until :func:`stop_collecting_jpeg_damage` is given the
+    second value back (a list append per sample costs nothing next to a ``warnings.catch_warnings``)."""
     previous = getattr(_DAMAGE, "notes", None)
     _DAMAGE.notes = notes = []
-    try:
-        yield notes
-    finally:
-        _DAMAGE.notes = previous
+    return notes, previous
+
+
+def stop_collecting_jpeg_damage(previous: list[str] | None) -> None:
+    _DAMAGE.notes = previous
 
 
 def decode_rgb(data: bytes, *, min_size: tuple[int, int] = (0, 0)) -> Image.Image:
@@ -65,7 +64,7 @@ def decode_rgb(data: bytes, *, min_size: tuple[int, int] = (0, 0)) -> Image.Imag
     scale n/8 that still covers ``min_size`` (3/8 of 178×218 for a 64×64 model); other formats
     and colour spaces libjpeg-turbo cannot convert (CMYK) fall back to PIL. A JPEG that decodes
     only with libjpeg's warnings (damaged data it can work around) issues a :class:`JpegWarning`
-    (or, inside :func:`collect_jpeg_damage`, notes it there).
+    (or, while :func:`collect_jpeg_damage` collects, notes it there).
     Damage libjpeg cannot notice (changed bits in the compressed data) decodes without one: only
     the shard's sha256 (``celeba-dist verify``, ``data.check_shards=sha256``) catches that.
     """

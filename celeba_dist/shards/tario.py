@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import struct
 from typing import Iterator
 
 from celeba_dist.shards.layout import split_key
@@ -27,6 +28,11 @@ class TarFormatError(ValueError):
 
 
 def _octal(field: bytes, path: str, pos: int) -> int:
+    if field[11] == 0:  # the common "%011o\0"; anything else takes the general path
+        try:
+            return int(field[:11], 8)
+        except ValueError:
+            pass
     text = field.split(b"\0", 1)[0].strip()
     if not text:
         return 0
@@ -61,14 +67,19 @@ def _mapped(path: str) -> Iterator[mmap.mmap | None]:
             yield buf
 
 
+# name, size, type flag, ustar magic, prefix: the fields of a 512-byte header this reader needs
+_HEADER = struct.Struct("100s24x12s20xc100x5s83x155s")
+
+
 def _walk(buf: mmap.mmap, path: str) -> Iterator[tuple[str, int, int]]:
-    """(name, data offset, size) of every regular file; headers are read field by field, data never."""
+    """(name, data offset, size) of every regular file; each header is unpacked in one call, data never read."""
     pos, end, long_name = 0, len(buf), None
+    unpack = _HEADER.unpack_from
     while pos + BLOCK <= end:
-        if buf[pos] == 0 and buf[pos: pos + BLOCK].count(0) == BLOCK:  # end-of-archive marker
+        raw_name, size_field, kind, magic, prefix = unpack(buf, pos)
+        if not raw_name[0] and buf[pos: pos + BLOCK].count(0) == BLOCK:  # end-of-archive marker
             return
-        size = _octal(buf[pos + 124: pos + 136], path, pos)
-        kind = buf[pos + 156: pos + 157]
+        size = _octal(size_field, path, pos)
         header, data_start = pos, pos + BLOCK
         pos = data_start + (size + BLOCK - 1) // BLOCK * BLOCK
         if pos > end:
@@ -79,18 +90,16 @@ def _walk(buf: mmap.mmap, path: str) -> Iterator[tuple[str, int, int]]:
         if kind in PAX_HEADERS:
             long_name = _pax_path(buf[data_start: data_start + size]) or long_name
             continue
-        name = long_name or _header_name(buf, header)
+        name = long_name or _header_name(raw_name, magic, prefix)
         long_name = None
         if kind in REGULAR:
             yield name, data_start, size
 
 
-def _header_name(buf: mmap.mmap, header: int) -> str:
-    name = buf[header: header + 100].split(b"\0", 1)[0].decode("utf-8")
-    if buf[header + 257: header + 262] == b"ustar":
-        prefix = buf[header + 345: header + 500].split(b"\0", 1)[0].decode("utf-8")
-        if prefix:
-            name = f"{prefix}/{name}"
+def _header_name(raw_name: bytes, magic: bytes, prefix: bytes) -> str:
+    name = raw_name.split(b"\0", 1)[0].decode("utf-8")
+    if magic == b"ustar" and prefix[0]:
+        name = prefix.split(b"\0", 1)[0].decode("utf-8") + "/" + name
     return name
 
 
