@@ -238,3 +238,68 @@ def test_sigterm_checkpoints_at_the_next_step_and_exits_75(shards, tmp_path):
     assert spe < state["global_step"] < 3 * spe  # saved mid-run, past the epoch-0 checkpoint
     run_to_end(cmd)
     assert final_state(run_dir)[0]["global_step"] == 3 * spe
+
+
+class _RunsCode:
+    """What a tampered checkpoint would hold: unpickling it runs a shell command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_tampered_checkpoint_is_refused_everywhere_and_never_runs(shards, tmp_path):
+    """A checkpoint whose pickle would run code: resume, eval and predict refuse it by name, exit 1 at
+    once, write nothing, and the code does not run; the run's good checkpoints are untouched."""
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(shards, run_dir, "train.epochs=1")
+    run_to_end(cmd)
+    ckpts = list_checkpoints(run_dir / "checkpoints")
+    marker = tmp_path / "code-ran"
+    good = torch.load(ckpts[0], map_location="cpu", weights_only=True)
+    tampered = run_dir / "checkpoints" / f"step-{int(ckpts[0].stem.split('-')[1]) + 1:09d}.pt"
+    torch.save({**good, "state": _RunsCode(marker)}, tampered)
+    (run_dir / "metrics.json").unlink()
+    before = sorted(p.name for p in run_dir.rglob("*"))
+    commands = {
+        "resume": cmd,
+        "eval": [sys.executable, "-m", "celeba_dist", "eval", "--checkpoint", str(tampered), "--out",
+                 str(tmp_path / "eval.json")],
+        "predict": [sys.executable, "-m", "celeba_dist", "predict", "--checkpoint", str(tampered), "--input",
+                    str(shards), "--split", "test", "--out", str(tmp_path / "pred.csv")],
+    }
+    for name, command in commands.items():
+        started = time.monotonic()
+        proc = subprocess.run(command, env=cpu_env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1, (name, proc.stderr[-2000:])
+        assert time.monotonic() - started < 60
+        last = proc.stderr.strip().splitlines()[-1]
+        assert f"checkpoint {tampered} refused" in last and "posix.system" in last, (name, last)
+        assert "Traceback" not in proc.stderr, name
+        assert not marker.exists(), f"{name} ran the checkpoint's code"
+    assert not (tmp_path / "eval.json").exists() and not (tmp_path / "pred.csv").exists()
+    assert sorted(p.name for p in run_dir.rglob("*")) == before  # nothing written, nothing pruned
+    # the user deletes the file, and the same command resumes from the good checkpoint and finishes
+    tampered.unlink()
+    run_to_end(cmd)
+    assert (run_dir / "metrics.json").is_file() and not marker.exists()
+
+
+def test_checkpoints_of_earlier_versions_with_numpy_rng_states_still_load(tmp_path):
+    """Earlier checkpoints stored numpy's RNG state as a numpy array: data, not code, so it is allowed."""
+    import numpy as np
+
+    from celeba_dist.train.checkpoint import load_checkpoint, set_rng_state
+
+    np.random.seed(3)
+    legacy = {"model": {"w": torch.ones(2)}, "state": {"epoch": 1}, "config": {},
+              "rng": [{"python": __import__("random").getstate(), "numpy": np.random.get_state(),
+                       "torch": torch.get_rng_state()}]}
+    path = tmp_path / "step-000000001.pt"
+    torch.save(legacy, path)
+    expected = np.random.rand()
+    ckpt = load_checkpoint(path)
+    set_rng_state(ckpt["rng"][0])
+    assert np.random.rand() == expected

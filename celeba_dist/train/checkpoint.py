@@ -6,10 +6,17 @@ validation result so far and the resolved config. Rank 0 writes it to a temporar
 it to disk and renames it: a kill at any moment leaves either the old set of checkpoints or the
 new one, never half a file under a checkpoint's name. ``best.pt`` is a hard link to the best
 step's file (or a copy where links are not supported).
+
+Checkpoints hold only tensors and plain containers (the numpy RNG state is stored as a tensor), and
+they are read with ``torch.load(weights_only=True)``: a file that would need anything else, such as a
+pickle crafted to run code, is refused with :class:`UnsafeCheckpointError` and never executed.
+Checkpoints of earlier versions, whose numpy RNG state was a numpy array, still load: numpy's array
+reconstruction (data, not code) is the one thing allowed beyond torch's defaults.
 """
 from __future__ import annotations
 
 import logging
+import pickle
 import random
 import re
 import zipfile
@@ -39,8 +46,23 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint that holds more than tensors and plain containers: refused, never executed."""
+
+
+# numpy's array reconstruction: what checkpoints of earlier versions need for their numpy RNG state
+_LEGACY_NUMPY = [np.ndarray, np.dtype, np.dtype(np.uint32).__class__]
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct
+_LEGACY_NUMPY.append(_reconstruct)
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -48,7 +70,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -79,22 +103,34 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint file on the CPU; raises with the file name when it is unreadable."""
+    """Load a checkpoint file on the CPU with ``weights_only=True``; raises :class:`UnsafeCheckpointError`
+    for a file that needs more, and ``RuntimeError`` naming the file when it is unreadable."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_LEGACY_NUMPY):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        wanted = re.search(r"GLOBAL (\S+)", str(exc))
+        raise UnsafeCheckpointError(
+            f"checkpoint {path} refused: it holds more than tensors and plain containers"
+            f"{f' (it asks for {wanted.group(1)})' if wanted else ''}, and unpickling it could run code from the "
+            "file; celeba-dist never writes such files, so it was not loaded. Use a checkpoint written by "
+            "celeba-dist, or delete this one") from None
     except Exception as exc:
         raise RuntimeError(f"checkpoint {path} is unreadable (truncated or corrupt?): {exc}") from exc
-    missing = {"model", "state", "config"} - set(ckpt)
+    missing = {"model", "state", "config"} - set(ckpt) if isinstance(ckpt, dict) else {"model", "state", "config"}
     if missing:
         raise RuntimeError(f"checkpoint {path} lacks {sorted(missing)}")
     return ckpt
 
 
 def load_newest_valid(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest step checkpoint that loads; broken ones are reported and skipped."""
+    """The newest step checkpoint that loads; broken ones are reported and skipped, an unsafe one
+    (:class:`UnsafeCheckpointError`) ends the search: someone put it there."""
     for path in list_checkpoints(ckpt_dir):
         try:
             return path, load_checkpoint(path)
+        except UnsafeCheckpointError:
+            raise
         except RuntimeError as exc:
             log.error("%s; falling back to the previous checkpoint", exc)
     return None

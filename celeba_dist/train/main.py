@@ -36,7 +36,7 @@ from celeba_dist.shards.manifest import ManifestError
 from celeba_dist.train import runlock
 from celeba_dist.train.board import Board, accuracy_bars, attention_overlay, prediction_grid
 from celeba_dist.train.build import build_model_for, check_data, epoch_loader, eval_batches, train_data
-from celeba_dist.train.checkpoint import BEST, load_checkpoint
+from celeba_dist.train.checkpoint import BEST, UnsafeCheckpointError, load_checkpoint
 from celeba_dist.train.distributed import build_accelerator, from_main, leave_process_group
 from celeba_dist.train.engine import (NonFiniteLossError, Predictions, TrainState, Trainer, evaluate, prepare_batch,
                                       split_metrics, supports_attention, train_one_epoch)
@@ -374,7 +374,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         result = main(config_from_args(args))
     except Exception as exc:
         expected = (ConfigError, ManifestError, NonFiniteLossError, FileNotFoundError, DataError, DiskFullError,
-                    runlock.RunLockedError, CacheMemoryError)
+                    runlock.RunLockedError, CacheMemoryError, UnsafeCheckpointError)
         if not isinstance(exc, expected):
             logging.getLogger("celeba_dist").debug("run failed", exc_info=True)  # the rank's log file keeps it
         return report_error("celeba-dist train", exc)
