@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     shards = make_shards(args.work_dir, args.num_images, args.workers)
-    print(f"machine: {machine()}; {args.precision}, channels_last={args.channels_last}, {args.steps} steps, "
+    length = f"{args.epochs} epochs" if args.epochs else f"{args.steps} steps"
+    print(f"machine: {machine()}; {args.precision}, channels_last={args.channels_last}, {length}, "
           f"{args.workers} loader workers, {args.num_images} synthetic images", flush=True)
     rows = []
     for model in args.models:
