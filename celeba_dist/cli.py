@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("celeba_dist.train.main:cli_main", "train a recipe on packed shards"),
     "eval": ("celeba_dist.evaluate:main", "evaluate a run or checkpoint on a split"),
     "predict": ("celeba_dist.predict:main", "write per-image predictions to CSV"),
+    "export": ("celeba_dist.export.cli:main", "export a run as safetensors + config.json + model card"),
     "demo": ("celeba_dist.demo:main", "synthetic data -> shards -> train -> eval, end to end"),
     "models": ("celeba_dist.models.cli:list_main", "list model names with parameter counts"),
     "recipes": ("celeba_dist.config:recipes_main", "list the shipped recipes"),

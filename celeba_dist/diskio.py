@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -143,3 +144,24 @@ def link_or_copy(source: str | os.PathLike[str], path: str | os.PathLike[str]) -
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary sibling folder to fill; on a clean exit it becomes ``path`` (which must not exist, or
+    be empty), on an error it is removed: a reader never sees half a folder."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not an empty folder: choose a new one, or remove it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        with translate_disk_full(tmp):
+            yield tmp
+            if path.exists():
+                path.rmdir()
+            os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

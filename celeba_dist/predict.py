@@ -14,16 +14,14 @@ from typing import Iterator
 import torch
 
 from celeba_dist.cli_args import report_error
-from celeba_dist.config import Config, ConfigError, add_set_argument, config_from_tree
+from celeba_dist.config import Config, ConfigError, add_set_argument
 from celeba_dist.data.folder import ImageFolderStream, image_files
 from celeba_dist.data.streams import IssueTally, ShardData, eval_stream, make_loader, owned_workers
 from celeba_dist.data.transforms import build_transform
 from celeba_dist.diskio import atomic_write
 from celeba_dist.shards.manifest import MANIFEST_NAME, ManifestError
-from celeba_dist.train.build import build_model_for
-from celeba_dist.train.checkpoint import load_checkpoint
+from celeba_dist.export.loading import build_classifier, read_trained
 from celeba_dist.train.engine import prepare_batch
-from celeba_dist.train.losses import LOSSES
 
 def batches(cfg: Config, source: Path, attributes: list[str], split: str | None, batch_size: int) -> Iterator:
     transform = build_transform(cfg.data.transform, image_size=cfg.data.image_size, train=False)
@@ -40,17 +38,14 @@ def batches(cfg: Config, source: Path, attributes: list[str], split: str | None,
 
 
 @torch.no_grad()
-def predict(checkpoint: Path, source: Path, out: Path, *, split: str | None = None, batch_size: int = 0,
+def predict(model_source: Path, source: Path, out: Path, *, split: str | None = None, batch_size: int = 0,
             overrides: list[str] = ()) -> int:
-    """Write predictions for every image of ``source`` to ``out``; returns the row count."""
-    ckpt = load_checkpoint(checkpoint)
-    cfg = config_from_tree(ckpt["config"], ["model.pretrained=none", *overrides])
-    attributes = ckpt["attributes"]
-    thresholds = torch.tensor(ckpt.get("thresholds") or [0.5] * len(attributes))
+    """Write predictions for every image of ``source`` to ``out``; returns the row count. ``model_source``
+    is a checkpoint, a run folder or an export folder (:func:`celeba_dist.load`'s sources)."""
+    trained = read_trained(model_source, overrides)
+    cfg, attributes = trained.cfg, trained.attributes
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model_for(cfg, len(attributes)).to(device).eval()
-    model.load_state_dict(ckpt["model"])
-    to_prob = LOSSES[cfg.loss.name].to_prob
+    model = build_classifier(trained).to(device)
     rows, tally = 0, IssueTally(f"predict {source}")
     with owned_workers(), atomic_write(out, newline="") as fh:
         writer = csv.writer(fh)
@@ -61,9 +56,9 @@ def predict(checkpoint: Path, source: Path, out: Path, *, split: str | None = No
                 continue
             x, _ = prepare_batch(images, labels, device=device, normalize=cfg.data.normalize,
                                  channels_last=cfg.train.channels_last)
-            probs = to_prob(model(x).float()).cpu()
-            decisions = (probs >= thresholds).int()
-            for key, d, p in zip(keys, decisions.tolist(), probs.tolist()):
+            probs = model(x)
+            decisions = model.decide(probs).cpu()
+            for key, d, p in zip(keys, decisions.tolist(), probs.cpu().tolist()):
                 writer.writerow([key, *d, *[f"{v:.6f}" for v in p]])
             rows += len(keys)
     tally.log_summary()
@@ -72,7 +67,9 @@ def predict(checkpoint: Path, source: Path, out: Path, *, split: str | None = No
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="celeba-dist predict", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="a checkpoint file, or a run folder (its best.pt)")
+    which.add_argument("--model", help="an export folder (celeba-dist export), a run folder or a checkpoint")
     parser.add_argument("--input", required=True, help="a folder of images, or a packed shards folder")
     parser.add_argument("--out", required=True, help="the CSV to write")
     parser.add_argument("--split", choices=["train", "val", "test"], help="shards input: only this split")
@@ -80,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     add_set_argument(parser, "e.g. data.num_workers=4")
     args = parser.parse_args(argv)
     try:
-        rows = predict(Path(args.checkpoint), Path(args.input), Path(args.out), split=args.split,
+        rows = predict(Path(args.checkpoint or args.model), Path(args.input), Path(args.out), split=args.split,
                        batch_size=args.batch_size, overrides=args.set)
-    except (ConfigError, ManifestError, FileNotFoundError, RuntimeError) as exc:
+    except (ConfigError, ManifestError, FileNotFoundError, RuntimeError, ValueError) as exc:
         return report_error("celeba-dist predict", exc)
     print(f"wrote {rows} predictions to {args.out}")
     return 0

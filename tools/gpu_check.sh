@@ -3,7 +3,8 @@
 # without CUDA (the fp16 grad scaler's checkpoint round trip), training-step throughput of every
 # model, and the loader with many workers. Run from the repository root on a CUDA machine with the
 # package importable (pip install -e '.[test]', or PYTHONPATH=.); results land in $OUT (default
-# /tmp/celeba-gpu-check). Parts: train | tests | bench | loader (default: all).
+# /tmp/celeba-gpu-check). Parts: train | tests | bench | loader | cache (default: all but cache, whose
+# tools/bench_gpu.py is the one-command decoded-cache benchmark of its own, about 8 minutes).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/celeba-gpu-check}
@@ -43,6 +44,9 @@ for part in $PARTS; do
       $PY tools/bench_train.py --models simple_cnn celeb_cnn resnext50_32x4d resnet18_lstm_attn \
         --precision $p --batch-size 128 --steps 40 --repeats 2 2>&1 | grep -v Warning | tee -a "$OUT/bench_train.txt"
     done ;;
+  cache)
+    $PY tools/bench_gpu.py --work-dir "$WORK/cache" --out "$OUT/bench_gpu.json" 2>"$OUT/bench_gpu.log" \
+      | grep -v INFO | tee "$OUT/bench_gpu.txt" ;;
   loader)
     $PY tools/bench_loader.py --num-images 6000 --workers 8 --repeats 2 --work-dir "$WORK/loader" 2>&1 \
       | grep -v "INFO\|Warning" | tee "$OUT/bench_loader.txt" ;;

@@ -82,14 +82,23 @@ def lock_run_dir(cfg: Config, accelerator: Accelerator) -> runlock.RunLock | Non
     return lock
 
 
-def build_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
+def build_run_dir(cfg: Config, accelerator: Accelerator, data: ShardData) -> Path:
     run_dir = cfg.run_dir
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         write_json(run_dir / "env.json", environment(accelerator))
+        write_json(run_dir / "data.json", data_summary(data))
     accelerator.wait_for_everyone()
     return run_dir
+
+
+def data_summary(data: ShardData) -> dict[str, Any]:
+    """What the run trained on, for the model card of an export (which never needs the shards)."""
+    manifest = Path(data.root) / "manifest.json"
+    return {"root": str(data.root), "source": data.manifest.get("source"), "attributes": data.attributes,
+            "splits": {name: split["num_samples"] for name, split in data.manifest["splits"].items()},
+            "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest()}
 
 
 def environment(accelerator: Accelerator) -> dict[str, Any]:
@@ -210,7 +219,7 @@ def _train(cfg: Config, accelerator: Accelerator, data: ShardData, *,
            lost_lock: threading.Event | None = None) -> dict[str, Any]:
     """The run itself, with the run folder locked and the shards checked."""
     refuse_fresh_start_over_checkpoints(cfg)
-    run_dir = build_run_dir(cfg, accelerator)
+    run_dir = build_run_dir(cfg, accelerator, data)
     seed_everything(cfg)
     train_ds = train_data(cfg, data, accelerator)
     model = build_model_for(cfg, len(data.attributes))
