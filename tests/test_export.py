@@ -127,3 +127,33 @@ def test_export_refuses_a_tampered_checkpoint_and_an_occupied_folder(run, tmp_pa
     proc = cli("export", str(run), str(occupied))
     assert proc.returncode == 1 and "not an empty folder" in proc.stderr
     assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
+
+
+def test_onnx_export_matches_pytorch_and_a_mismatch_keeps_nothing(run, pristine, tmp_path, monkeypatch):
+    out = tmp_path / "onnx"
+    proc = cli("export", str(run), str(out), "--onnx")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reported = float(proc.stdout.split("max abs difference of probabilities ")[1].split()[0])
+    assert reported < 1e-4
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["onnx"]["max_abs_diff_vs_pytorch"] == pytest.approx(reported, rel=0.01, abs=1e-12)
+    # our own check, on real images and another batch size than the export's
+    import onnxruntime
+
+    model, preprocess = celeba_dist.load(out)
+    data = ShardData(str(pristine))
+    path, n = data.split("val").shards[0]
+    images = preprocess([bytes(s["jpg"]) for s in read_part(_part(path, n))])
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"images": images.numpy()})[0]
+    with torch.no_grad():
+        assert float((torch.from_numpy(got) - model(images)).abs().max()) < 1e-4
+    assert got.shape == (n, 3)
+    # a mismatch fails loudly and leaves no folder
+    from celeba_dist.export import cli as export_cli
+    from celeba_dist.export import onnx as export_onnx
+
+    monkeypatch.setattr(export_onnx, "TOLERANCE", 0.0)
+    with pytest.raises(export_onnx.OnnxMismatchError, match="differ from PyTorch's"):
+        export_cli.export(run, tmp_path / "bad", onnx=True)
+    assert not (tmp_path / "bad").exists()

@@ -47,8 +47,9 @@ def _read_json(folder: Path | None, name: str) -> dict | None:
     return json.loads(path.read_text()) if path and path.is_file() else None
 
 
-def export(source: Path, out: Path) -> Path:
-    """Write the export folder ``out`` from a run folder or checkpoint; returns ``out``."""
+def export(source: Path, out: Path, *, onnx: bool = False, opset: int = 18) -> Path:
+    """Write the export folder ``out`` from a run folder or checkpoint; returns ``out``. With ``onnx``,
+    also ``model.onnx``, checked against PyTorch by onnxruntime (the export fails if it differs)."""
     from safetensors.torch import save_file
 
     from celeba_dist.train.board import accuracy_bars
@@ -64,6 +65,9 @@ def export(source: Path, out: Path) -> Path:
         (tmp / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         if chart:
             Image.fromarray(accuracy_bars(chart)).save(tmp / "accuracy.png")
+        if onnx:
+            meta["onnx"] = _onnx(trained, tmp / "model.onnx", opset)
+            (tmp / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         card = model_card(meta=meta, metrics=metrics, data=_read_json(run, "data.json"),
                           env=_read_json(run, "env.json"), has_chart=bool(chart))
         (tmp / "README.md").write_text(card)
@@ -71,14 +75,30 @@ def export(source: Path, out: Path) -> Path:
     return out
 
 
+def _onnx(trained: Trained, path: Path, opset: int) -> dict:
+    from celeba_dist.export.loading import build_classifier
+    from celeba_dist.export.onnx import TOLERANCE, export_onnx
+
+    diff = export_onnx(build_classifier(trained), path, size=tuple(trained.cfg.data.image_size),
+                       normalize=trained.cfg.data.normalize, opset=opset)
+    log.info("model.onnx checked with onnxruntime (CPU): max abs difference of probabilities %.2e (< %.0e)",
+             diff, TOLERANCE)
+    print(f"model.onnx: onnxruntime matches PyTorch, max abs difference of probabilities {diff:.2e} "
+          f"(tolerance {TOLERANCE:.0e})")
+    return {"file": path.name, "opset": opset, "input": "images (batch, 3, H, W), normalised",
+            "output": "probabilities (batch, attributes)", "max_abs_diff_vs_pytorch": diff}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="celeba-dist export", description=__doc__.splitlines()[0])
     parser.add_argument("source", help="a run folder (its checkpoints/best.pt) or a checkpoint file")
     parser.add_argument("out", help="the export folder to create (must not exist, or be empty)")
+    parser.add_argument("--onnx", action="store_true", help="also model.onnx (needs the 'export' extra)")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     args = parser.parse_args(argv)
     try:
-        export(Path(args.source), Path(args.out))
-    except (ConfigError, FileNotFoundError, FileExistsError, RuntimeError, ValueError, OSError) as exc:
+        export(Path(args.source), Path(args.out), onnx=args.onnx, opset=args.opset)
+    except (ConfigError, FileNotFoundError, FileExistsError, RuntimeError, ValueError, OSError, ImportError) as exc:
         return report_error("celeba-dist export", exc)
     print(f"exported {args.source} to {args.out}: {EXPORT_WEIGHTS}, {EXPORT_CONFIG}, README.md")
     return 0
