@@ -97,21 +97,35 @@ def flat_hparams(cfg: Config) -> dict[str, Any]:
     return out
 
 
+def grid_lines(probs: list[float], targets: list[int], attributes: list[str], *, thresholds: list[float] | None = None,
+               max_lines: int = 4) -> list[tuple[str, bool]]:
+    """What one image's tile says: first the attributes where prediction and truth disagree (the most
+    confidently wrong first), then the most confident positive predictions; (text, right) pairs, wrong
+    ones marked ``x``."""
+    thresholds = thresholds or [0.5] * len(attributes)
+    rows = [(name, p, t, (p >= th) == bool(t), abs(p - th)) for name, p, t, th in zip(attributes, probs, targets, thresholds)]
+    wrong = sorted((r for r in rows if not r[3]), key=lambda r: -r[4])
+    positive = sorted((r for r in rows if r[3] and r[1] >= thresholds[attributes.index(r[0])]), key=lambda r: -r[1])
+    chosen = (wrong + positive)[:max_lines]
+    return [(f"{'x' if not ok else '+'} {name[:14]} {p:.2f} (t={t})", ok) for name, p, t, ok, _ in chosen]
+
+
 def prediction_grid(images: torch.Tensor, probs: torch.Tensor, targets: torch.Tensor, attributes: list[str],
-                    *, max_images: int = 16, max_attrs: int = 3) -> np.ndarray:
-    """uint8 images (B, 3, H, W) with 'name p=0.93 t=1' lines; green frame if all shown are right."""
+                    *, thresholds: list[float] | None = None, max_images: int = 16, max_lines: int = 4) -> np.ndarray:
+    """uint8 images (B, 3, H, W), each with :func:`grid_lines` under it (wrong in red, right in green) and a
+    frame: green when every attribute is right, red otherwise."""
     tiles = []
     for i in range(min(max_images, images.shape[0])):
         img = Image.fromarray(images[i].permute(1, 2, 0).cpu().numpy()).resize((128, 128 * images.shape[2] // images.shape[3]))
-        canvas = Image.new("RGB", (img.width, img.height + 12 * max_attrs), "white")
+        canvas = Image.new("RGB", (img.width, img.height + 12 * max_lines), "white")
         canvas.paste(img, (0, 0))
         draw = ImageDraw.Draw(canvas)
-        right = True
-        for j, name in enumerate(attributes[:max_attrs]):
-            p, t = float(probs[i, j]), int(targets[i, j])
-            ok = (p >= 0.5) == bool(t)
-            right &= ok
-            draw.text((2, img.height + 12 * j), f"{name[:12]} p={p:.2f} t={t}", fill=(0, 110, 0) if ok else (200, 0, 0))
+        lines = grid_lines(probs[i].tolist(), [int(t) for t in targets[i].tolist()], attributes,
+                           thresholds=thresholds, max_lines=max_lines)
+        for j, (text, ok) in enumerate(lines):
+            draw.text((2, img.height + 12 * j), text, fill=(0, 110, 0) if ok else (200, 0, 0))
+        right = all(ok for _, ok in grid_lines(probs[i].tolist(), [int(t) for t in targets[i].tolist()], attributes,
+                                               thresholds=thresholds, max_lines=len(attributes)))
         draw.rectangle([0, 0, img.width - 1, img.height - 1], outline=(0, 180, 0) if right else (220, 0, 0), width=3)
         tiles.append(np.asarray(canvas))
     return _grid(tiles)

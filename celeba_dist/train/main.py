@@ -140,7 +140,8 @@ def validate(trainer: Trainer, data: ShardData, split: str, state: TrainState, *
     return metrics, preds
 
 
-def draw_validation(trainer: Trainer, data: ShardData, metrics: dict, step: int) -> None:
+def draw_validation(trainer: Trainer, data: ShardData, metrics: dict, step: int, *,
+                    thresholds: list[float] | None = None) -> None:
     """Rank 0 only: a labelled image grid, the attention heat map and the accuracy bars."""
     cfg, acc = trainer.cfg, trainer.accelerator
     if not acc.is_main_process or cfg.log.image_grid_size <= 0:
@@ -162,7 +163,8 @@ def draw_validation(trainer: Trainer, data: ShardData, metrics: dict, step: int)
             out = model(x)
     model.train(was_training)
     probs = LOSSES[cfg.loss.name].to_prob(out.float()).cpu()
-    trainer.board.image("val/predictions", prediction_grid(images, probs, labels, data.attributes), step)
+    trainer.board.image("val/predictions", prediction_grid(images, probs, labels, data.attributes,
+                                                                  thresholds=thresholds), step)
 
 
 def select_value(metrics: dict, name: str) -> float:
@@ -295,7 +297,7 @@ def _end_of_epoch(trainer: Trainer, data: ShardData, state: TrainState, seconds:
         improved = state.best_metric is None or value > state.best_metric
         if improved:
             state.best_metric, state.best_epoch, state.best_step = value, entry["epoch"], state.global_step
-        draw_validation(trainer, data, metrics, state.global_step)
+        draw_validation(trainer, data, metrics, state.global_step, thresholds=thresholds)
         log.info("epoch %d: val %s = %.4f (best %.4f at epoch %d), %.0fs", entry["epoch"], cfg.train.select_metric,
                  value, state.best_metric, state.best_epoch, seconds)
     else:
