@@ -26,7 +26,9 @@ faster reader) and are shuffled by webdataset's ``shuffle``. The loader is kept 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
+import json
 import logging
 import multiprocessing
 import random
@@ -35,6 +37,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
@@ -42,8 +45,11 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from celeba_dist.data.remote import fetch as fetch_remote
+from celeba_dist.data.remote import RemoteReadError, is_remote, iter_remote_samples, remote_join
 from celeba_dist.data.transforms import collect_jpeg_damage, stop_collecting_jpeg_damage
-from celeba_dist.shards.manifest import ManifestError, load_manifest, shard_problems, split_shards
+from celeba_dist.shards.manifest import (MANIFEST_NAME, ManifestError, load_manifest, shard_problems, split_shards,
+                                         validate_manifest)
 from celeba_dist.shards.layout import decode_labels
 from celeba_dist.shards.tario import iter_samples
 
@@ -142,12 +148,16 @@ def read_part(part: ShardPart) -> Iterator[dict]:
 
     Raises :class:`DataError` naming the shard (and, for a damaged one, where in it).
     """
+    samples = iter_remote_samples(part.path, SAMPLE_FIELDS) if is_remote(part.path) else iter_samples(
+        part.path, SAMPLE_FIELDS)
     try:
-        for index, sample in enumerate(iter_samples(part.path, SAMPLE_FIELDS)):
+        for index, sample in enumerate(samples):
             if 0 <= part.limit <= index:
                 return
             if index >= part.start and index % part.stride == part.offset:
                 yield sample
+    except RemoteReadError as exc:  # it names the URL and the attempts
+        raise DataError(str(exc)) from exc
     except (OSError, ValueError) as exc:  # missing or unreadable file, a tar cut short or damaged
         raise DataError(f"cannot read shard {part.path}: {exc}") from exc
 
@@ -409,6 +419,23 @@ class TrainStream(IterableDataset):
             raise RuntimeError(f"rank {self.rank}, worker {logical} delivered {produced} batches instead of {deliver}")
 
 
+def load_local_manifest(root: str) -> tuple[dict, str]:
+    manifest = load_manifest(root)
+    return manifest, hashlib.sha256((Path(root) / MANIFEST_NAME).read_bytes()).hexdigest()
+
+
+def load_remote_manifest(root: str) -> tuple[dict, str]:
+    """A remote root's manifest.json, validated like a local one; errors name its URL."""
+    url = remote_join(root, MANIFEST_NAME)
+    data = fetch_remote(url)
+    try:
+        manifest = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{url}: not valid JSON: {exc}") from None
+    validate_manifest(manifest, where=url)
+    return manifest, hashlib.sha256(data).hexdigest()
+
+
 @dataclass
 class SplitInfo:
     num_samples: int
@@ -422,7 +449,8 @@ class ShardData:
         from celeba_dist.attributes import resolve_attributes
 
         self.root = root
-        self.manifest = load_manifest(root)
+        self.remote = is_remote(root)
+        self.manifest, self.manifest_sha256 = (load_remote_manifest if self.remote else load_local_manifest)(root)
         available = self.manifest["attributes"]
         self.attributes = resolve_attributes(attributes, available)
         self.label_index = tuple(available.index(a) for a in self.attributes)
@@ -430,12 +458,19 @@ class ShardData:
     def split(self, name: str) -> SplitInfo:
         if name not in self.manifest["splits"]:
             raise ValueError(f"{self.root}: manifest has no split {name!r}; it has {sorted(self.manifest['splits'])}")
-        shards = split_shards(self.manifest, self.root, name)
+        if self.remote:
+            shards = [(remote_join(self.root, s["file"]), int(s["num_samples"]))
+                      for s in self.manifest["splits"][name]["shards"]]
+        else:
+            shards = split_shards(self.manifest, self.root, name)
         return SplitInfo(sum(n for _, n in shards), shards)
 
     def check_files(self, splits: list[str] | tuple[str, ...], *, sha256: bool = False,
                     part: tuple[int, int] = (0, 1)) -> list[str]:
-        """Problems with the shard files of ``splits`` (see :func:`celeba_dist.manifest.shard_problems`)."""
+        """Problems with the shard files of ``splits`` (see :func:`celeba_dist.manifest.shard_problems`);
+        remote shards are checked as they are read (a missing one ends the run naming its URL)."""
+        if self.remote:
+            return []
         return shard_problems(self.manifest, self.root, splits, sha256=sha256, part=part)
 
     def positive_rates(self, split: str = "train") -> list[float]:

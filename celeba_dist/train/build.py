@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from celeba_dist.config import Config
 from celeba_dist.data.cache import (CacheMemoryError, CachedEval, CachedTrain, Store, cache_bytes, fill_store,
                                     fit_problem, part_size)
+from celeba_dist.data.remote import ATTEMPTS
 from celeba_dist.data.streams import (ShardCheckError, ShardData, ShardPart, TrainStream, deal_shards, eval_stream,
                                       make_loader, train_stream)
 from celeba_dist.data.transforms import CachedForm, build_cached_form, build_transform
@@ -27,6 +28,10 @@ def check_data(cfg: Config, data: ShardData, accelerator: Accelerator, splits: t
     ``sha256`` also hashes them, each rank a share, and every rank raises the same error.
     """
     if cfg.data.check_shards == "none":
+        return
+    if data.remote:
+        log.info("shards of %s are remote: each is checked as it is read (a missing or cut one ends the run "
+                 "naming its URL after %d attempts)", data.root, ATTEMPTS)
         return
     problems = data.check_files(splits)
     if not problems and cfg.data.check_shards == "sha256":

@@ -95,10 +95,9 @@ def build_run_dir(cfg: Config, accelerator: Accelerator, data: ShardData) -> Pat
 
 def data_summary(data: ShardData) -> dict[str, Any]:
     """What the run trained on, for the model card of an export (which never needs the shards)."""
-    manifest = Path(data.root) / "manifest.json"
     return {"root": str(data.root), "source": data.manifest.get("source"), "attributes": data.attributes,
             "splits": {name: split["num_samples"] for name, split in data.manifest["splits"].items()},
-            "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest()}
+            "manifest_sha256": data.manifest_sha256}
 
 
 def environment(accelerator: Accelerator) -> dict[str, Any]:

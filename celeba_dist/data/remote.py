@@ -1,0 +1,121 @@
+"""Shards over HTTP(S) or ``pipe:``: ``data.root`` may be a URL, or ``pipe:CMD`` with ``{}`` where the
+file's path goes (``pipe:aws s3 cp s3://bucket/shards/{} -``), whose ``manifest.json`` names the shards
+relatively, as a local folder's does.
+
+Remote files stream through webdataset's own opener (``webdataset.gopen``: ``curl`` for HTTP(S), a shell
+for ``pipe:``) and webdataset's tar iterator, grouped into samples by the same rule as the local mmap
+reader. A read that fails (a server gone, a stream cut short) is retried from the start of the shard,
+skipping the samples already delivered; after the last attempt the run ends with a :class:`DataError`
+naming the URL. The dealing to slots and the exact evaluation counts are the local ones: only the reader
+differs.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import tarfile
+import time
+from typing import Iterator
+
+import webdataset as wds
+
+from celeba_dist.shards.layout import split_key
+
+log = logging.getLogger(__name__)
+
+PREFIXES = ("http://", "https://", "pipe:")
+ATTEMPTS = 3  # reads of one shard before the run gives up on it
+BACKOFF_S = 1.0  # before the second attempt; doubled each time
+
+
+class RemoteReadError(OSError):
+    """A remote file could not be read after :data:`ATTEMPTS` attempts; the message names its URL."""
+
+
+def is_remote(root: str) -> bool:
+    return str(root).startswith(PREFIXES)
+
+
+def remote_join(root: str, relative: str) -> str:
+    """The URL of ``relative`` (``train/x.tar``, ``manifest.json``) under a remote root."""
+    if root.startswith("pipe:"):
+        if "{}" not in root:
+            raise ValueError(f"data.root={root!r}: a pipe: root needs {{}} where the file's path goes, "
+                             "e.g. pipe:aws s3 cp s3://bucket/shards/{} -")
+        return root.replace("{}", relative)
+    return root.rstrip("/") + "/" + relative
+
+
+_CURL_STATUS = {6: "cannot resolve the host", 7: "cannot connect", 18: "transfer cut short", 22: "HTTP error",
+                28: "timed out", 56: "connection lost"}
+
+
+def _reason(exc: BaseException) -> str:
+    """webdataset's reader errors, shortened: its pipe reports the whole command line and an exit status."""
+    found = re.search(r"exit (\d+) \(read\)", str(exc))
+    if not found:
+        return f"{type(exc).__name__}: {exc}"
+    status = int(found.group(1))
+    reader = "curl" if "'curl'" in str(exc) else "the pipe command"
+    return f"{reader} exited with status {status}" + (f" ({_CURL_STATUS[status]})" if reader == "curl" and
+                                                      status in _CURL_STATUS else "")
+
+
+def _attempts(url: str, what: str) -> Iterator[int]:
+    """Attempt numbers, sleeping between them; the caller raises after the last one."""
+    for attempt in range(1, ATTEMPTS + 1):
+        if attempt > 1:
+            delay = BACKOFF_S * 2 ** (attempt - 2)
+            log.warning("reading %s %s failed; attempt %d of %d in %.0fs", what, url, attempt, ATTEMPTS, delay)
+            time.sleep(delay)
+        yield attempt
+
+
+def fetch(url: str) -> bytes:
+    """The whole file at ``url`` (the manifest), with retries."""
+    for attempt in _attempts(url, "file"):
+        try:
+            with wds.gopen(url, "rb") as stream:
+                data = stream.read()
+            return data
+        except (OSError, ValueError) as exc:
+            if attempt == ATTEMPTS:
+                raise RemoteReadError(f"cannot read {url} after {ATTEMPTS} attempts: {_reason(exc)}") from exc
+    raise AssertionError("unreachable")
+
+
+def _samples(url: str, fields: frozenset[str] | None) -> Iterator[dict]:
+    stream = wds.gopen(url, "rb")
+    try:
+        current: dict | None = None
+        for member in wds.tariterators.tar_file_iterator(stream):
+            key, field = split_key(member["fname"])
+            if not field:
+                continue
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__url__": url}
+            if fields is None or field in fields:
+                current[field] = member["data"]
+        if current is not None:
+            yield current
+    finally:
+        stream.close()
+
+
+def iter_remote_samples(url: str, fields: frozenset[str] | None = None) -> Iterator[dict]:
+    """webdataset-style samples of the remote tar at ``url``, as :func:`celeba_dist.shards.tario.iter_samples`
+    gives them for a local one; a failed read restarts the shard and skips what was delivered."""
+    delivered = 0
+    for attempt in _attempts(url, "shard"):
+        try:
+            for index, sample in enumerate(_samples(url, fields)):
+                if index >= delivered:
+                    delivered += 1
+                    yield sample
+            return
+        except (OSError, ValueError, tarfile.TarError) as exc:
+            if attempt == ATTEMPTS:
+                raise RemoteReadError(f"cannot read shard {url} after {ATTEMPTS} attempts "
+                                      f"({delivered} samples read): {_reason(exc)}") from exc

@@ -1,0 +1,147 @@
+"""Shards over HTTP: a local ``python -m http.server`` on 127.0.0.1 serves the packed folder.
+
+Training and evaluation from the URL give the very numbers of the local folder (one and two processes);
+a server that goes away mid-epoch ends the run within seconds naming the URL, and once it is back the
+same command resumes.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_resume import newest_step
+from test_train import accelerate_cmd, cpu_env
+
+COMMON = ["data.batch_size=8", "data.num_workers=1", "data.image_size=[32, 32]", "log.progress_bar=false",
+          "log.image_grid_size=0", "train.deterministic=true", "train.log_every_steps=5"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``python -m http.server`` over ``folder``, startable and stoppable on one port."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port, self.proc = folder, _free_port(), None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "http.server", str(self.port), "--bind", "127.0.0.1",
+                                      "--directory", str(self.folder)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("http.server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def server(pristine):
+    srv = Server(pristine.parent)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def train(data: str, run_dir: Path, *extra: str, processes: int = 1) -> subprocess.CompletedProcess:
+    args = ["-m", "celeba_dist.train", "--config", "smiling_simple_cnn", "--data", data, "--run-dir", str(run_dir),
+            "--set", *COMMON, *extra]
+    cmd = accelerate_cmd(*args, processes=processes) if processes > 1 else [sys.executable, *args]
+    return subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=600)
+
+
+def outcome(run_dir: Path) -> tuple[dict, list[int]]:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    stats = sorted(run_dir.glob("rank_stats/rank*.json"))
+    return {s: metrics[s] for s in ("val", "test")}, [json.loads(p.read_text())["samples_seen"] for p in stats]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_training_and_eval_over_http_equal_the_local_folder(pristine, server, tmp_path, processes):
+    url = f"{server.url}/{pristine.name}"
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    for data, run_dir in ((str(pristine), local), (url, remote)):
+        proc = train(data, run_dir, "train.epochs=2", processes=processes)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert outcome(remote) == outcome(local)
+    assert json.loads((remote / "data.json").read_text())["root"] == url
+    evals = {}
+    for name, data in (("local", str(pristine)), ("remote", url)):
+        out = tmp_path / f"eval-{name}.json"
+        proc = subprocess.run([sys.executable, "-m", "celeba_dist", "eval", "--run", str(local), "--data", data,
+                               "--split", "test", "--out", str(out)], env=cpu_env(), capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        evals[name] = {k: v for k, v in json.loads(out.read_text()).items() if k in ("mean", "attributes")}
+    assert evals["remote"] == evals["local"] and evals["remote"]["mean"]["num_samples"] > 0
+
+
+def test_a_server_gone_mid_epoch_ends_the_run_naming_the_url_then_it_resumes(pristine, server, tmp_path):
+    url = f"{server.url}/{pristine.name}"
+    run_dir = tmp_path / "run"
+    args = ["-m", "celeba_dist.train", "--config", "smiling_simple_cnn", "--data", url, "--run-dir", str(run_dir),
+            "--set", *COMMON, "train.epochs=40", "train.checkpoint_every_steps=5"]
+    proc = subprocess.Popen([sys.executable, *args], env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 300
+    while newest_step(run_dir) < 5 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the server could go away"
+    server.stop()
+    gone = time.monotonic()
+    _, stderr = proc.communicate(timeout=120)
+    took = time.monotonic() - gone
+    assert proc.returncode == 1, stderr[-3000:]
+    assert took < 60, took  # 3 attempts, 1 s and 2 s apart, each refused at once
+    last = stderr.strip().splitlines()[-1]
+    assert f"cannot read shard {url}/" in last and "after 3 attempts" in last, last  # a train or val shard
+    assert "curl exited with status 7 (cannot connect)" in last, last
+    assert not (run_dir / "metrics.json").exists()
+    step = newest_step(run_dir)
+    assert step >= 5
+    server.start()
+    resumed = subprocess.run([sys.executable, *args[:-2], "train.epochs=2", "train.checkpoint_every_steps=5"],
+                             env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints'}" in resumed.stderr + resumed.stdout
+    assert (run_dir / "metrics.json").is_file()
+
+
+def test_pipe_root_evaluates_like_the_local_folder(pristine, tmp_path):
+    """``pipe:CMD`` with {} for the file's path (here ``cat``), through webdataset's pipe opener."""
+    run_dir = tmp_path / "run"
+    assert train(str(pristine), run_dir, "train.epochs=1").returncode == 0
+    evals = {}
+    for name, data in (("local", str(pristine)), ("pipe", f"pipe:cat {pristine}/{{}}")):
+        out = tmp_path / f"{name}.json"
+        proc = subprocess.run([sys.executable, "-m", "celeba_dist", "eval", "--run", str(run_dir), "--data", data,
+                               "--split", "val", "--out", str(out)], env=cpu_env(), capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        evals[name] = json.loads(out.read_text())["attributes"]
+    assert evals["pipe"] == evals["local"]
+    bad = subprocess.run([sys.executable, "-m", "celeba_dist", "eval", "--run", str(run_dir), "--data",
+                          f"pipe:cat {pristine}/manifest.json", "--split", "val"], env=cpu_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 1 and "needs {} where the file's path goes" in bad.stderr
