@@ -201,3 +201,31 @@ def test_list_main_prints_every_model_with_counts(capsys: pytest.CaptureFixture[
     for name, row in documented.items():
         assert tuple(printed[name]) == row, name
     assert "torchvision:resnet50" in out and "torchvision:<name>" in out
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_pretrained_files_never_run_code_and_safetensors_load(tmp_path: Path) -> None:
+    """model.pretrained=FILE reads with weights_only (a pickle that would run code is refused by name, and the
+    code does not run) or, for .safetensors (an export's weights), with safetensors."""
+    from safetensors.torch import save_file
+
+    source = build_model("simple_cnn", num_attributes=N)
+    marker = tmp_path / "code-ran"
+    bad = tmp_path / "bad.pt"
+    torch.save({"model": source.state_dict(), "extra": _RunsCode(marker)}, bad)
+    with pytest.raises(ValueError, match=r"model.pretrained .*bad.pt refused: .*posix.system"):
+        build_model("simple_cnn", num_attributes=N, pretrained=str(bad))
+    assert not marker.exists()
+    weights = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(weights))
+    loaded = build_model("simple_cnn", num_attributes=N, pretrained=str(weights))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), source.state_dict().values()))

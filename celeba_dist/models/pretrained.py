@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
@@ -21,6 +20,8 @@ import torch
 import torchvision
 from torch import nn
 from torchvision.models import WeightsEnum
+
+from celeba_dist.safeload import UnsafeFileError, load_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +111,17 @@ def classifier_name(model: nn.Module, num_outputs: int) -> str:
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """A state dict from ``path``: a plain one, or the ``model``/``state_dict`` entry of a checkpoint."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Our own training checkpoints also hold numpy RNG states, which the safe loader refuses;
-        # the file is a local path the user named, trusted like celeba_dist.train.checkpoint trusts it.
-        log.warning("%s holds more than tensors; loading it with weights_only=False (only use files you trust)", path)
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+    """A state dict from ``path``: a plain one, the ``model``/``state_dict`` entry of a checkpoint, or a
+    ``.safetensors`` file; read without running anything from the file (a pickle that would is refused)."""
+    if str(path).endswith(".safetensors"):  # e.g. a celeba-dist export's model.safetensors
+        from safetensors.torch import load_file
+
+        obj = load_file(str(path))
+    else:
+        try:
+            obj = load_weights_only(path, what="model.pretrained")
+        except UnsafeFileError as exc:
+            raise ValueError(str(exc)) from None
     for key in ("model", "state_dict"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]

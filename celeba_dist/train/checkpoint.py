@@ -16,7 +16,6 @@ reconstruction (data, not code) is the one thing allowed beyond torch's defaults
 from __future__ import annotations
 
 import logging
-import pickle
 import random
 import re
 import zipfile
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from celeba_dist.diskio import atomic_write, link_or_copy
+from celeba_dist.safeload import UnsafeFileError, load_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +46,8 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-class UnsafeCheckpointError(RuntimeError):
+class UnsafeCheckpointError(UnsafeFileError):
     """A checkpoint that holds more than tensors and plain containers: refused, never executed."""
-
-
-# numpy's array reconstruction: what checkpoints of earlier versions need for their numpy RNG state
-_LEGACY_NUMPY = [np.ndarray, np.dtype, np.dtype(np.uint32).__class__]
-try:
-    from numpy._core.multiarray import _reconstruct
-except ImportError:  # numpy < 2
-    from numpy.core.multiarray import _reconstruct
-_LEGACY_NUMPY.append(_reconstruct)
 
 
 def rng_state() -> dict[str, Any]:
@@ -106,15 +97,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint file on the CPU with ``weights_only=True``; raises :class:`UnsafeCheckpointError`
     for a file that needs more, and ``RuntimeError`` naming the file when it is unreadable."""
     try:
-        with torch.serialization.safe_globals(_LEGACY_NUMPY):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        wanted = re.search(r"GLOBAL (\S+)", str(exc))
-        raise UnsafeCheckpointError(
-            f"checkpoint {path} refused: it holds more than tensors and plain containers"
-            f"{f' (it asks for {wanted.group(1)})' if wanted else ''}, and unpickling it could run code from the "
-            "file; celeba-dist never writes such files, so it was not loaded. Use a checkpoint written by "
-            "celeba-dist, or delete this one") from None
+        ckpt = load_weights_only(path, what="checkpoint")
+    except UnsafeFileError as exc:
+        raise UnsafeCheckpointError(f"{exc}; celeba-dist never writes such files: use a checkpoint written by "
+                                    "celeba-dist, or delete this one") from None
     except Exception as exc:
         raise RuntimeError(f"checkpoint {path} is unreadable (truncated or corrupt?): {exc}") from exc
     missing = {"model", "state", "config"} - set(ckpt) if isinstance(ckpt, dict) else {"model", "state", "config"}
