@@ -71,8 +71,8 @@ def prepare_batch(images: torch.Tensor, labels: torch.Tensor, *, device: torch.d
                   channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (B, 3, H, W) on the host → normalised float on the device."""
     x = normalize_batch(images.to(device, non_blocking=True), normalize)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    # the loader's batches come channel-last (one copy cheaper to stack); the model gets the layout it asked for
+    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return x, labels.to(device, non_blocking=True)
 
 
