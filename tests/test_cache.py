@@ -19,7 +19,7 @@ from celeba_dist.data.cache import CachedEval, CachedTrain, cache_bytes, fill_st
 from celeba_dist.data.streams import ShardData, deal_shards, make_loader, read_part, train_stream
 from celeba_dist.data.transforms import augment_batch, build_cached_form, build_transform
 from shardkit import synthetic_shards
-from test_resume import assert_same_weights, final_state, kill_mid_epoch, run_to_end, steps_per_epoch, train_cmd
+from test_resume import assert_killed_run_resumes_exactly, train_cmd
 from test_train import cpu_env
 
 
@@ -149,20 +149,8 @@ def test_a_cache_that_cannot_fit_stops_before_training(shards, tmp_path):
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "tensorboard").exists()
 
 
-CACHED = ("data.cache=host", "train.deterministic=true")
-
-
 def test_killed_cached_run_resumes_to_the_same_weights(shards, tmp_path):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    run_to_end(train_cmd(shards, straight, *CACHED))
-    cmd = train_cmd(shards, killed, *CACHED)
-    step = kill_mid_epoch(cmd, killed, after_step=14)
-    assert step % steps_per_epoch(shards, 1) != 0, "the kill should land mid-epoch"
-    run_to_end(cmd)
-    s1, w1 = final_state(straight)
-    s2, w2 = final_state(killed)
-    assert s1["global_step"] == s2["global_step"] == 3 * steps_per_epoch(shards, 1)
-    assert_same_weights(w1, w2)
+    assert_killed_run_resumes_exactly(shards, tmp_path, "data.cache=host")
 
 
 def test_two_process_device_cache_holds_one_share_per_rank(shards, tmp_path):

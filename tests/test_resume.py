@@ -143,17 +143,24 @@ def test_killed_two_process_run_resumes_without_losing_or_repeating_steps(shards
     assert_same_weights(final_state(straight)[1], final_state(killed)[1])
 
 
-def test_deterministic_resume_gives_bit_identical_weights(shards, tmp_path):
-    extra = ("train.deterministic=true",)
+def assert_killed_run_resumes_exactly(shards: Path, tmp_path: Path, *extra: str) -> None:
+    """One process, deterministic: SIGKILL mid-epoch, restart with the same command, and the run ends with the
+    uninterrupted run's step count and bit-identical weights."""
+    extra = ("train.deterministic=true", *extra)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run_to_end(train_cmd(shards, straight, *extra))
     cmd = train_cmd(shards, killed, *extra)
-    kill_mid_epoch(cmd, killed, after_step=14)
+    step = kill_mid_epoch(cmd, killed, after_step=14)
+    assert step % steps_per_epoch(shards, 1) != 0, "the kill should land mid-epoch"
     run_to_end(cmd)
     s1, w1 = final_state(straight)
     s2, w2 = final_state(killed)
     assert s1["global_step"] == s2["global_step"] == 3 * steps_per_epoch(shards, 1)
     assert_same_weights(w1, w2)
+
+
+def test_deterministic_resume_gives_bit_identical_weights(shards, tmp_path):
+    assert_killed_run_resumes_exactly(shards, tmp_path)
 
 
 def test_resume_purges_events_logged_after_the_checkpoint(shards, tmp_path):

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import webdataset as wds
 
-from celeba_dist.shards.layout import split_key
+from celeba_dist.shards.layout import group_members
 
 log = logging.getLogger(__name__)
 
@@ -87,19 +87,8 @@ def fetch(url: str) -> bytes:
 def _samples(url: str, fields: frozenset[str] | None) -> Iterator[dict]:
     stream = wds.gopen(url, "rb")
     try:
-        current: dict | None = None
-        for member in wds.tariterators.tar_file_iterator(stream):
-            key, field = split_key(member["fname"])
-            if not field:
-                continue
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current
-                current = {"__key__": key, "__url__": url}
-            if fields is None or field in fields:
-                current[field] = member["data"]
-        if current is not None:
-            yield current
+        members = ((m["fname"], m["data"]) for m in wds.tariterators.tar_file_iterator(stream))
+        yield from group_members(members, url, fields)
     finally:
         stream.close()
 

@@ -3,6 +3,7 @@ what counts as an image file, how tar members group into samples, and how a samp
 from __future__ import annotations
 
 import json
+from typing import Any, Callable, Iterable, Iterator
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")  # also the official partition values 0, 1, 2, in order
 SHARD_NAME = "celeba-{split}-{index:06d}.tar"
@@ -25,6 +26,26 @@ def split_key(name: str) -> tuple[str, str]:
     if dot < 0:
         return name, ""
     return name[:dot], name[dot + 1:].lower()
+
+
+def group_members(members: Iterable[tuple[str, Any]], url: str, fields: frozenset[str] | None = None,
+                  read: Callable[[Any], bytes] = bytes) -> Iterator[dict]:
+    """Tar members (name, payload) → webdataset-style samples ``{"__key__", "__url__", field: bytes}``:
+    consecutive members with equal keys form one sample. Only ``fields`` (all if None) are kept, and only
+    their payloads go through ``read`` (the local reader passes a file range, read on demand)."""
+    current: dict | None = None
+    for name, payload in members:
+        key, field = split_key(name)
+        if not field:
+            continue
+        if current is None or current["__key__"] != key:
+            if current is not None:
+                yield current
+            current = {"__key__": key, "__url__": url}
+        if fields is None or field in fields:
+            current[field] = read(payload)
+    if current is not None:
+        yield current
 
 
 _BITS = bytes.maketrans(b"01", b"\x00\x01")

@@ -15,7 +15,7 @@ import mmap
 import struct
 from typing import Iterator
 
-from celeba_dist.shards.layout import split_key
+from celeba_dist.shards.layout import group_members, split_key
 
 BLOCK = 512
 REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
@@ -108,27 +108,21 @@ def iter_samples(path: str, fields: frozenset[str] | None = None) -> Iterator[di
 
     ``fields``: only these members' bytes are read (the others are skipped in the file, not copied).
     """
-    current: dict | None = None
     with _mapped(path) as buf:
         if buf is None:
             return
-        members = _walk(buf, path)
-        while True:
-            try:
-                name, start, size = next(members)
-            except StopIteration:
-                break
-            except TarFormatError as exc:  # name the last sample read whole: the damage lies past it
-                after = f" (after sample {current['__key__']})" if current else " (before its first sample)"
-                raise TarFormatError(f"{exc}{after}") from exc
-            key, field = split_key(name)
-            if not field:
-                continue
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current
-                current = {"__key__": key, "__url__": path}
-            if fields is None or field in fields:
-                current[field] = buf[start: start + size]
-        if current is not None:
-            yield current
+        yield from group_members(_named_errors(_walk(buf, path)), path, fields,
+                                 read=lambda span: buf[span[0]: span[0] + span[1]])
+
+
+def _named_errors(members: Iterator[tuple[str, int, int]]) -> Iterator[tuple[str, tuple[int, int]]]:
+    """(name, (offset, size)) of each member; a damaged header's error names the last sample read, as the
+    damage lies past it."""
+    key = None
+    try:
+        for name, start, size in members:
+            key = name
+            yield name, (start, size)
+    except TarFormatError as exc:
+        after = f" (after sample {split_key(key)[0]})" if key else " (before its first sample)"
+        raise TarFormatError(f"{exc}{after}") from exc
