@@ -98,8 +98,14 @@ class TrainConfig:
     checkpoint_every_steps: int = 500  # 0: only at epoch ends
     keep_last: int = 2
     select_metric: str = "accuracy"  # mean validation metric that picks the best epoch
-    tune_thresholds: bool = False  # per-attribute thresholds tuned on val, applied to test
+    tune_thresholds: str = "none"  # none (0.5) | accuracy | balanced_accuracy: per-attribute thresholds tuned on val
     eval_splits: tuple[str, ...] = ("val", "test")
+    ema_decay: float | None = None  # null: off; d: an EMA of the weights (d * ema + (1 - d) * w per step)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    tta: str = "none"  # none | flip: average the probabilities of the image and its mirror
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -145,6 +152,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.normalize": ("auto", "unit", "imagenet"),
     "data.check_shards": ("size", "sha256", "none"),
     "data.cache": ("none", "host", "device"),
+    "train.tune_thresholds": ("none", "accuracy", "balanced_accuracy"),
+    "eval.tta": ("none", "flip"),
+}
+# Values earlier versions wrote (configs saved in checkpoints, old recipe files), read as today's.
+LEGACY_VALUES: dict[str, dict[Any, Any]] = {
+    "train.tune_thresholds": {True: "balanced_accuracy", False: "none"},  # was a bool: balanced thresholds
 }
 
 
@@ -312,6 +325,9 @@ def _build_section(name: str, cls: type, values: dict[str, Any]) -> Any:
                 extra[key] = value
                 continue
             raise ConfigError(f"unknown key {name}.{key}; valid keys in {name}: {known}")
+        legacy = LEGACY_VALUES.get(f"{name}.{key}", {})
+        if isinstance(value, (bool, str)) and _legacy_key(value) in legacy:
+            value = legacy[_legacy_key(value)]
         kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
         choices = CHOICES.get(f"{name}.{key}")
         if choices and kwargs[key] not in choices:
@@ -319,6 +335,10 @@ def _build_section(name: str, cls: type, values: dict[str, Any]) -> Any:
     if cls is ModelConfig:
         kwargs["options"] = {**kwargs.get("options", {}), **extra}
     return cls(**kwargs)
+
+
+def _legacy_key(value: bool | str) -> Any:
+    return YAML11_WORDS.get(value.lower(), value) if isinstance(value, str) else value
 
 
 def from_dict(tree: dict[str, Any]) -> Config:
@@ -389,6 +409,9 @@ def validate_choices(config: Config) -> None:
     if config.run.lock_stale_s < 10:
         raise ConfigError(f"run.lock_stale_s must be >= 10 (seconds), got {config.run.lock_stale_s:g}: a live "
                           f"run refreshes its lock every min(30, lock_stale_s / 4) s")
+    decay = config.train.ema_decay
+    if decay is not None and not 0.0 <= decay < 1.0:
+        raise ConfigError(f"train.ema_decay must be in [0, 1) (or null: no EMA), got {decay:g}")
     bad = [s for s in config.train.eval_splits if s not in ("val", "test")]
     if bad:
         raise ConfigError(f"train.eval_splits: {bad} not in ['val', 'test']")

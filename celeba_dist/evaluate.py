@@ -18,6 +18,7 @@ from celeba_dist.diskio import write_json
 from celeba_dist.logs import setup_logging
 from celeba_dist.shards.manifest import ManifestError
 from celeba_dist.train.build import build_model_for, check_data, eval_loader
+from celeba_dist.train.ema import selected_weights
 from celeba_dist.train.checkpoint import BEST, load_checkpoint
 from celeba_dist.train.distributed import build_accelerator, leave_process_group
 from celeba_dist.train.engine import evaluate, split_metrics
@@ -47,7 +48,7 @@ def evaluate_checkpoint(path: Path, *, split: str, data_dir: str | None, overrid
     data = ShardData(cfg.data.root, ckpt["attributes"])
     check_data(cfg, data, accelerator, (split,))
     model = build_model_for(cfg, len(data.attributes)).to(accelerator.device)
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(selected_weights(ckpt))  # the EMA where validation chose it
     with owned_workers():
         preds = evaluate(model, eval_loader(cfg, data, split, accelerator), accelerator=accelerator, cfg=cfg,
                          to_prob=LOSSES[cfg.loss.name].to_prob, expected=data.split(split).num_samples,

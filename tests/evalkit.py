@@ -14,6 +14,7 @@ from pathlib import Path
 from celeba_dist.config import config_from_tree
 from celeba_dist.data.streams import ShardData
 from celeba_dist.train.build import build_model_for, eval_loader
+from celeba_dist.train.ema import selected_weights
 from celeba_dist.train.checkpoint import load_checkpoint
 from celeba_dist.train.distributed import build_accelerator
 from celeba_dist.train.engine import Predictions, evaluate
@@ -27,7 +28,7 @@ def eval_predictions(checkpoint: Path, split: str) -> Predictions:
                                     collective_timeout_min=cfg.train.collective_timeout_min)
     data = ShardData(cfg.data.root, ckpt["attributes"])
     model = build_model_for(cfg, len(data.attributes))
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(selected_weights(ckpt))  # the EMA where validation chose it
     return evaluate(model, eval_loader(cfg, data, split, accelerator), accelerator=accelerator, cfg=cfg,
                     to_prob=LOSSES[cfg.loss.name].to_prob, expected=data.split(split).num_samples, split=split,
                     num_attributes=len(data.attributes))

@@ -6,7 +6,8 @@ import yaml
 
 from celeba_dist.config import ConfigError, load_config, shipped_recipes
 
-EXPECTED_RECIPES = {"smiling_simple_cnn", "attrs40_celeb_cnn", "attrs40_resnext50", "male_resnet18_lstm_attn", "best_40attr"}
+EXPECTED_RECIPES = {"smiling_simple_cnn", "attrs40_celeb_cnn", "attrs40_resnext50", "male_resnet18_lstm_attn", "best_40attr",
+                    "best_40attr_balanced"}
 
 
 def test_shipped_recipes_all_validate():
@@ -60,6 +61,9 @@ def test_config_file_and_model_options(tmp_path):
     (["model.dropoutt=0.1"], "model.dropoutt"),
     (["data.transform=zoom"], "data.transform"),
     (["train.epochs=0"], "train.epochs"),
+    (["train.tune_thresholds=f1"], "train.tune_thresholds: 'f1' is not one of"),
+    (["train.ema_decay=-0.1"], "train.ema_decay must be in"),
+    (["eval.tta=five_crop"], "eval.tta"),
 ])
 def test_bad_configs_name_the_key_and_choices(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")) as info:
@@ -115,3 +119,20 @@ def test_recipes_show_of_an_unknown_recipe_is_one_error_line(capsys):
     assert captured.out == ""
     assert captured.err.startswith("celeba-dist recipes: error: unknown recipe 'no_such_recipe'; shipped recipes:")
     assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+
+
+def test_accuracy_recipes_optimise_what_they_claim():
+    acc, bal = load_config("best_40attr"), load_config("best_40attr_balanced")
+    assert not acc.loss.pos_weight and acc.train.select_metric == acc.train.tune_thresholds == "accuracy"
+    assert bal.loss.pos_weight and bal.train.select_metric == bal.train.tune_thresholds == "balanced_accuracy"
+    for cfg in (acc, bal):
+        assert cfg.train.ema_decay == 0.9998 and cfg.eval.tta == "flip"
+
+
+def test_earlier_boolean_tune_thresholds_still_reads():
+    # checkpoints and recipes of earlier versions wrote train.tune_thresholds: true (balanced thresholds)
+    assert load_config("smiling_simple_cnn", ["train.tune_thresholds=true"]).train.tune_thresholds == "balanced_accuracy"
+    assert load_config("smiling_simple_cnn", ["train.tune_thresholds=false"]).train.tune_thresholds == "none"
+    assert load_config("smiling_simple_cnn").train.ema_decay is None
+    assert load_config("smiling_simple_cnn", ["train.ema_decay=0.99"]).train.ema_decay == 0.99
+    assert load_config("smiling_simple_cnn", ["train.ema_decay=null"]).train.ema_decay is None

@@ -4,9 +4,10 @@ from __future__ import annotations
 import itertools
 import math
 
+import pytest
 import torch
 
-from celeba_dist.train.metrics import auroc, balanced_thresholds, compute_metrics
+from celeba_dist.train.metrics import auroc, compute_metrics, tuned_thresholds
 
 
 def brute_auroc(scores, labels):
@@ -47,12 +48,27 @@ def test_single_class_attribute_has_no_auroc():
     assert m["attributes"]["A"]["balanced_accuracy"] == 0.5  # only the TNR is defined
 
 
-def test_balanced_thresholds_maximise_balanced_accuracy():
+@pytest.mark.parametrize("metric", ["accuracy", "balanced_accuracy"])
+def test_tuned_thresholds_maximise_their_metric(metric):
     g = torch.Generator().manual_seed(1)
     labels = (torch.rand(500, 1, generator=g) < 0.1).float()
     scores = (labels * 0.3 + torch.rand(500, 1, generator=g) * 0.5)  # positives higher, all below 0.8
-    thr = balanced_thresholds(scores, labels)
-    tuned = compute_metrics(scores, labels, ["A"], thr)["attributes"]["A"]["balanced_accuracy"]
+    thr = tuned_thresholds(scores, labels, metric)
+    tuned = compute_metrics(scores, labels, ["A"], thr)["attributes"]["A"][metric]
     for t in torch.linspace(0, 1, 101):
-        other = compute_metrics(scores, labels, ["A"], t)["attributes"]["A"]["balanced_accuracy"]
+        other = compute_metrics(scores, labels, ["A"], t)["attributes"]["A"][metric]
         assert tuned >= other - 1e-12
+    other_metric = {"accuracy": "balanced_accuracy", "balanced_accuracy": "accuracy"}[metric]
+    rival = compute_metrics(scores, labels, ["A"], tuned_thresholds(scores, labels, other_metric))["attributes"]["A"]
+    assert rival[metric] < tuned  # on a rare attribute the two metrics want different thresholds
+
+
+def test_accuracy_thresholds_may_predict_no_positive():
+    # 1 positive in 10, scored below four negatives: any cut that catches it costs more than it gains
+    scores = torch.tensor([[0.9], [0.8], [0.7], [0.6], [0.5], [0.1], [0.1], [0.1], [0.1], [0.1]])
+    labels = torch.tensor([[0.0]] * 4 + [[1.0]] + [[0.0]] * 5)
+    thr = tuned_thresholds(scores, labels, "accuracy")
+    assert float(thr[0]) > 0.9
+    assert compute_metrics(scores, labels, ["A"], thr)["attributes"]["A"]["accuracy"] == 0.9
+    with pytest.raises(ValueError, match="f1"):
+        tuned_thresholds(scores, labels, "f1")

@@ -107,8 +107,12 @@ def event_steps(run_dir: Path) -> dict[str, list[int]]:
 
 
 def final_state(run_dir: Path) -> tuple[dict, dict]:
-    path, ckpt = load_newest_valid(run_dir / "checkpoints")
+    ckpt = final_checkpoint(run_dir)
     return ckpt["state"], ckpt["model"]
+
+
+def final_checkpoint(run_dir: Path) -> dict:
+    return load_newest_valid(run_dir / "checkpoints")[1]
 
 
 def steps_per_epoch(shards: Path, world: int) -> int:
@@ -153,14 +157,17 @@ def assert_killed_run_resumes_exactly(shards: Path, tmp_path: Path, *extra: str)
     step = kill_mid_epoch(cmd, killed, after_step=14)
     assert step % steps_per_epoch(shards, 1) != 0, "the kill should land mid-epoch"
     run_to_end(cmd)
-    s1, w1 = final_state(straight)
-    s2, w2 = final_state(killed)
-    assert s1["global_step"] == s2["global_step"] == 3 * steps_per_epoch(shards, 1)
-    assert_same_weights(w1, w2)
+    c1, c2 = final_checkpoint(straight), final_checkpoint(killed)
+    assert c1["state"]["global_step"] == c2["state"]["global_step"] == 3 * steps_per_epoch(shards, 1)
+    assert_same_weights(c1["model"], c2["model"])
+    if c1["ema"] is not None:  # train.ema_decay: the average continued across the kill, to the bit
+        assert c1["ema_updates"] == c2["ema_updates"] == c1["state"]["global_step"]
+        assert_same_weights(c1["ema"], c2["ema"])
+        assert not all(torch.equal(c1["ema"][k], c1["model"][k]) for k in c1["model"])
 
 
-def test_deterministic_resume_gives_bit_identical_weights(shards, tmp_path):
-    assert_killed_run_resumes_exactly(shards, tmp_path)
+def test_deterministic_resume_gives_bit_identical_weights_and_ema(shards, tmp_path):
+    assert_killed_run_resumes_exactly(shards, tmp_path, "train.ema_decay=0.9")
 
 
 def test_resume_purges_events_logged_after_the_checkpoint(shards, tmp_path):

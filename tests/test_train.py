@@ -285,10 +285,10 @@ def loss_at(run_dir, step: int) -> float:
 
 def test_accumulation_bf16_channels_last_and_tuned_thresholds(shards, tmp_path):
     from celeba_dist.train.checkpoint import step_path
-    from celeba_dist.train.metrics import balanced_thresholds
+    from celeba_dist.train.metrics import tuned_thresholds
 
     attributes = ["Smiling", "Male"]
-    variants = [*FAST, "train.grad_accum_steps=3", "train.channels_last=true", "train.tune_thresholds=true",
+    variants = [*FAST, "train.grad_accum_steps=3", "train.channels_last=true", "train.tune_thresholds=balanced_accuracy",
                 f"data.attributes=[{', '.join(attributes)}]", "train.keep_last=5", "log.image_grid_size=0"]
     run_dir = tmp_path / "variants"
     # A process of its own: Accelerate's state (the precision) is set once per process.
@@ -310,7 +310,7 @@ def test_accumulation_bf16_channels_last_and_tuned_thresholds(shards, tmp_path):
                             "val", "test"], env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert probe.returncode == 0, probe.stderr[-3000:]
     val, test = (json.loads(scored.read_text())[s] for s in ("val", "test"))
-    tuned = balanced_thresholds(torch.tensor(val["probs"]), torch.tensor(val["targets"])).tolist()
+    tuned = tuned_thresholds(torch.tensor(val["probs"]), torch.tensor(val["targets"]), "balanced_accuracy").tolist()
     assert best["thresholds"] == tuned and tuned != [0.5, 0.5]
     assert metrics["thresholds"] == dict(zip(attributes, tuned))
     expected = compute_metrics(torch.tensor(test["probs"]), torch.tensor(test["targets"]), attributes,

@@ -39,7 +39,10 @@ def _model_section(meta: dict) -> str:
     return (f"Multi-label classifier of {len(meta['attributes'])} CelebA attribute(s), trained with "
             f"celeba-dist {meta['celeba_dist_version']}. Input: RGB {h}x{w} (transform `{meta['transform']}`, "
             f"normalisation `{meta['normalize']}`); output: one probability per attribute, in the order of "
-            f"`config.json`'s `attributes`, decided with its `thresholds`.\n\n"
+            f"`config.json`'s `attributes`, decided with its `thresholds`"
+            + (", averaged with the mirrored image's (flip test-time augmentation)" if meta.get("tta") == "flip" else "")
+            + ". Weights: " + ("the exponential moving average of the trained weights, which validation preferred"
+                               if meta.get("weights") == "ema" else "the trained weights") + ".\n\n"
             "```python\nimport celeba_dist\nmodel, preprocess = celeba_dist.load(\"THIS_FOLDER\")\n"
             "probs = model(preprocess([\"face.jpg\"]))  # (1, attributes)\n```")
 

@@ -39,6 +39,7 @@ def export_meta(trained: Trained) -> dict:
             "attributes": trained.attributes, "thresholds": [float(t) for t in trained.thresholds],
             "input_size": list(cfg.data.image_size), "transform": cfg.data.transform,
             "normalize": cfg.data.normalize, "loss": cfg.loss.name, "source": str(trained.source),
+            "weights": trained.weights, "tta": cfg.eval.tta,
             "config": cfg.to_dict()}
 
 

@@ -22,6 +22,8 @@ from PIL import Image
 from celeba_dist.config import Config, config_from_tree
 from celeba_dist.data.transforms import build_transform, normalize_batch
 from celeba_dist.train.checkpoint import BEST, load_checkpoint
+from celeba_dist.train.ema import RAW, selected_weights
+from celeba_dist.train.engine import predict_probs
 from celeba_dist.train.losses import LOSSES
 
 EXPORT_CONFIG = "config.json"
@@ -36,8 +38,9 @@ class Trained:
     cfg: Config
     attributes: list[str]
     thresholds: list[float]
-    state_dict: dict[str, torch.Tensor]
+    state_dict: dict[str, torch.Tensor]  # the weights the run selected (its EMA's where validation chose them)
     source: Path
+    weights: str = RAW  # raw | ema: which of a run's weights these are
 
 
 def read_trained(source: str | Path, overrides: Sequence[str] = ()) -> Trained:
@@ -51,7 +54,8 @@ def read_trained(source: str | Path, overrides: Sequence[str] = ()) -> Trained:
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path / EXPORT_CONFIG} is not a celeba-dist export (format {meta.get('format')!r})")
         cfg = config_from_tree(meta["config"], ["model.pretrained=none", *overrides])
-        return Trained(cfg, meta["attributes"], meta["thresholds"], load_file(path / EXPORT_WEIGHTS), path)
+        return Trained(cfg, meta["attributes"], meta["thresholds"], load_file(path / EXPORT_WEIGHTS), path,
+                       meta.get("weights", RAW))
     if path.is_dir():
         path = path / "checkpoints" / BEST
         if not path.is_file():
@@ -59,19 +63,22 @@ def read_trained(source: str | Path, overrides: Sequence[str] = ()) -> Trained:
     ckpt = load_checkpoint(path)
     cfg = config_from_tree(ckpt["config"], ["model.pretrained=none", *overrides])
     attributes = ckpt["attributes"]
-    return Trained(cfg, attributes, ckpt.get("thresholds") or [0.5] * len(attributes), ckpt["model"], path)
+    return Trained(cfg, attributes, ckpt.get("thresholds") or [0.5] * len(attributes), selected_weights(ckpt), path,
+                   ckpt.get("weights") or RAW)
 
 
 class AttributeClassifier(torch.nn.Module):
-    """The trained network → probabilities per attribute (the training loss's own mapping of its outputs)."""
+    """The trained network → probabilities per attribute (the training loss's own mapping of its outputs),
+    averaged with the mirrored image's under ``tta="flip"`` (the run's ``eval.tta``)."""
 
-    def __init__(self, net: torch.nn.Module, *, attributes: list[str], thresholds: list[float], loss: str):
+    def __init__(self, net: torch.nn.Module, *, attributes: list[str], thresholds: list[float], loss: str,
+                 tta: str = "none"):
         super().__init__()
-        self.net, self.attributes, self.loss = net, list(attributes), loss
+        self.net, self.attributes, self.loss, self.tta = net, list(attributes), loss, tta
         self.register_buffer("thresholds", torch.tensor(thresholds, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return LOSSES[self.loss].to_prob(self.net(x).float())
+        return predict_probs(self.net, x, LOSSES[self.loss].to_prob, tta=self.tta)
 
     def decide(self, probs: torch.Tensor) -> torch.Tensor:
         """0/1 per attribute with the thresholds the run chose (0.5 unless it tuned them)."""
@@ -110,7 +117,7 @@ def build_classifier(trained: Trained) -> AttributeClassifier:
     net = build_model_for(trained.cfg, len(trained.attributes))
     net.load_state_dict(trained.state_dict)
     return AttributeClassifier(net, attributes=trained.attributes, thresholds=trained.thresholds,
-                               loss=trained.cfg.loss.name).eval()
+                               loss=trained.cfg.loss.name, tta=trained.cfg.eval.tta).eval()
 
 
 def load(source: str | Path, *, device: str | torch.device = "cpu") -> tuple[AttributeClassifier, Callable]:

@@ -20,6 +20,7 @@ from celeba_dist.data.streams import IssueTally
 from celeba_dist.data.transforms import normalize_batch
 from celeba_dist.train.board import Board
 from celeba_dist.train.distributed import all_sum, gather_list, gather_rows
+from celeba_dist.train.ema import WeightEMA
 from celeba_dist.train.metrics import compute_metrics
 from celeba_dist.train.runlock import RunLockedError
 
@@ -40,6 +41,7 @@ class TrainState:
     best_metric: float | None = None
     best_epoch: int = -1
     best_step: int = -1
+    best_weights: str = "raw"  # raw | ema: the weights the best epoch's validation chose (train.ema_decay)
     history: list[dict] = field(default_factory=list)  # one entry per finished epoch
     samples_seen: int = 0  # by this rank, over the whole run
     jpeg_warnings: int = 0  # training samples that decoded with a libjpeg warning, all ranks, whole run
@@ -65,6 +67,7 @@ class Trainer:
     stops: signals.StopRequests = field(default_factory=signals.StopRequests)  # this run's, from its signal handlers
     lost_lock: threading.Event = field(default_factory=threading.Event)  # set when another process took the folder
     eval_caches: dict = field(default_factory=dict)  # data.cache: split -> its CachedEval, filled at first use
+    ema: WeightEMA | None = None  # train.ema_decay: the average of the weights, updated after every optimizer step
 
 
 def prepare_batch(images: torch.Tensor, labels: torch.Tensor, *, device: torch.device, normalize: str,
@@ -218,6 +221,8 @@ def _optimizer_step(trainer: Trainer, state: TrainState, meter: _Meter, loss: to
     trainer.optimizer.step()
     trainer.scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
+    if trainer.ema is not None:
+        trainer.ema.update(acc.unwrap_model(trainer.model, keep_torch_compile=False))
     state.global_step += 1
     meter.add(loss, state.global_step)
     step = state.global_step
@@ -269,8 +274,7 @@ def evaluate(trainer_model: torch.nn.Module, loader: Iterable, *, accelerator: A
         x, y = prepare_batch(images, labels, device=accelerator.device, normalize=cfg.data.normalize,
                              channels_last=cfg.train.channels_last)
         with accelerator.autocast():
-            out = model(x)
-        probs.append(to_prob(out.float()).cpu())
+            probs.append(predict_probs(model, x, to_prob, tta=cfg.eval.tta).cpu())
         targets.append(y.cpu())
         keys.extend(batch_keys)
     model.train(was_training)
@@ -286,6 +290,18 @@ def evaluate(trainer_model: torch.nn.Module, loader: Iterable, *, accelerator: A
                            f"{len(skipped)} of them skipped) across {accelerator.num_processes} processes; "
                            f"the manifest has {expected}")
     return Predictions(all_p, all_t, all_keys, skipped, warned)
+
+
+def predict_probs(model: torch.nn.Module, x: torch.Tensor, to_prob: Callable[[torch.Tensor], torch.Tensor], *,
+                  tta: str = "none") -> torch.Tensor:
+    """Probabilities (B, A) of a normalised batch; ``tta="flip"`` (``eval.tta``) averages them with the
+    probabilities of the horizontally mirrored batch."""
+    probs = to_prob(model(x).float())
+    if tta == "flip":
+        probs = (probs + to_prob(model(x.flip(3)).float())) / 2
+    elif tta != "none":
+        raise ValueError(f"unknown eval.tta {tta!r}; valid: ['none', 'flip']")
+    return probs
 
 
 def split_metrics(preds: Predictions, attributes: list[str], thresholds: list[float] | None) -> dict:

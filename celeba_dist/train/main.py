@@ -41,7 +41,8 @@ from celeba_dist.train.distributed import build_accelerator, from_main, leave_pr
 from celeba_dist.train.engine import (NonFiniteLossError, Predictions, TrainState, Trainer, evaluate, prepare_batch,
                                       split_metrics, supports_attention, train_one_epoch)
 from celeba_dist.train.losses import LOSSES, build_loss, positive_weights
-from celeba_dist.train.metrics import balanced_thresholds, format_table, write_attribute_csv
+from celeba_dist.train.ema import EMA, RAW, build_ema, selected_weights
+from celeba_dist.train.metrics import format_table, tuned_thresholds, write_attribute_csv
 from celeba_dist.train.optim import build_optimizer, build_scheduler
 from celeba_dist.train.resume import make_saver, refuse_fresh_start_over_checkpoints, resume, resume_hint
 
@@ -128,19 +129,23 @@ def environment(accelerator: Accelerator) -> dict[str, Any]:
 
 
 def validate(trainer: Trainer, data: ShardData, split: str, state: TrainState, *,
-             thresholds: list[float] | None = None, log_scalars: bool = True) -> tuple[dict, Predictions]:
+             thresholds: list[float] | None = None, log_scalars: bool = True, weights: str = RAW
+             ) -> tuple[dict, Predictions]:
+    """Metrics of ``split`` with the trained weights, or (``weights="ema"``) their average; logged as
+    ``<split>/...`` or ``<split>_ema/...``."""
     cfg, acc = trainer.cfg, trainer.accelerator
-    preds = evaluate(trainer.model, eval_batches(cfg, data, split, acc, trainer.eval_caches), accelerator=acc, cfg=cfg,
+    model = trainer.ema.module if weights == EMA else trainer.model
+    preds = evaluate(model, eval_batches(cfg, data, split, acc, trainer.eval_caches), accelerator=acc, cfg=cfg,
                      to_prob=LOSSES[cfg.loss.name].to_prob, expected=data.split(split).num_samples, split=split,
                      num_attributes=len(data.attributes))
     metrics = split_metrics(preds, data.attributes, thresholds)
     if log_scalars:
-        trainer.board.split_metrics(split, metrics, state.global_step)
+        trainer.board.split_metrics(split if weights == RAW else f"{split}_ema", metrics, state.global_step)
     return metrics, preds
 
 
 def draw_validation(trainer: Trainer, data: ShardData, metrics: dict, step: int, *,
-                    thresholds: list[float] | None = None) -> None:
+                    thresholds: list[float] | None = None, weights: str = RAW) -> None:
     """Rank 0 only: a labelled image grid, the attention heat map and the accuracy bars."""
     cfg, acc = trainer.cfg, trainer.accelerator
     if not acc.is_main_process or cfg.log.image_grid_size <= 0:
@@ -149,7 +154,7 @@ def draw_validation(trainer: Trainer, data: ShardData, metrics: dict, step: int,
     transform = build_transform(cfg.data.transform, image_size=cfg.data.image_size, train=False)
     stream = eval_stream(data, "val", transform, batch_size=cfg.log.image_grid_size, rank=0, world_size=1)
     images, labels, *_ = next(iter(stream))
-    model = acc.unwrap_model(trainer.model)
+    model = trainer.ema.module if weights == EMA else acc.unwrap_model(trainer.model)
     was_training = model.training
     model.eval()
     x, _ = prepare_batch(images, labels, device=acc.device, normalize=cfg.data.normalize,
@@ -176,7 +181,7 @@ def select_value(metrics: dict, name: str) -> float:
 def write_results(run_dir: Path, results: dict[str, dict], state: TrainState, thresholds: list[float] | None,
                   attributes: list[str]) -> None:
     out = {**results, "best_epoch": state.best_epoch, "best_step": state.best_step,
-           "select_metric_value": state.best_metric, "history": state.history,
+           "select_metric_value": state.best_metric, "weights": state.best_weights, "history": state.history,
            "thresholds": dict(zip(attributes, thresholds)) if thresholds else None}
     write_json(run_dir / "metrics.json", out)
     write_attribute_csv(results, run_dir / "metrics_per_attribute.csv")
@@ -237,10 +242,11 @@ def _train(cfg: Config, accelerator: Accelerator, data: ShardData, *,
     if cfg.train.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    state, ckpt = resume(cfg, accelerator, model, optimizer, scheduler)
+    ema = build_ema(accelerator.unwrap_model(model, keep_torch_compile=False), cfg.train.ema_decay)
+    state, ckpt = resume(cfg, accelerator, model, optimizer, scheduler, ema=ema)
     # A resumed run drops events logged after its checkpoint's step (they will be logged again).
     board = Board(run_dir, enabled=accelerator.is_main_process, purge_step=state.global_step + 1 if ckpt else None)
-    save = make_saver(cfg, accelerator, model, optimizer, scheduler, data.attributes)
+    save = make_saver(cfg, accelerator, model, optimizer, scheduler, data.attributes, ema=ema)
     log.info("run %s: %s on %d process(es), %d attributes, %d batches/epoch/process, %d optimizer steps",
              run_dir, cfg.model.name, accelerator.num_processes, len(data.attributes), steps_per_epoch, total_steps)
     trained, failed = None, True
@@ -248,7 +254,7 @@ def _train(cfg: Config, accelerator: Accelerator, data: ShardData, *,
         # an error anywhere ends this rank's loader workers too; SIGTERM/SIGUSR2 become this run's stop requests
         with signals.stop_requests() as stops, owned_workers():
             trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, loss_fn, board, steps_per_epoch,
-                              total_steps, save, stops, lost_lock or threading.Event())
+                              total_steps, save, stops, lost_lock or threading.Event(), ema=ema)
             status = _fit(trainer, data, train_ds, state)
             trained = param_checksum(accelerator.unwrap_model(model, keep_torch_compile=False))  # before best.pt's load
             results = {} if status == "stopped" else _final_test(trainer, data, state)
@@ -286,30 +292,49 @@ def _end_of_epoch(trainer: Trainer, data: ShardData, state: TrainState, seconds:
     if state.global_step % cfg.train.log_every_steps:  # the run's totals so far, also when no log step ended the epoch
         trainer.board.scalars({"data/jpeg_warnings": state.jpeg_warnings,
                                "data/skipped_samples": state.skipped_samples}, state.global_step)
-    improved, thresholds = True, None
+    improved, thresholds, weights = True, None, RAW
     if "val" in cfg.train.eval_splits:
-        metrics, preds = validate(trainer, data, "val", state)
-        if cfg.train.tune_thresholds:
-            thresholds = balanced_thresholds(preds.probs, preds.targets).tolist()
+        metrics, preds, weights = _validate_weights(trainer, data, state, entry)
+        if cfg.train.tune_thresholds != "none":
+            thresholds = tuned_thresholds(preds.probs, preds.targets, cfg.train.tune_thresholds).tolist()
         value = select_value(metrics, cfg.train.select_metric)
-        entry["val"] = metrics["mean"]
         improved = state.best_metric is None or value > state.best_metric
         if improved:
             state.best_metric, state.best_epoch, state.best_step = value, entry["epoch"], state.global_step
-        draw_validation(trainer, data, metrics, state.global_step, thresholds=thresholds)
-        log.info("epoch %d: val %s = %.4f (best %.4f at epoch %d), %.0fs", entry["epoch"], cfg.train.select_metric,
-                 value, state.best_metric, state.best_epoch, seconds)
+            state.best_weights = weights
+        draw_validation(trainer, data, metrics, state.global_step, thresholds=thresholds, weights=weights)
+        log.info("epoch %d: val %s = %.4f with %s weights (accuracy %.4f, balanced accuracy %.4f; best %.4f at epoch "
+                 "%d), %.0fs", entry["epoch"], cfg.train.select_metric, value, weights, metrics["mean"]["accuracy"],
+                 metrics["mean"]["balanced_accuracy"], state.best_metric, state.best_epoch, seconds)
     else:
         state.best_epoch, state.best_step = entry["epoch"], state.global_step
     state.history.append(entry)
-    trainer.save(state, best=improved, thresholds=thresholds)
+    trainer.save(state, best=improved, thresholds=thresholds, weights=weights)
+
+
+def _validate_weights(trainer: Trainer, data: ShardData, state: TrainState, entry: dict[str, Any]
+                      ) -> tuple[dict, Predictions, str]:
+    """Validation of the trained weights and, with ``train.ema_decay``, of their average: the better of the
+    two by ``train.select_metric`` (the trained ones on a tie), both recorded in the epoch's ``entry``."""
+    metrics, preds = validate(trainer, data, "val", state)
+    entry["val"] = metrics["mean"]
+    if trainer.ema is None:
+        return metrics, preds, RAW
+    ema_metrics, ema_preds = validate(trainer, data, "val", state, weights=EMA)
+    entry["val_ema"] = ema_metrics["mean"]
+    name = trainer.cfg.train.select_metric
+    better = select_value(ema_metrics, name) > select_value(metrics, name)
+    entry["weights"] = EMA if better else RAW
+    return (ema_metrics, ema_preds, EMA) if better else (metrics, preds, RAW)
 
 
 def _final_test(trainer: Trainer, data: ShardData, state: TrainState) -> dict[str, dict]:
     """Evaluate val and test with the best checkpoint's weights and thresholds."""
     cfg, acc = trainer.cfg, trainer.accelerator
     best = load_checkpoint(cfg.run_dir / "checkpoints" / BEST)
-    acc.unwrap_model(trainer.model, keep_torch_compile=False).load_state_dict(best["model"])
+    # the weights validation chose (the EMA's, where it won), in the trained model's place
+    acc.unwrap_model(trainer.model, keep_torch_compile=False).load_state_dict(selected_weights(best))
+    state.best_weights = best.get("weights", RAW)
     thresholds = best.get("thresholds")
     results = {}
     for split in cfg.train.eval_splits:
@@ -317,7 +342,8 @@ def _final_test(trainer: Trainer, data: ShardData, state: TrainState) -> dict[st
         metrics, _ = validate(trainer, data, split, state, thresholds=thresholds, log_scalars=split != "val")
         results[split] = metrics
         if acc.is_main_process:
-            log.info("%s", format_table(metrics, title=f"{split} (best epoch {state.best_epoch})"))
+            log.info("%s", format_table(metrics, title=f"{split} (best epoch {state.best_epoch}, "
+                                                      f"{state.best_weights} weights)"))
     if acc.is_main_process:
         write_results(cfg.run_dir, results, state, thresholds, data.attributes)
         final = {f"{s}_{m}": results[s]["mean"][m] for s in results for m in ("accuracy", "balanced_accuracy", "f1", "auroc")}

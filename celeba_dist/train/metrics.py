@@ -91,8 +91,13 @@ def _num(x: torch.Tensor) -> float | None:
     return None if math.isnan(value) else value
 
 
-def balanced_thresholds(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per attribute, the score threshold that maximises balanced accuracy (chosen on validation)."""
+def tuned_thresholds(probs: torch.Tensor, targets: torch.Tensor, metric: str) -> torch.Tensor:
+    """Per attribute, the score threshold that maximises ``metric`` (``accuracy`` or ``balanced_accuracy``)
+    on these scores (validation's): every cut between two distinct scores is tried, and for accuracy also
+    "no positive" (a threshold above every score), which can be the most accurate on a rare attribute.
+    An attribute with a single class keeps 0.5; ties go to the cut nearest 0.5's side (the first found)."""
+    if metric not in ("accuracy", "balanced_accuracy"):
+        raise ValueError(f"unknown threshold metric {metric!r}; valid: ['accuracy', 'balanced_accuracy']")
     out = torch.full((probs.shape[1],), 0.5, dtype=probs.dtype)
     for a in range(probs.shape[1]):
         s, t = probs[:, a], targets[:, a] > 0.5
@@ -103,13 +108,20 @@ def balanced_thresholds(probs: torch.Tensor, targets: torch.Tensor) -> torch.Ten
         s_sorted, t_sorted = s[order], t[order]
         tp = torch.cumsum(t_sorted, 0).double()  # predicted positive: the first k+1 scores
         fp = torch.cumsum(~t_sorted, 0).double()
-        bal = 0.5 * (tp / pos + (neg - fp) / neg)
+        if metric == "accuracy":
+            score = (tp + (neg - fp)) / (pos + neg)
+        else:
+            score = 0.5 * (tp / pos + (neg - fp) / neg)
         # only cut where the score changes, so the threshold separates exactly these samples
         last_of_run = torch.ones_like(t_sorted)
         last_of_run[:-1] = s_sorted[:-1] != s_sorted[1:]
-        bal[~last_of_run] = -1
-        k = int(torch.argmax(bal))
-        out[a] = s_sorted[k]
+        score[~last_of_run] = -1
+        k = int(torch.argmax(score))
+        none_positive = neg / (pos + neg) if metric == "accuracy" else 0.5
+        if none_positive > float(score[k]):
+            out[a] = torch.nextafter(s_sorted[0], torch.tensor(math.inf, dtype=s.dtype))
+        else:
+            out[a] = s_sorted[k]
     return out
 
 

@@ -16,16 +16,20 @@ from celeba_dist.train.checkpoint import (BEST, atomic_save, link_best, list_che
                                           load_newest_valid, newest_intact, prune, rng_state, set_rng_state,
                                           step_path)
 from celeba_dist.train.distributed import gather_list
+from celeba_dist.train.ema import RAW, WeightEMA
 from celeba_dist.train.engine import NonFiniteLossError, TrainState
 
 log = logging.getLogger(__name__)
 
 
-def make_saver(cfg: Config, accelerator: Accelerator, model, optimizer, scheduler, attributes: list[str]):
-    """A collective save: every rank contributes its RNG state, rank 0 writes the file."""
+def make_saver(cfg: Config, accelerator: Accelerator, model, optimizer, scheduler, attributes: list[str], *,
+               ema: WeightEMA | None = None):
+    """A collective save: every rank contributes its RNG state, rank 0 writes the file. With ``ema`` the
+    average is saved too, and ``weights`` (raw | ema) says which of the two this checkpoint's evaluation uses."""
     ckpt_dir = cfg.run_dir / "checkpoints"
 
-    def save(state: TrainState, *, best: bool = False, thresholds: list[float] | None = None) -> Path:
+    def save(state: TrainState, *, best: bool = False, thresholds: list[float] | None = None,
+             weights: str = RAW) -> Path:
         # DDP keeps the weights identical on every rank, so every rank reaches the same verdict.
         bad = [n for n, p in accelerator.unwrap_model(model).named_parameters() if not torch.isfinite(p).all()]
         if bad:
@@ -48,12 +52,14 @@ def make_saver(cfg: Config, accelerator: Accelerator, model, optimizer, schedule
                 "config": cfg.to_dict(),
                 "attributes": attributes,
                 "thresholds": thresholds,
+                "weights": weights,
+                **(ema.state_dict() if ema is not None else {"ema": None}),
             }, path)
             if best:
                 link_best(ckpt_dir, path)
             prune(ckpt_dir, cfg.train.keep_last)
             log.info("checkpoint %s (epoch %d, step %d)%s", path.name, state.epoch, state.global_step,
-                     " = best" if best else "")
+                     f" = best ({weights} weights)" if best else "")
         accelerator.wait_for_everyone()
         return path
 
@@ -80,8 +86,10 @@ def adopt_best(ckpt_dir: Path, resumed_from: Path) -> None:
     log.info("best checkpoint so far: %s, taken into %s", source, ckpt_dir)
 
 
-def resume(cfg: Config, accelerator: Accelerator, model, optimizer, scheduler) -> tuple[TrainState, Any]:
-    """Restore the newest valid checkpoint (``run.resume=auto``) or a given one; else a fresh state."""
+def resume(cfg: Config, accelerator: Accelerator, model, optimizer, scheduler, *,
+           ema: WeightEMA | None = None) -> tuple[TrainState, Any]:
+    """Restore the newest valid checkpoint (``run.resume=auto``) or a given one (with ``ema``, its average
+    of the weights too); else a fresh state."""
     fresh = TrainState(world_size=accelerator.num_processes, batch_size=cfg.data.batch_size)
     if cfg.run.resume == "none":
         return fresh, None
@@ -98,6 +106,8 @@ def resume(cfg: Config, accelerator: Accelerator, model, optimizer, scheduler) -
     accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
+    if ema is not None:
+        ema.load_state_dict(ckpt)
     if ckpt.get("scaler") and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(ckpt["scaler"])
     state = TrainState(**ckpt["state"])
