@@ -12,6 +12,7 @@ import pytest
 
 from celeba_dist.attributes import DRAWN_ATTRIBUTES
 from celeba_dist.config import load_config
+from celeba_dist.evaluate import evaluate_checkpoint
 from celeba_dist.train.main import main
 from shardkit import synthetic_shards
 from test_train import accelerate_cmd, assert_ranks_hold_the_same_weights, cpu_env, rank_stats
@@ -35,13 +36,21 @@ def check_bar(metrics: dict) -> None:
     assert test["mean"]["accuracy"] >= 0.90, test["mean"]
 
 
+# The recipes' newer options, all at once: an EMA of the weights, flip TTA and thresholds tuned for accuracy.
+EVERYTHING = ["train.ema_decay=0.99", "eval.tta=flip", "train.tune_thresholds=accuracy"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("cache", ["none", "host"])
-def test_simple_cnn_learns_the_drawn_attributes(shards, tmp_path, cache):
-    cfg = load_config("smiling_simple_cnn", [*RECIPE, "data.batch_size=32", f"data.cache={cache}"], data_dir=str(shards),
-                      run_dir=str(tmp_path / "one"))
+@pytest.mark.parametrize("cache, options", [("none", []), ("host", EVERYTHING)], ids=["none", "host-ema-tta"])
+def test_simple_cnn_learns_the_drawn_attributes(shards, tmp_path, cache, options):
+    cfg = load_config("smiling_simple_cnn", [*RECIPE, "data.batch_size=32", f"data.cache={cache}", *options],
+                      data_dir=str(shards), run_dir=str(tmp_path / "one"))
     result = main(cfg)
     check_bar(result["metrics"])
+    if "eval.tta=flip" in options:  # the same best weights and thresholds without the mirror do no better
+        plain = evaluate_checkpoint(tmp_path / "one" / "checkpoints" / "best.pt", split="test", data_dir=None,
+                                    overrides=["eval.tta=none"])
+        assert result["metrics"]["test"]["mean"]["accuracy"] >= plain["mean"]["accuracy"] - 0.005, plain["mean"]
 
 
 @pytest.mark.slow
