@@ -283,12 +283,13 @@ def loss_at(run_dir, step: int) -> float:
     return next(e.value for e in acc.Scalars("train/loss") if e.step == step)
 
 
-def test_accumulation_bf16_channels_last_and_tuned_thresholds(shards, tmp_path):
+def test_accumulation_bf16_channels_last_ema_tta_and_tuned_thresholds(shards, tmp_path):
     from celeba_dist.train.checkpoint import step_path
     from celeba_dist.train.metrics import tuned_thresholds
 
     attributes = ["Smiling", "Male"]
     variants = [*FAST, "train.grad_accum_steps=3", "train.channels_last=true", "train.tune_thresholds=balanced_accuracy",
+                "train.ema_decay=0.5", "eval.tta=flip",  # under bf16 autocast too
                 f"data.attributes=[{', '.join(attributes)}]", "train.keep_last=5", "log.image_grid_size=0"]
     run_dir = tmp_path / "variants"
     # A process of its own: Accelerate's state (the precision) is set once per process.
@@ -322,6 +323,10 @@ def test_accumulation_bf16_channels_last_and_tuned_thresholds(shards, tmp_path):
     # channels_last: the weights trained, and were checkpointed, in channels-last layout
     weight = best["model"]["features.0.weight"]
     assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    # the EMA (train.ema_decay) was kept beside the trained weights under bf16, in their layout
+    assert best["ema"].keys() == best["model"].keys() and best["ema_updates"] == best["state"]["global_step"]
+    assert best["ema"]["features.0.weight"].is_contiguous(memory_format=torch.channels_last)
+    assert not torch.equal(best["ema"]["features.0.weight"], weight)
     # bf16: the same first two steps in fp32 (same seed, same batches) give a close but different loss
     assert json.loads((run_dir / "env.json").read_text())["mixed_precision"] == "bf16"
     fp32 = tmp_path / "fp32"
