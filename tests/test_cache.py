@@ -168,3 +168,37 @@ def test_two_process_device_cache_holds_one_share_per_rank(shards, tmp_path):
     manifest = json.loads((shards / "manifest.json").read_text())
     for split in ("val", "test"):  # evaluation checked every sample once against the manifest
         assert metrics[split]["mean"]["num_samples"] == manifest["splits"][split]["num_samples"]
+
+
+def test_a_fill_forks_its_workers_only_once_the_order_thread_is_idle(shards, monkeypatch):
+    """The next epoch's order is worked out in a thread while training runs; the validation cache's fill forks
+    loader workers at the epoch's end, and a fork while that thread holds a lock (torch's thread pool's, say)
+    could leave the lock held for ever in the child. The fill waits for the thread first."""
+    import celeba_dist.data.cache as cache_module
+
+    data = ShardData(str(shards), ["Smiling"])
+    kw = dict(batch_size=8, rank=0, world_size=1, num_workers=1, seed=0, shuffle_buffer=50)
+    train = cached(data, "imagenet", (32, 32), **kw)
+    slow_order = train.epoch_order
+
+    def epoch_order(epoch):
+        time.sleep(1.5)
+        return slow_order(epoch)
+
+    monkeypatch.setattr(train, "epoch_order", epoch_order)
+    real_loader, idle_at_fork = cache_module.make_loader, []
+
+    def make_loader(*args, **kwargs):
+        idle_at_fork.append(all(f.done() for f in train._ahead.values()))
+        return real_loader(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "make_loader", make_loader)
+    train.epoch = 0
+    next(iter(train))  # epoch 0 starts: epoch 1's order is now being worked out in the thread
+    assert train._ahead and not any(f.done() for f in train._ahead.values())
+    form = build_cached_form("imagenet", image_size=(32, 32), train=False)
+    fill_store(deal_shards(data.split("val").shards, 1, 0), data.decoder(form.base), size=form.size,
+               num_attributes=1, device=torch.device("cpu"), pin=False, num_workers=1, where="val")
+    assert idle_at_fork == [True]
+    assert len(epoch_batches(train, 1)) == train.steps_per_epoch  # the order worked out ahead is the one used
+    train.close()

@@ -22,6 +22,7 @@ import itertools
 import logging
 import os
 import time
+import weakref
 import zlib
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -39,6 +40,10 @@ MODES = ("none", "host", "device")
 HOST_SHARE = 0.9  # of the host's available memory a cache (all ranks of the node together) may take
 DEVICE_SHARE = 0.75  # of the device's free memory: the model, its activations and optimizer need the rest
 _CHUNK = 256  # samples per fill task
+# Training caches whose background thread may be working out an epoch order: a fill waits for them before it
+# forks its loader workers (a fork copies only the forking thread; locks another thread holds, in torch's
+# thread pool say, would stay held in the child for ever).
+_ORDERING: weakref.WeakSet = weakref.WeakSet()
 
 
 class CacheMemoryError(RuntimeError):
@@ -168,6 +173,8 @@ def fill_store(parts: list[ShardPart], decoder: Decoder, *, size: tuple[int, int
     images = torch.empty((n, 3, *size), dtype=torch.uint8, device=device, pin_memory=pin and device.type == "cpu")
     labels = torch.zeros((n, num_attributes), dtype=torch.float32, device=device)
     keys, issues, tally = [""] * n, SampleIssues(), IssueTally(f"{where} cache")
+    for train in list(_ORDERING):
+        train.settle()
     with owned_workers():
         for positions, batch in make_loader(_FillStream(parts, decoder), num_workers=num_workers):
             tally.add(batch.issues)
@@ -237,6 +244,7 @@ class CachedTrain:
         self._gather = _Gather(store, device)
         self._ahead: dict[int, concurrent.futures.Future] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cache-order")
+        _ORDERING.add(self)
 
     def epoch_order(self, epoch: int) -> list[int]:
         """Cache positions of the epoch's batches, batch after batch: the streaming loader's order (batch
@@ -279,7 +287,12 @@ class CachedTrain:
             yield Batch(augment_batch(images, sample_seeds, self.form), labels, keys, issues)
             issues = SampleIssues()
 
+    def settle(self) -> None:
+        """Wait until the background thread is idle (its result, or error, stays for the epoch that needs it)."""
+        concurrent.futures.wait(list(self._ahead.values()))
+
     def close(self) -> None:
+        _ORDERING.discard(self)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
