@@ -145,3 +145,65 @@ def test_pipe_root_evaluates_like_the_local_folder(pristine, tmp_path):
                           f"pipe:cat {pristine}/manifest.json", "--split", "val"], env=cpu_env(), capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 1 and "needs {} where the file's path goes" in bad.stderr
+
+
+STALLING_SERVER = r"""
+import http.server, os, sys, time
+folder, port, flag = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+
+class Handler(http.server.SimpleHTTPRequestHandler):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, directory=folder, **kwargs)
+
+    def do_GET(self):
+        if "/val/" in self.path and os.path.exists(flag):  # accept, send half a header's worth, then nothing
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"\0" * 512)
+            self.wfile.flush()
+            time.sleep(600)
+            return
+        super().do_GET()
+
+http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+"""
+
+
+def test_a_server_that_stalls_fails_the_read_in_seconds_then_the_same_command_works(pristine, tmp_path):
+    """A server that accepts and then sends nothing would hold a run for ever: curl's stall limit
+    (CELEBA_DIST_REMOTE_STALL_S, 60 s by default; 2 s here) fails each attempt, and after the third the
+    command exits 1 naming the shard's URL; once the server serves again, the same command succeeds."""
+    run_dir = tmp_path / "run"
+    assert train(str(pristine), run_dir, "train.epochs=1").returncode == 0
+    flag, port = tmp_path / "stall", _free_port()
+    flag.touch()
+    srv = subprocess.Popen([sys.executable, "-c", STALLING_SERVER, str(pristine.parent), str(port), str(flag)])
+    try:
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}/{pristine.name}"
+        out = tmp_path / "val.json"
+        cmd = [sys.executable, "-m", "celeba_dist", "eval", "--run", str(run_dir), "--data", url, "--split", "val",
+               "--out", str(out), "--set", "data.num_workers=1"]
+        env = {**cpu_env(), "CELEBA_DIST_REMOTE_STALL_S": "2"}
+        started = time.monotonic()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        took = time.monotonic() - started
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert took < 45, took  # 3 attempts of 2 s without a byte, 1 s and 2 s apart, and the start-up
+        last = proc.stderr.strip().splitlines()[-1]
+        assert f"cannot read shard {url}/val/" in last and "curl exited with status 28 (timed out)" in last, last
+        assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+        flag.unlink()  # the server serves again
+        again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert json.loads(out.read_text())["mean"]["num_samples"] == json.loads(
+            (pristine / "manifest.json").read_text())["splits"]["val"]["num_samples"]
+    finally:
+        srv.kill()
+        srv.wait()

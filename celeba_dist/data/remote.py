@@ -2,8 +2,8 @@
 file's path goes (``pipe:aws s3 cp s3://bucket/shards/{} -``), whose ``manifest.json`` names the shards
 relatively, as a local folder's does.
 
-Remote files stream through webdataset's own opener (``webdataset.gopen``: ``curl`` for HTTP(S), a shell
-for ``pipe:``) and webdataset's tar iterator, grouped into samples by the same rule as the local mmap
+Remote files stream through webdataset's own openers (its ``Pipe`` around ``curl`` for HTTP(S), with a
+stall limit webdataset's default curl line lacks; its ``gopen`` shell for ``pipe:``) and webdataset's tar iterator, grouped into samples by the same rule as the local mmap
 reader. A read that fails (a server gone, a stream cut short) is retried from the start of the shard,
 skipping the samples already delivered; after the last attempt the run ends with a :class:`DataError`
 naming the URL. The dealing to slots and the exact evaluation counts are the local ones: only the reader
@@ -12,12 +12,14 @@ differs.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import tarfile
 import time
 from typing import Iterator
 
 import webdataset as wds
+from webdataset.gopen import Pipe
 
 from celeba_dist.shards.layout import group_members
 
@@ -26,6 +28,11 @@ log = logging.getLogger(__name__)
 PREFIXES = ("http://", "https://", "pipe:")
 ATTEMPTS = 3  # reads of one shard before the run gives up on it
 BACKOFF_S = 1.0  # before the second attempt; doubled each time
+# An HTTP(S) transfer that moves less than a byte a second for this long fails (curl status 28) and is retried:
+# a server that accepts and then stalls would otherwise hold the run for ever. CELEBA_DIST_REMOTE_STALL_S
+# changes it (seconds).
+STALL_S = 60
+CONNECT_TIMEOUT_S = 30
 
 
 class RemoteReadError(OSError):
@@ -71,11 +78,21 @@ def _attempts(url: str, what: str) -> Iterator[int]:
         yield attempt
 
 
+def open_remote(url: str):
+    """A read stream of ``url``: curl (HTTP(S)) with connect and stall limits, or the ``pipe:`` command."""
+    if not url.startswith(("http://", "https://")):
+        return wds.gopen(url, "rb")
+    stall = int(float(os.environ.get("CELEBA_DIST_REMOTE_STALL_S", STALL_S)))
+    args = ["curl", "--connect-timeout", str(CONNECT_TIMEOUT_S), "--speed-limit", "1", "--speed-time", str(stall),
+            "-f", "-s", "-L", url]
+    return Pipe(args, mode="rb", bufsize=8192, ignore_status=[141, 23])  # webdataset's own: SIGPIPE, write error
+
+
 def fetch(url: str) -> bytes:
     """The whole file at ``url`` (the manifest), with retries."""
     for attempt in _attempts(url, "file"):
         try:
-            with wds.gopen(url, "rb") as stream:
+            with open_remote(url) as stream:
                 data = stream.read()
             return data
         except (OSError, ValueError) as exc:
@@ -85,7 +102,7 @@ def fetch(url: str) -> bytes:
 
 
 def _samples(url: str, fields: frozenset[str] | None) -> Iterator[dict]:
-    stream = wds.gopen(url, "rb")
+    stream = open_remote(url)
     try:
         members = ((m["fname"], m["data"]) for m in wds.tariterators.tar_file_iterator(stream))
         yield from group_members(members, url, fields)
