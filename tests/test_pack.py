@@ -16,6 +16,7 @@ from PIL import Image
 
 from celeba_dist import cli
 from celeba_dist.pack.cli import DEFAULT_SAMPLES_PER_SHARD, main, verify_main
+from celeba_dist.shards.layout import SPLITS
 from celeba_dist.shards.manifest import (
     MANIFEST_NAME, ManifestError, load_manifest, positive_rates, split_shards, write_manifest,
 )
@@ -193,6 +194,92 @@ def test_partition_options_are_refused_for_partitioned_sources(tmp_path, capsys)
     src = write_celeba(tmp_path / "src", num_images=8)
     assert main([str(src.source), str(tmp_path / "out"), "--split-ratios", "0.5,0.25,0.25"]) == 1
     assert "only apply to sources without a partition" in capsys.readouterr().err
+
+
+# -- --resplit: a generated split in place of the source's own partition --------------------------
+
+def split_keys(out: Path) -> dict[str, list[str]]:
+    """The sample ids of every split, read from the shard files."""
+    return {s: [x["__key__"] for x in read_split(out, s)] for s in SPLITS}
+
+
+@pytest.fixture
+def partitioned(tmp_path):
+    """200 tiny images; the official partition is 140 / 30 / 30, contiguous by id."""
+    return write_celeba(tmp_path / "src", num_images=200, size=(16, 16), extras=False)
+
+
+def test_resplit_is_deterministic_by_seed(partitioned, tmp_path):
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        pack(partitioned.source, tmp_path / name, "--resplit", "0.8,0.1,0.1", "--seed", seed,
+             "--samples-per-shard", "64")
+    a, b, c = (split_keys(tmp_path / name) for name in "abc")
+    assert a == b and tars(tmp_path / "a") == tars(tmp_path / "b")
+    assert a["val"] != c["val"] and a["test"] != c["test"]
+    for keys in (a, c):
+        assert sorted(sum(keys.values(), [])) == [f"{i:06d}" for i in range(1, 201)]
+
+
+def test_resplit_is_stratified_like_a_generated_split(partitioned, tmp_path):
+    """Per stratum the cuts are rounded, so each split holds its share of each stratum within one image."""
+    for stratify, attribute in ((None, "Male"), ("Smiling", "Smiling")):
+        out = tmp_path / attribute
+        pack(partitioned.source, out, "--resplit", "0.8,0.1,0.1", *(["--stratify", stratify] if stratify else []))
+        manifest = load_manifest(out)
+        assert manifest["source"]["split"]["stratify"] == [attribute]
+        column = partitioned.attributes.index(attribute)
+        positive = {f"{i + 1:06d}" for i, row in enumerate(partitioned.labels) if row[column] == 1}
+        for split, ratio in zip(SPLITS, (0.8, 0.1, 0.1)):
+            keys = split_keys(out)[split]
+            assert abs(len(positive.intersection(keys)) - ratio * len(positive)) <= 1, (attribute, split)
+            rate = manifest["splits"][split]["positive_rates"][attribute]
+            assert rate == pytest.approx(len(positive.intersection(keys)) / len(keys), abs=1e-6)
+
+
+def test_resplit_ignores_the_source_partition(partitioned, tmp_path):
+    out = tmp_path / "out"
+    pack(partitioned.source, out, "--resplit", "0.5,0.25,0.25", "--stratify", "none")
+    keys = split_keys(out)
+    assert {s: len(k) for s, k in keys.items()} == {"train": 100, "val": 50, "test": 50}
+    for split in SPLITS:  # every new split draws from all three official ones
+        assert {SPLIT_OF[partitioned.partition[int(k) - 1]] for k in keys[split]} == set(SPLITS), split
+
+
+def test_resplit_is_recorded_in_the_manifest_and_the_resume_record(partitioned, tmp_path, capsys):
+    from celeba_dist.export.card import _data_section
+
+    out = tmp_path / "out"
+    pack(partitioned.source, out, "--resplit", "0.8,0.1,0.1", "--seed", "5")
+    manifest = load_manifest(out)
+    assert manifest["source"]["partition"] == "resplit"
+    assert manifest["source"]["split"] == {"ratios": [0.8, 0.1, 0.1], "seed": 5, "stratify": ["Male"]}
+    assert manifest["options"]["resplit"] == [0.8, 0.1, 0.1] and manifest["options"]["split_ratios"] == [0.8, 0.1, 0.1]
+    assert json.loads((out / ".pack-progress.json").read_text())["options"]["resplit"] == [0.8, 0.1, 0.1]
+    card = _data_section({"source": manifest["source"], "splits": {"train": 160}, "manifest_sha256": "0" * 64})
+    assert "ratios 0.8/0.1/0.1, seed 5, stratified on Male" in card and "not comparable" in card
+
+    official = tmp_path / "official"
+    pack(partitioned.source, official)
+    assert load_manifest(official)["source"]["partition"] == "source"
+    assert "split" not in load_manifest(official)["source"]
+    assert "resplit" not in json.loads((official / ".pack-progress.json").read_text())["options"]
+
+    capsys.readouterr()
+    state = tree_state(out)
+    for other, change in (([], "None"), (["--resplit", "0.7,0.2,0.1"], "[0.7, 0.2, 0.1]")):
+        # another split into the same folder: a new plan fingerprint, refused naming the option, nothing touched
+        assert main([str(partitioned.source), str(out), "--workers", "1", "--seed", "5", *other]) == 1
+        assert f"(changed [old, new]: {{'resplit': [[0.8, 0.1, 0.1], {change}]}})" in capsys.readouterr().err
+    assert tree_state(out) == state
+
+
+def test_resplit_on_a_source_without_partition_means_split_ratios(tmp_path):
+    src = write_celeba(tmp_path / "src", num_images=40, size=(16, 16), partition=False, extras=False)
+    pack(src.source, tmp_path / "a", "--resplit", "0.5,0.25,0.25")
+    pack(src.source, tmp_path / "b", "--split-ratios", "0.5,0.25,0.25")
+    pack(src.source, tmp_path / "c", "--split-ratios", "0.5,0.25,0.25", "--resplit", "0.5,0.25,0.25")  # same: accepted
+    assert split_keys(tmp_path / "a") == split_keys(tmp_path / "b") == split_keys(tmp_path / "c")
+    assert load_manifest(tmp_path / "a")["source"]["partition"] == "generated"
 
 
 def test_attribute_subset_is_packed_in_the_named_order(tmp_path):

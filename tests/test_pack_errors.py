@@ -161,6 +161,28 @@ def test_skip_bad_drops_bad_rows_and_missing_images(src, tmp_path):
     assert sum(manifest["splits"][s]["num_samples"] for s in manifest["splits"]) == 28
 
 
+def test_skip_bad_with_resplit_lists_bad_rows_before_splitting(src, tmp_path):
+    """The source's partition is ignored, so a bad row belongs to no split."""
+    values = list(src.labels[3])
+    values[0] = 2
+    replace_line(src.file(ATTR), 6, label_row(values, "000004.jpg"))
+    out = tmp_path / "out"
+    assert main([str(src.source), str(out), "--workers", "1", "--skip-bad", "--resplit", "0.8,0.1,0.1"]) == 0
+    manifest = load_manifest(out)
+    assert [s["id"] for s in manifest["skipped"]] == ["000004"] and "line 6" in manifest["skipped"][0]["reason"]
+    assert all(manifest["splits"][s]["skipped"] == [] for s in manifest["splits"])
+    assert sum(manifest["splits"][s]["num_samples"] for s in manifest["splits"]) == 29
+
+
+def test_resplit_with_other_split_ratios_is_refused(src, tmp_path, capsys):
+    out = tmp_path / "out"
+    err = run_failing(src.source, out, capsys, "--resplit", "0.8,0.1,0.1", "--split-ratios", "0.6,0.2,0.2")
+    assert "--resplit 0.8,0.1,0.1 and --split-ratios 0.6,0.2,0.2 conflict" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+    err = run_failing(src.source, out, capsys, "--stratify", "Smiling")  # without --resplit: the source's partition
+    assert "only apply to sources without a partition, or with --resplit" in err and not out.exists()
+
+
 def test_grayscale_cmyk_and_png_images_are_converted_and_counted(src, tmp_path):
     kinds = {1: ("L", "JPEG", "grayscale"), 2: ("CMYK", "JPEG", "cmyk"), 3: ("RGB", "PNG", "png")}
     for index, (mode, fmt, _) in kinds.items():

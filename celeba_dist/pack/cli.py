@@ -5,8 +5,9 @@ The steps, in order:
 1. Read and validate the source in full (:mod:`celeba_dist.pack.sources`); nothing is written before
    every label file has passed.
 2. Plan (:mod:`celeba_dist.pack.plan`): assign splits (the source's own partition, or a generated
-   one), apply ``--limit``, sort each split by id. The plan, the source fingerprint and the
-   options that shape the bytes are hashed into the *plan fingerprint*.
+   one when it has none or ``--resplit`` ignores it), apply ``--limit``, sort each split by id. The
+   plan, the source fingerprint and the options that shape the bytes are hashed into the *plan
+   fingerprint*.
 3. Check ``OUT_DIR`` (:mod:`celeba_dist.pack.progress`): shards of another source or other options
    are refused; shards a previous run of the same plan completed (``OUT_DIR/.pack-progress.json``)
    are kept once their sha256 checks out, and only what is missing is written.
@@ -22,9 +23,15 @@ The steps, in order:
 Deterministic choices, documented because users rely on them (``rank(x)`` is
 ``sha256(f"{salt}:{seed}:{id}")`` with salt ``split`` or ``limit``):
 
-* Generated split (a source without a partition): images are grouped by their values of the
-  ``--stratify`` attributes; within a group, ordered by ``rank``, the first ``floor(n*r_train + 0.5)``
-  go to train, those up to ``floor(n*(r_train + r_val) + 0.5)`` to val, the rest to test.
+* Generated split (a source without a partition, ratios ``--split-ratios``; or any source with
+  ``--resplit TRAIN,VAL,TEST``, which ignores its list_eval_partition.txt / torchvision / HF split):
+  images are grouped by their values of the ``--stratify`` attributes; within a group, ordered by
+  ``rank``, the first ``floor(n*r_train + 0.5)`` go to train, those up to
+  ``floor(n*(r_train + r_val) + 0.5)`` to val, the rest to test. ``--resplit`` with a different
+  ``--split-ratios`` is an error (the same ratios are accepted). The manifest records the split as
+  ``source.partition`` ``generated`` or ``resplit``, with ``source.split`` (ratios, seed, stratify):
+  numbers measured on such a split are not comparable with results on the official partition (the
+  same person can be in train and test).
 * ``--limit N``: split ``s`` of ``n_s`` images (``n`` in all) gets ``floor(N*n_s/n)`` images, and the
   splits with the largest remainders (ties: train, val, test) one more each until the quotas sum to
   ``N``; within a split the images of smallest ``rank`` are taken.
@@ -93,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip bad rows and missing or corrupt images (listed in the manifest) instead of failing")
     p.add_argument("--split-ratios", type=_ratios, default=None, metavar="TRAIN,VAL,TEST",
                    help="for sources without a partition (default 0.8,0.1,0.1)")
+    p.add_argument("--resplit", type=_ratios, default=None, metavar="TRAIN,VAL,TEST",
+                   help="ignore the source's own partition and generate one with these ratios, seeded by --seed "
+                        "and stratified by --stratify (see below; not comparable with official-split results)")
     p.add_argument("--stratify", type=_names, default=None, metavar="ATTR,...",
                    help="attributes the generated split keeps balanced (default Male; 'none' for none)")
     p.add_argument("--attributes", default=None, metavar="NAMES",
@@ -151,9 +161,9 @@ def options_from_args(args: argparse.Namespace) -> PackOptions:
     return PackOptions(
         samples_per_shard=None if args.max_shard_bytes else (args.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD),
         max_shard_bytes=args.max_shard_bytes, resize=args.resize, quality=args.quality, workers=args.workers,
-        limit=args.limit, skip_bad=args.skip_bad, split_ratios=args.split_ratios, stratify=args.stratify,
-        attributes=attributes, seed=args.seed, image_column=args.image_column, id_column=args.id_column,
-        identity_column=args.identity_column,
+        limit=args.limit, skip_bad=args.skip_bad, split_ratios=args.split_ratios, resplit=args.resplit,
+        stratify=args.stratify, attributes=attributes, seed=args.seed, image_column=args.image_column,
+        id_column=args.id_column, identity_column=args.identity_column,
     )
 
 

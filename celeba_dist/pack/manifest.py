@@ -30,8 +30,7 @@ def build_manifest(data: SourceData, plan: Plan, options: PackOptions, progress:
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "packer_version": __version__,
         "attributes": plan.attributes,
-        "source": {"kind": data.kind, "path": data.path, "fingerprint": data.fingerprint,
-                   "partition": "generated" if plan.generated else "source"},
+        "source": _source_manifest(data, plan, options),
         "options": {**options.as_json(),
                     "split_ratios": list(plan.split_ratios) if plan.split_ratios else None,
                     "stratify": list(plan.stratify) if plan.stratify is not None else None},
@@ -40,10 +39,24 @@ def build_manifest(data: SourceData, plan: Plan, options: PackOptions, progress:
                   "quality": options.quality if reencoded else None, "width": width, "height": height},
         "extras": [e for e in EXTRAS if e in data.extras],
         "splits": splits,
-        "skipped": sorted(({"id": s["id"], "reason": s["reason"]} for s in data.skipped if s["split"] is None),
-                          key=lambda s: s["id"]),
+        "skipped": sorted(({"id": s["id"], "reason": s["reason"]} for s in data.skipped
+                           if _skip_split(s, plan) is None), key=lambda s: s["id"]),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _source_manifest(data: SourceData, plan: Plan, options: PackOptions) -> dict[str, Any]:
+    """The source and its partition; a generated one (``generated``, ``resplit``) with how it was drawn."""
+    source = {"kind": data.kind, "path": data.path, "fingerprint": data.fingerprint, "partition": plan.partition}
+    if plan.split_ratios is not None:
+        source["split"] = {"ratios": list(plan.split_ratios), "seed": options.seed,
+                           "stratify": list(plan.stratify or ())}
+    return source
+
+
+def _skip_split(skip: dict[str, Any], plan: Plan) -> str | None:
+    """The split a bad source row was dropped from; None (before splitting) when the partition is not the source's."""
+    return skip["split"] if plan.partition == "source" else None
 
 
 def _split_manifest(data: SourceData, plan: Plan, split: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -55,7 +68,7 @@ def _split_manifest(data: SourceData, plan: Plan, split: str, entries: list[dict
     for entry in entries:
         for reason, ids in entry["converted"].items():
             converted.setdefault(reason, []).extend(ids)
-    label_skips = [{"id": s["id"], "reason": s["reason"]} for s in data.skipped if s["split"] == split]
+    label_skips = [{"id": s["id"], "reason": s["reason"]} for s in data.skipped if _skip_split(s, plan) == split]
     return {
         "num_samples": sum(e["num_samples"] for e in entries),
         "positive_rates": {a: round(float(r), 6) for a, r in zip(plan.attributes, rates)},

@@ -29,8 +29,8 @@ class Plan:
     attributes: list[str]
     columns: list[int]  # positions of `attributes` in the source's attribute_names
     rows: dict[str, list[int]]  # split -> source row indices, sorted by id
-    generated: bool  # the split was generated (the source has no partition)
-    split_ratios: tuple[float, float, float] | None
+    partition: str  # "source" (its own), "generated" (it has none) or "resplit" (its own ignored)
+    split_ratios: tuple[float, float, float] | None  # of a generated split (None: the source's own)
     stratify: tuple[str, ...] | None
 
     def fingerprint(self, data: SourceData, options: PackOptions) -> str:
@@ -42,12 +42,12 @@ class Plan:
 
 
 def make_plan(data: SourceData, options: PackOptions) -> Plan:
-    """Assign splits (generating them if the source has none), apply ``--limit``, sort by id."""
+    """Assign splits (generating them if the source has none, or with ``--resplit``), apply ``--limit``, sort by id."""
     attributes = list(options.attributes or CELEBA_ATTRIBUTES)
     missing = [a for a in attributes if a not in data.attribute_names]
     if missing:
         raise PackError(f"the source has no attribute(s) {missing}; it has {data.attribute_names}")
-    splits, ratios, stratify = assign_splits(data, options)
+    splits, partition, ratios, stratify = assign_splits(data, options)
     rows = {s: np.nonzero(splits == k)[0].tolist() for k, s in enumerate(SPLITS)}
     if not any(rows.values()):
         raise PackError("the source has no usable images")
@@ -55,24 +55,29 @@ def make_plan(data: SourceData, options: PackOptions) -> Plan:
         rows = limit_rows(rows, data.ids, options.limit, options.seed)
     rows = {s: sorted(r, key=data.ids.__getitem__) for s, r in rows.items()}
     columns = [data.attribute_names.index(a) for a in attributes]
-    return Plan(attributes, columns, rows, data.splits is None, ratios, stratify)
+    return Plan(attributes, columns, rows, partition, ratios, stratify)
 
 
 def assign_splits(data: SourceData, options: PackOptions
-                  ) -> tuple[np.ndarray, tuple[float, float, float] | None, tuple[str, ...] | None]:
-    """(N,) split index per row, with the ratios and strata used (None: the source's own partition)."""
-    if data.splits is not None:
+                  ) -> tuple[np.ndarray, str, tuple[float, float, float] | None, tuple[str, ...] | None]:
+    """(N,) split index per row, the :attr:`Plan.partition` kind, the ratios and strata used (None: the source's).
+
+    The source's own partition, unless it has none or ``--resplit`` asks to ignore it: then a
+    partition is generated (seeded by ``--seed``, stratified on ``--stratify``).
+    """
+    if data.splits is not None and options.resplit is None:
         if options.split_ratios is not None or options.stratify is not None:
-            raise PackError("--split-ratios/--stratify only apply to sources without a partition; "
-                            "this source has its own train/val/test partition")
-        return data.splits, None, None
-    ratios = options.split_ratios or DEFAULT_SPLIT_RATIOS
+            raise PackError("--split-ratios/--stratify only apply to sources without a partition, or with --resplit; "
+                            "this source has its own train/val/test partition (--resplit TRAIN,VAL,TEST ignores it)")
+        return data.splits, "source", None, None
+    ratios = options.resplit or options.split_ratios or DEFAULT_SPLIT_RATIOS
     stratify = options.stratify if options.stratify is not None else DEFAULT_STRATIFY
     unknown = [a for a in stratify if a not in data.attribute_names]
     if unknown:
         raise PackError(f"--stratify: the source has no attribute(s) {unknown}")
     strata = data.labels[:, [data.attribute_names.index(a) for a in stratify]]
-    return generate_partition(data.ids, strata, ratios, options.seed), ratios, stratify
+    partition = "generated" if data.splits is None else "resplit"
+    return generate_partition(data.ids, strata, ratios, options.seed), partition, ratios, stratify
 
 
 def _rank(salt: str, seed: int, image_id: str) -> bytes:

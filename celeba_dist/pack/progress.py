@@ -95,8 +95,9 @@ def _refuse_other_source(out_dir: Path, data: SourceData, records: dict[str, dic
 def _refuse_other_plan(out_dir: Path, options: PackOptions, old_progress: dict[str, Any], plan_fp: str) -> None:
     if old_progress.get("plan") == plan_fp:
         return
-    old_options = old_progress.get("options", {})
-    changed = {k: [old_options.get(k), v] for k, v in options.content().items() if old_options.get(k) != v}
+    old_options, new_options = old_progress.get("options", {}), options.content()
+    changed = {k: [old_options.get(k), new_options.get(k)] for k in sorted(set(old_options) | set(new_options))
+               if old_options.get(k) != new_options.get(k)}  # the union: content() leaves out an unset --resplit
     raise PackError(f"{out_dir} holds shards of this source packed with other options or another image "
                     f"selection (changed [old, new]: {changed or 'the selected images'}); {_START_AFRESH}")
 

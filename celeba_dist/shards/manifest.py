@@ -5,7 +5,8 @@
     {"format": "celeba-dist-shards", "format_version": 1, "packer_version": "0.1.0",
      "attributes": ["5_o_Clock_Shadow", ...],            # order of every attr.json list
      "source": {"kind": "official" | "torchvision" | "hf", "path": str, "fingerprint": hex,
-                "partition": "source" | "generated"},
+                "partition": "source" | "generated" | "resplit",
+                "split": {"ratios": [train, val, test], "seed": int, "stratify": [names]}},  # absent for "source"
      "options": {...every packing option used...},
      "image": {"encoding": "jpeg", "resize": null | [W, H], "resample": null | "bicubic",
                "quality": null | Q, "width": int | null, "height": int | null},
@@ -20,8 +21,11 @@
      "skipped": [{"id": str, "reason": str}],             # bad rows dropped before a split was known
      "created": ISO-8601 time}                            # the only field that differs between runs
 
-``quality`` is the JPEG quality of every image the packer re-encoded (null when all images are the
-source's bytes); ``width``/``height`` are null when the images do not all share one size.
+``partition``: the source's own train/val/test partition (``source``), or one the packer generated
+because the source has none (``generated``) or because ``--resplit`` ignored the source's own
+(``resplit``); results on a generated split are not comparable with results on CelebA's official
+partition. ``quality`` is the JPEG quality of every image the packer re-encoded (null when all
+images are the source's bytes); ``width``/``height`` are null when the images do not all share one size.
 """
 from __future__ import annotations
 
