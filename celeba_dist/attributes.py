@@ -1,4 +1,4 @@
-"""The 40 CelebA attribute names, in the order of ``list_attr_celeba.txt``."""
+"""The 40 CelebA attribute names, in the order of ``list_attr_celeba.txt``, and the aligned images' size."""
 from __future__ import annotations
 
 CELEBA_ATTRIBUTES: tuple[str, ...] = (
@@ -11,6 +11,8 @@ CELEBA_ATTRIBUTES: tuple[str, ...] = (
     "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings",
     "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young",
 )
+
+ALIGNED_IMAGE_SIZE: tuple[int, int] = (178, 218)  # (W, H) of every image in img_align_celeba
 
 # Attributes the synthetic CelebA really draws into the pixels (celeba_dist.synthetic);
 # the others follow plausible rates and correlations but leave no trace in the image.

@@ -1,9 +1,9 @@
 """Loader throughput, four routes over the same synthetic images, in one run on one machine.
 
   (a) reference: PIL decoding the JPEG bytes (already in memory) to full-size RGB, nothing else
-  (b) our shard loader: 64x64 training tensors (CenterCrop 178 -> Resize 64 -> flip), original JPEGs
+  (b) our shard loader: 64x64 training tensors (RandomCrop 178 -> Resize 64 -> flip), original JPEGs
   (c) the seed projects' route: torchvision's CelebA dataset over the folder of JPEGs, PIL,
-      torchvision transforms (CenterCrop 178, Resize 64, RandomHorizontalFlip, ToTensor), DataLoader
+      torchvision transforms (RandomCrop 178, Resize 64, RandomHorizontalFlip, ToTensor), DataLoader
   (d) our shard loader on shards pre-packed with ``--resize 64x78``
   (e) decode + transform alone: (b)'s transform applied to the JPEG bytes in memory, no tar, no
       shuffle, no batching: what the loader's own overhead is measured against (b/e)
@@ -94,7 +94,7 @@ def route_torchvision(root: Path, workers: int, batch_size: int) -> Callable[[],
             return True
 
     dataset = CelebANoMD5(str(root), split="train", target_type="attr", download=False,
-                          transform=T.Compose([T.CenterCrop(178), T.Resize(64), T.RandomHorizontalFlip(), T.ToTensor()]))
+                          transform=T.Compose([T.RandomCrop(178), T.Resize(64), T.RandomHorizontalFlip(), T.ToTensor()]))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
                                          drop_last=True)
 

@@ -26,6 +26,8 @@ import simplejpeg
 import torch
 from PIL import Image
 
+from celeba_dist.attributes import ALIGNED_IMAGE_SIZE
+
 Transform = Callable[[bytes, random.Random], torch.Tensor]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -102,11 +104,14 @@ def _maybe_flip(img: Image.Image, train: bool, rng: random.Random) -> Image.Imag
 
 
 def crop178_resize(*, image_size: tuple[int, int], train: bool) -> Transform:
-    """CenterCrop 178 → Resize → flip (train): the smiling CNN's input.
+    """RandomCrop 178 (train) / CenterCrop 178 (eval) → Resize → flip (train): the smiling CNN's input.
 
-    On aligned CelebA (178×218) the 178 crop is the central square of the shorter side; the
-    same rule makes shards pre-packed with ``--resize 64x78`` give the same tensors with no
-    resize at load time.
+    The crop is the square of the shorter side: on aligned CelebA (178×218) the 178×178 square, at a
+    random top in 0..40 for training (uniform over the valid positions, drawn from ``rng``) and the
+    central one otherwise. Offsets are in the pixels of the decoded image, which libjpeg may have
+    decoded at a DCT scale (67×82 for a 64×64 output: a random top in 0..15, steps of 8/3 source
+    pixels). The same rule makes shards pre-packed with ``--resize 64x78`` need no resize at load
+    time: evaluation takes the central 64×64, training a 64×64 at a random top in 0..14.
     """
     out_h, out_w = image_size
     side_min = max(out_h, out_w)
@@ -115,12 +120,36 @@ def crop178_resize(*, image_size: tuple[int, int], train: bool) -> Transform:
         img = decode_rgb(data, min_size=(side_min, side_min))
         side = min(img.size)
         left, top = (img.width - side) // 2, (img.height - side) // 2
+        if train:  # one draw along the longer side (none along the other, which the square fills)
+            offset = rng.randint(0, max(img.size) - side)
+            left, top = (offset, 0) if img.width > img.height else (0, offset)
         box = (left, top, left + side, top + side)
         if (side, side) == (out_w, out_h):
             img = img.crop(box)
         else:  # crop and resize in one pass
             img = img.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box)
         return to_tensor(_maybe_flip(img, train, rng))
+
+    return apply
+
+
+def _celeba_aspect_resize(*, image_size: tuple[int, int]) -> Transform:
+    """The central box of CelebA's 178:218 aspect (to the nearest pixel, clipped to the image) → Resize to
+    ``image_size`` (H, W): a fixed-size image for any input; an aligned CelebA image is resized whole."""
+    out_h, out_w = image_size
+    src_w, src_h = ALIGNED_IMAGE_SIZE
+
+    def apply(data: bytes, rng: random.Random) -> torch.Tensor:
+        img = decode_rgb(data, min_size=(out_w, out_h))
+        box_w = min(img.width, round(img.height * src_w / src_h))
+        box_h = min(img.height, round(img.width * src_h / src_w))
+        left, top = (img.width - box_w) // 2, (img.height - box_h) // 2
+        box = (left, top, left + box_w, top + box_h)
+        if (box_w, box_h) == (out_w, out_h):
+            img = img.crop(box)
+        else:
+            img = img.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box)
+        return to_tensor(img)
 
     return apply
 
@@ -173,7 +202,21 @@ class CachedForm:
 
 
 def _cached_crop178(image_size: tuple[int, int]) -> CachedForm:
-    return CachedForm(image_size, crop178_resize(image_size=image_size, train=False), flip=True)
+    """crop178_resize's training transform for ``data.cache``: the image resized to the output's scale
+    with CelebA's aspect (64×78 for a 64×64 output) is cached, the random square crop and the flip are
+    taken per batch.
+
+    The same crops at the same scale as the streamed path, in the other order: that one crops the
+    (DCT-scaled) decoded image and then resizes, this one resizes the whole image and then crops, so
+    the pixels differ by interpolation (and the offsets are quantised to the output's pixels, 0..14
+    for 64×64, instead of the decoded image's). On shards pre-packed with ``--resize 64x78`` neither
+    path resamples and both crop the same 64×64 windows. Images of another aspect than CelebA's are
+    cut to its central 178:218 box first, where the streamed path would crop a square of them.
+    """
+    out_h, out_w = image_size
+    cached_h = max(out_h, round(out_h * ALIGNED_IMAGE_SIZE[1] / ALIGNED_IMAGE_SIZE[0]))
+    base = _celeba_aspect_resize(image_size=(cached_h, out_w))
+    return CachedForm((cached_h, out_w), base, crop=image_size, flip=True)
 
 
 def _cached_resize_crop(image_size: tuple[int, int]) -> CachedForm:
@@ -195,7 +238,8 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "crop178_resize": Preset(crop178_resize, _cached_crop178, "CenterCrop 178 -> Resize (64x64) -> flip"),
+    "crop178_resize": Preset(crop178_resize, _cached_crop178,
+                             "RandomCrop 178 (train) / CenterCrop 178 (eval) -> Resize (64x64) -> flip"),
     "resize_crop": Preset(resize_crop, _cached_resize_crop,
                           "Resize 220x270 -> crop 178x218 (random in training) -> flip"),
     "imagenet": Preset(resize, _cached_resize, "Resize (224x224) -> flip; use with data.normalize=imagenet"),

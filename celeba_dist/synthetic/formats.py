@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-from celeba_dist.attributes import CELEBA_ATTRIBUTES
+from celeba_dist.attributes import ALIGNED_IMAGE_SIZE, CELEBA_ATTRIBUTES
 from celeba_dist.synthetic.labels import Labels
 
-IMAGE_WIDTH, IMAGE_HEIGHT = 178, 218
+IMAGE_WIDTH, IMAGE_HEIGHT = ALIGNED_IMAGE_SIZE
 JPEG_QUALITY = 90
 IMAGE_DIR = "img_align_celeba"
 ATTR_FILE = "list_attr_celeba.txt"
