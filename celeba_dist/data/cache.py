@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from celeba_dist.data.streams import (Batch, Decoder, IssueTally, SampleIssues, ShardPart, TrainStream, _Skipped,
-                                      _worker, make_loader, owned_workers, read_part)
+                                      _worker, label_table, make_loader, owned_workers, read_part, stack_images)
 from celeba_dist.data.transforms import CachedForm, augment_batch, hash32
 
 log = logging.getLogger(__name__)
@@ -133,8 +133,8 @@ class _FillStream(IterableDataset):
                 images.append(image)
                 labels.append(label)
                 keys.append(key)
-            stacked = torch.stack(images) if images else torch.zeros(0, dtype=torch.uint8)
-            yield torch.tensor(positions, dtype=torch.int64), Batch(stacked, torch.tensor(labels, dtype=torch.float32), keys, issues)
+            stacked = stack_images(tuple(images)) if images else torch.zeros(0, dtype=torch.uint8)
+            yield torch.tensor(positions, dtype=torch.int64), Batch(stacked, label_table(labels), keys, issues)
 
 
 @dataclass

@@ -3,7 +3,7 @@ what counts as an image file, how tar members group into samples, and how a samp
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, AnyStr, Callable, Iterable, Iterator
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")  # also the official partition values 0, 1, 2, in order
 SHARD_NAME = "celeba-{split}-{index:06d}.tar"
@@ -15,14 +15,16 @@ def shard_file(split: str, index: int) -> str:
     return f"{split}/{SHARD_NAME.format(split=split, index=index)}"
 
 
-def split_key(name: str) -> tuple[str, str]:
+def split_key(name: AnyStr) -> tuple[AnyStr, AnyStr]:
     """A tar member's (sample key, member suffix): ``a/b/000001.attr.json`` → (``a/b/000001``, ``attr.json``).
 
     The rule of webdataset's ``base_plus_ext``, with the suffix lower-cased: members whose keys are
-    equal and adjacent form one sample.
+    equal and adjacent form one sample. Names may be ``str`` or UTF-8 ``bytes`` (the local tar reader's,
+    decoded once per sample).
     """
-    slash = name.rfind("/") + 1
-    dot = name.find(".", slash)
+    slash_char, dot_char = ("/", ".") if isinstance(name, str) else (b"/", b".")
+    slash = name.rfind(slash_char) + 1
+    dot = name.find(dot_char, slash)
     if dot < 0:
         return name, ""
     return name[:dot], name[dot + 1:].lower()
@@ -51,11 +53,19 @@ def group_members(members: Iterable[tuple[str, Any]], url: str, fields: frozense
 _BITS = bytes.maketrans(b"01", b"\x00\x01")
 
 
-def decode_labels(raw: bytes) -> list:
-    """A sample's ``attr.json``: the packer's compact ``[1,0,...]`` is read without the json module (a
-    fifth of its cost, checked byte for byte); anything else goes through ``json.loads``."""
+def label_bits(raw: bytes) -> bytes | None:
+    """The packer's compact ``attr.json`` (``[1,0,...]``) as bytes of 0 and 1, read without the json module
+    (a fifth of its cost, checked byte for byte); None for anything else."""
     n = (len(raw) - 1) // 2
     if (n and raw[:1] == b"[" and len(raw) == 2 * n + 1 and raw[2::2] == b"," * (n - 1) + b"]"
             and not raw[1::2].translate(None, b"01")):
-        return list(raw[1::2].translate(_BITS))
+        return raw[1::2].translate(_BITS)
+    return None
+
+
+def decode_labels(raw: bytes) -> list:
+    """A sample's ``attr.json`` as a list: :func:`label_bits` for the compact form, ``json.loads`` otherwise."""
+    bits = label_bits(raw) if isinstance(raw, bytes) else None
+    if bits is not None:
+        return list(bits)
     return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)

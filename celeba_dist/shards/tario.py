@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import os
 import struct
+from dataclasses import dataclass
 from typing import Iterator
 
-from celeba_dist.shards.layout import group_members, split_key
+from celeba_dist.shards.layout import split_key
 
 BLOCK = 512
 REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
@@ -44,7 +46,7 @@ def _octal(field: bytes, path: str, pos: int) -> int:
         raise TarFormatError(f"{path} at byte {pos}: bad number {field!r} in a tar header") from exc
 
 
-def _pax_path(data: bytes) -> str | None:
+def _pax_path(data: bytes) -> bytes | None:
     """The ``path`` record of a pax extended header, if any ("LEN path=VALUE\\n" records)."""
     pos = 0
     while pos < len(data):
@@ -52,9 +54,12 @@ def _pax_path(data: bytes) -> str | None:
         length = int(data[pos:space])
         key, _, value = data[space + 1: pos + length - 1].partition(b"=")
         if key == b"path":
-            return value.decode("utf-8")
+            return value
         pos += length
     return None
+
+
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux: map the whole file at once, not a page fault per 4 KiB
 
 
 @contextlib.contextmanager
@@ -63,7 +68,7 @@ def _mapped(path: str) -> Iterator[mmap.mmap | None]:
         if fh.seek(0, 2) == 0:
             yield None
             return
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        with mmap.mmap(fh.fileno(), 0, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ) as buf:
             yield buf
 
 
@@ -71,58 +76,147 @@ def _mapped(path: str) -> Iterator[mmap.mmap | None]:
 _HEADER = struct.Struct("100s24x12s20xc100x5s83x155s")
 
 
-def _walk(buf: mmap.mmap, path: str) -> Iterator[tuple[str, int, int]]:
-    """(name, data offset, size) of every regular file; each header is unpacked in one call, data never read."""
-    pos, end, long_name = 0, len(buf), None
-    unpack = _HEADER.unpack_from
-    while pos + BLOCK <= end:
-        raw_name, size_field, kind, magic, prefix = unpack(buf, pos)
-        if not raw_name[0] and buf[pos: pos + BLOCK].count(0) == BLOCK:  # end-of-archive marker
-            return
-        size = _octal(size_field, path, pos)
-        header, data_start = pos, pos + BLOCK
-        pos = data_start + (size + BLOCK - 1) // BLOCK * BLOCK
-        if pos > end:
-            raise TarFormatError(f"{path} at byte {header}: truncated tar member ({size} bytes past the end of the file)")
-        if kind == GNU_LONGNAME:
-            long_name = buf[data_start: data_start + size].split(b"\0", 1)[0].decode("utf-8")
-            continue
-        if kind in PAX_HEADERS:
-            long_name = _pax_path(buf[data_start: data_start + size]) or long_name
-            continue
-        name = long_name or _header_name(raw_name, magic, prefix)
-        long_name = None
-        if kind in REGULAR:
-            yield name, data_start, size
+def _size(field: bytes, path: str, pos: int) -> int:
+    if field[11] == 0:  # the common "%011o\0", inline; anything else takes the general path
+        try:
+            return int(field[:11], 8)
+        except ValueError:
+            pass
+    return _octal(field, path, pos)
 
 
-def _header_name(raw_name: bytes, magic: bytes, prefix: bytes) -> str:
-    name = raw_name.split(b"\0", 1)[0].decode("utf-8")
-    if magic == b"ustar" and prefix[0]:
-        name = prefix.split(b"\0", 1)[0].decode("utf-8") + "/" + name
-    return name
+Span = tuple[str, int, int]  # a member's field, data offset and size in the file
 
 
-def iter_samples(path: str, fields: frozenset[str] | None = None) -> Iterator[dict]:
-    """webdataset-style samples: {"__key__", "__url__", field: bytes, ...}, consecutive members grouped.
+def iter_samples(path: str, fields: frozenset[str] | None = None, *, start: int = 0, limit: int = -1,
+                 stride: int = 1, offset: int = 0) -> Iterator[dict]:
+    """webdataset-style samples: {"__key__", "__url__", field: bytes, ...}, consecutive members grouped
+    by :func:`celeba_dist.shards.layout.split_key`'s rule (as :func:`~celeba_dist.shards.layout.group_members`
+    groups them).
 
-    ``fields``: only these members' bytes are read (the others are skipped in the file, not copied).
+    Only the samples ``i`` in ``[start, limit)`` (``limit`` -1: to the end) with ``i % stride == offset``
+    are yielded, and only their ``fields`` (all if None) are copied out of the file; reading stops at
+    ``limit``. A damaged header's error names the last sample read, as the damage lies past it.
     """
     with _mapped(path) as buf:
         if buf is None:
             return
-        yield from group_members(_named_errors(_walk(buf, path)), path, fields,
-                                 read=lambda span: buf[span[0]: span[0] + span[1]])
+        for key, spans in _sample_spans(buf, path, fields, start=start, limit=limit, stride=stride, offset=offset):
+            sample = {"__key__": key, "__url__": path}
+            for field, data_start, size in spans:
+                sample[field] = buf[data_start: data_start + size]
+            yield sample
 
 
-def _named_errors(members: Iterator[tuple[str, int, int]]) -> Iterator[tuple[str, tuple[int, int]]]:
-    """(name, (offset, size)) of each member; a damaged header's error names the last sample read, as the
-    damage lies past it."""
-    key = None
+def _sample_spans(buf: mmap.mmap, path: str, fields: frozenset[str] | None, *, start: int, limit: int, stride: int,
+                  offset: int) -> Iterator[tuple[str, list[Span]]]:
+    """(key, spans of its ``fields``) of the selected samples (see :func:`iter_samples`).
+
+    One loop does the header walk, the grouping and the selection, on the names' bytes, because the
+    per-member work is this reader's whole cost (a CelebA sample has five members): each header is
+    unpacked in one call, a member of the current sample is recognised by its prefix, and a key is
+    decoded once per sample.
+    """
+    wanted = None if fields is None else {f.encode("utf-8") for f in fields}
+    unpack, end = _HEADER.unpack_from, len(buf)
+    pos, long_name = 0, None
+    index, key, key_dot, spans, keep = -1, None, b"\0", [], False
     try:
-        for name, start, size in members:
-            key = name
-            yield name, (start, size)
+        while pos + BLOCK <= end:
+            raw_name, size_field, kind, magic, prefix = unpack(buf, pos)
+            if not raw_name[0] and buf[pos: pos + BLOCK].count(0) == BLOCK:  # end-of-archive marker
+                break
+            size = _size(size_field, path, pos)
+            header, data_start = pos, pos + BLOCK
+            pos = data_start + (size + BLOCK - 1) // BLOCK * BLOCK
+            if pos > end:
+                raise TarFormatError(f"{path} at byte {header}: truncated tar member ({size} bytes past the "
+                                     "end of the file)")
+            if kind not in REGULAR:
+                long_name = _long_name(buf, kind, data_start, size, long_name)
+                continue
+            if long_name is not None:
+                name, long_name = long_name, None
+            elif magic == b"ustar" and prefix[0]:
+                name = prefix.split(b"\0", 1)[0] + b"/" + raw_name.split(b"\0", 1)[0]
+            else:
+                name = raw_name.split(b"\0", 1)[0]
+            # a member of the current sample: KEY.FIELD with no "/" in FIELD (split_key's rule)
+            if name.startswith(key_dot) and b"/" not in (field := name[len(key_dot):]):
+                field = field.lower()
+            else:
+                member_key, field = split_key(name)
+                if field and member_key != key:
+                    if keep:
+                        yield key.decode("utf-8"), spans
+                    index, key, key_dot = index + 1, member_key, member_key + b"."
+                    if 0 <= limit <= index:
+                        return
+                    keep, spans = index >= start and index % stride == offset, []
+            if field and keep and (wanted is None or field in wanted):
+                spans.append((field.decode("utf-8"), data_start, size))
     except TarFormatError as exc:
-        after = f" (after sample {split_key(key)[0]})" if key else " (before its first sample)"
+        after = f" (after sample {key.decode('utf-8', 'replace')})" if key is not None else " (before its first sample)"
         raise TarFormatError(f"{exc}{after}") from exc
+    if keep:
+        yield key.decode("utf-8"), spans
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    info = os.stat(path)
+    return info.st_size, info.st_mtime_ns
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """Where the samples of one shard file lie: the key and the ``fields``' spans of each, from one walk.
+
+    Reading through an index (:meth:`samples`) copies the fields out of the file with no header walk: a
+    training run indexes its shards once and reads them every epoch. The index holds for the file as it
+    was walked (its size and modification time); a changed file is walked again.
+    """
+
+    path: str
+    stamp: tuple[int, int]
+    fields: frozenset[str] | None
+    keys: list[str]
+    spans: list[tuple[Span, ...]]
+    limit: int = -1  # the samples before it were walked (-1: all)
+
+    def samples(self, *, start: int = 0, limit: int = -1, stride: int = 1, offset: int = 0) -> Iterator[dict]:
+        """What :func:`iter_samples` yields for the same arguments."""
+        beyond = self.limit >= 0 and not 0 <= limit <= self.limit
+        if beyond or _stamp(self.path) != self.stamp:
+            yield from iter_samples(self.path, self.fields, start=start, limit=limit, stride=stride, offset=offset)
+            return
+        stop = len(self.keys) if limit < 0 else min(limit, len(self.keys))
+        first = start + (offset - start) % stride
+        with _mapped(self.path) as buf:
+            path = self.path
+            for key, spans in zip(self.keys[first:stop:stride], self.spans[first:stop:stride]):
+                sample = {"__key__": key, "__url__": path}
+                for field, data_start, size in spans:
+                    sample[field] = buf[data_start: data_start + size]
+                yield sample
+
+
+def index_shard(path: str, fields: frozenset[str] | None = None, *, limit: int = -1) -> ShardIndex:
+    """One walk of ``path``'s headers (up to sample ``limit``, -1: all) into a :class:`ShardIndex` of its
+    samples' ``fields``; the walk's errors are :func:`iter_samples`'s."""
+    stamp = _stamp(path)
+    keys, spans = [], []
+    with _mapped(path) as buf:
+        if buf is not None:
+            for key, members in _sample_spans(buf, path, fields, start=0, limit=limit, stride=1, offset=0):
+                keys.append(key)
+                spans.append(tuple(members))
+    return ShardIndex(path, stamp, fields, keys, spans, limit)
+
+
+def _long_name(buf: mmap.mmap, kind: bytes, data_start: int, size: int, long_name: bytes | None) -> bytes | None:
+    """The name the next member takes from a GNU long-name or pax header; None after any other non-file."""
+    if kind == GNU_LONGNAME:
+        return buf[data_start: data_start + size].split(b"\0", 1)[0]
+    if kind in PAX_HEADERS:
+        return _pax_path(buf[data_start: data_start + size]) or long_name
+    return None
