@@ -139,6 +139,67 @@ def test_tar_reader_matches_webdataset(shards, tmp_path):
             assert {k: a[k] for k in a if not k.startswith("__")} == {k: b[k] for k in b if not k.startswith("__")}
 
 
+def test_shard_index_reads_what_the_walk_reads(shards, tmp_path):
+    """Reading through a ShardIndex gives what the header walk gives, for every selection; a file changed
+    after it was indexed, or a read past what was indexed, is walked again."""
+    import shutil
+
+    from celeba_dist.data.streams import SAMPLE_FIELDS
+    from celeba_dist.shards.tario import index_shard, iter_samples
+
+    manifest = json.loads((shards / "manifest.json").read_text())
+    paths = [str(shards / s["file"]) for s in manifest["splits"]["train"]["shards"]]
+    selections = [dict(), dict(start=3), dict(limit=5), dict(start=2, limit=7), dict(stride=3, offset=1),
+                  dict(start=1, limit=8, stride=2, offset=0), dict(start=4, limit=4), dict(start=20)]
+    for path in paths:
+        index = index_shard(path, SAMPLE_FIELDS)
+        assert index.keys == [s["__key__"] for s in iter_samples(path)]
+        for where in selections:
+            assert list(index.samples(**where)) == list(iter_samples(path, SAMPLE_FIELDS, **where)), where
+        part = index_shard(path, SAMPLE_FIELDS, limit=3)
+        assert part.keys == index.keys[:3]
+        assert list(part.samples(limit=6)) == list(iter_samples(path, SAMPLE_FIELDS, limit=6))
+        assert list(part.samples()) == list(iter_samples(path, SAMPLE_FIELDS))
+    copy, other = tmp_path / "shard.tar", paths[1]
+    shutil.copyfile(paths[0], copy)
+    index = index_shard(str(copy), SAMPLE_FIELDS)
+    shutil.copyfile(other, copy)  # another shard under the indexed name
+    assert [s["__key__"] for s in index.samples()] == [s["__key__"] for s in iter_samples(other)] != index.keys
+
+
+def test_training_epochs_read_through_the_index_in_the_workers(shards, monkeypatch):
+    """The loader indexes the rank's shards in the training process, once; its forked workers then read
+    every epoch without walking a tar (a walk here raises), and the batches are those of a plain read."""
+    import celeba_dist.shards.tario as tario
+
+    data = ShardData(str(shards), "all")
+    transform = build_transform("crop178_resize", image_size=(16, 16), train=True)
+
+    def stream():
+        return train_stream(data, transform, batch_size=4, rank=1, world_size=2, num_workers=2, seed=3,
+                            shuffle_buffer=20)
+
+    def epoch(ds, number):
+        ds.epoch = number
+        return list(make_loader(ds, num_workers=2))
+
+    plain = [epoch(stream(), e) for e in (0, 1)]  # each a fresh stream: indexed then read, epoch by epoch
+    indexed = stream()
+    first = epoch(indexed, 0)
+    assert set(indexed._index) == {part.path for part in indexed.rank_parts()}
+
+    def walked(*args, **kwargs):
+        raise AssertionError("a tar was walked after the run indexed its shards")
+
+    monkeypatch.setattr(tario, "_sample_spans", walked)  # the walk under iter_samples and index_shard
+    second = epoch(indexed, 1)
+    for got, want in zip([first, second], plain):
+        assert [b.keys for b in got] == [b.keys for b in want]
+        assert all(torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) for a, b in zip(got, want))
+    with pytest.raises(AssertionError, match="walked"):  # the check itself bites: a fresh stream must walk
+        epoch(stream(), 1)
+
+
 def test_truncated_shard_is_an_error_naming_it(shards, tmp_path):
     from celeba_dist.shards.tario import TarFormatError, iter_samples
 

@@ -1,7 +1,10 @@
 """Loader throughput, four routes over the same synthetic images, in one run on one machine.
 
   (a) reference: PIL decoding the JPEG bytes (already in memory) to full-size RGB, nothing else
-  (b) our shard loader: 64x64 training tensors (RandomCrop 178 -> Resize 64 -> flip), original JPEGs
+  (b) our shard loader: 64x64 training tensors (RandomCrop 178 -> Resize 64 -> flip), original JPEGs,
+      a later epoch of a run (the run indexed its shards in the first)
+  (b1) the same, a run's first epoch: a new stream each pass, so the pass includes walking the tar
+      headers to index them
   (c) the seed projects' route: torchvision's CelebA dataset over the folder of JPEGs, PIL,
       torchvision transforms (RandomCrop 178, Resize 64, RandomHorizontalFlip, ToTensor), DataLoader
   (d) our shard loader on shards pre-packed with ``--resize 64x78``
@@ -69,16 +72,23 @@ def route_transform(jpegs: list[bytes]) -> Callable[[], int]:
     return run
 
 
-def route_ours(shards: Path, workers: int, batch_size: int) -> Callable[[], int]:
+def route_ours(shards: Path, workers: int, batch_size: int, *, first_epoch: bool = False) -> Callable[[], int]:
     from celeba_dist.data.streams import ShardData, make_loader, train_stream
     from celeba_dist.data.transforms import build_transform
 
     data = ShardData(str(shards), "all")
     transform = build_transform("crop178_resize", image_size=(64, 64), train=True)
-    stream = train_stream(data, transform, batch_size=batch_size, rank=0, world_size=1, num_workers=workers,
-                          seed=0, shuffle_buffer=1000)
+
+    def new_stream():
+        return train_stream(data, transform, batch_size=batch_size, rank=0, world_size=1, num_workers=workers,
+                            seed=0, shuffle_buffer=1000)
+
+    stream = new_stream()
 
     def run() -> int:
+        nonlocal stream
+        if first_epoch:
+            stream = new_stream()
         stream.epoch += 1
         return count_batches(make_loader(stream, num_workers=workers))
 
@@ -147,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         routes = {
             "a": ("PIL full-size decode (reference)", route_pil(jpegs)),
             "b": ("ours, shards, 64x64 train tensors", route_ours(shards, args.workers, args.batch_size)),
+            "b1": ("(b) in a run's first epoch (indexing)",
+                   route_ours(shards, args.workers, args.batch_size, first_epoch=True)),
             "c": ("torchvision CelebA + PIL + DataLoader", route_torchvision(source.parent, args.workers, args.batch_size)),
             "d": ("ours, shards packed --resize 64x78", route_ours(small, args.workers, args.batch_size)),
             "e": ("decode + transform alone, (b)'s transform", route_transform(jpegs)),
@@ -162,9 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'route':<6}{'what':<42}{'images':>8}{'img/s':>10}")
         for key, (label, _) in routes.items():
             print(f"{key:<6}{label:<42}{counts[key]:>8}{rates[key]:>10.0f}")
-        ratios = {"b/e": rates["b"] / rates["e"], "b/a": rates["b"] / rates["a"], "b/c": rates["b"] / rates["c"],
-                  "d/c": rates["d"] / rates["c"]}
-        targets = {"b/e": 0.9, "b/a": None, "b/c": None, "d/c": 3.0}
+        ratios = {"b/e": rates["b"] / rates["e"], "b1/e": rates["b1"] / rates["e"], "b/a": rates["b"] / rates["a"],
+                  "b/c": rates["b"] / rates["c"], "d/c": rates["d"] / rates["c"]}
+        targets = {"b/e": 0.9, "b1/e": None, "b/a": None, "b/c": None, "d/c": 3.0}
         print()
         for name, value in ratios.items():
             target = targets[name]

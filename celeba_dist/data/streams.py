@@ -233,7 +233,8 @@ class _Skipped(NamedTuple):
 
 @dataclass(frozen=True)
 class Decoder:
-    """Raw sample → (uint8 image (3, H, W), label list (A,), key, libjpeg warning or None). Picklable for workers.
+    """Raw sample → (uint8 image (3, H, W), label row (A,), key, libjpeg warning or None). Picklable for workers.
+    The label row is bytes of 0/1 or a list (:meth:`_labels`); :func:`label_table` makes a batch's tensor.
 
     A sample that cannot be decoded raises :class:`DataError` naming it and its shard, or, with
     ``skip_bad``, comes out as a skipped marker that the batches count.
@@ -247,26 +248,41 @@ class Decoder:
     def __post_init__(self) -> None:
         object.__setattr__(self, "every_label", self.label_index == tuple(range(len(self.label_index))))
 
-    def __call__(self, sample: dict, seed: int = 0) -> tuple[torch.Tensor, list[int], str, str | None] | _Skipped:
-        key, shard = sample["__key__"], sample.get("__url__")
+    def __call__(self, sample: dict, seed: int = 0) -> tuple[torch.Tensor, bytes | list, str, str | None] | _Skipped:
+        return self.many([sample], [seed])[0]
+
+    def many(self, samples: list[dict], seeds: Iterable[int]) -> list:
+        """:meth:`__call__` for each of ``samples`` with its seed, in a row (libjpeg's warnings are
+        collected once for all of them)."""
+        out, transform, labels_of, rng = [], self.transform, self._labels, random.Random
         damage, previous = collect_jpeg_damage()
         try:
-            image = self.transform(sample["jpg"], random.Random(seed))
-            labels = self._labels(sample["attr.json"])
-        except Exception as exc:  # name the sample and shard: the user has to find it
-            if self.skip_bad:
-                return _Skipped(key, f"{shard}: {type(exc).__name__}: {exc}")
-            raise DataError(f"cannot decode sample {key} of shard {shard}: {exc}; set data.skip_bad_samples=true "
-                            f"to skip such samples, `celeba-dist verify` checks every shard") from exc
+            for sample, seed in zip(samples, seeds):
+                known = len(damage)
+                try:
+                    image = transform(sample["jpg"], rng(seed))
+                    labels = labels_of(sample["attr.json"])
+                except Exception as exc:  # name the sample and shard: the user has to find it
+                    out.append(self._failed(sample, exc))
+                    continue
+                warning = f"{sample.get('__url__')}: {damage[known]}" if len(damage) > known else None
+                out.append((image, labels, sample["__key__"], warning))
         finally:
             stop_collecting_jpeg_damage(previous)
-        return image, labels, key, f"{shard}: {damage[0]}" if damage else None
+        return out
+
+    def _failed(self, sample: dict, exc: Exception) -> _Skipped:
+        key, shard = sample.get("__key__"), sample.get("__url__")
+        if self.skip_bad:
+            return _Skipped(key, f"{shard}: {type(exc).__name__}: {exc}")
+        raise DataError(f"cannot decode sample {key} of shard {shard}: {exc}; set data.skip_bad_samples=true "
+                        f"to skip such samples, `celeba-dist verify` checks every shard") from exc
 
     def _labels(self, raw: bytes) -> bytes | list:
         """The selected labels: bytes of 0/1 for the packer's compact form (a batch's rows are then joined
         and read in one call, :func:`_collate`), a list otherwise."""
         bits = label_bits(raw)
-        if bits is not None and self.every_label and len(bits) == len(self.label_index):
+        if self.every_label and bits is not None and len(bits) == len(self.label_index):
             return bits
         attrs = decode_labels(raw) if bits is None else bits
         return [attrs[i] for i in self.label_index]
@@ -301,7 +317,7 @@ def stack_images(images: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return torch.stack(images)
 
 
-def _batches(raw: Iterator[dict], decode: Callable[[dict], tuple | _Skipped], batch_size: int) -> Iterator[Batch]:
+def _batches(raw: Iterator[dict], decode: Callable[[list[dict]], list], batch_size: int) -> Iterator[Batch]:
     """Raw samples → decoded batches; skipped samples go into the next batch's issues.
 
     Each batch's samples are taken first and then decoded in a row: the decoder's code and tables stay
@@ -312,7 +328,7 @@ def _batches(raw: Iterator[dict], decode: Callable[[dict], tuple | _Skipped], ba
     """
     batch, issues, good, skipped = [], SampleIssues(), 0, 0
     while chunk := list(itertools.islice(raw, batch_size - len(batch))):
-        for item in [decode(sample) for sample in chunk]:
+        for item in decode(chunk):
             if isinstance(item, _Skipped):
                 issues.skipped.append(tuple(item))
                 skipped += 1
@@ -347,7 +363,9 @@ class EvalStream(IterableDataset):
     def __iter__(self) -> Iterator:
         worker, workers = _worker()
         parts = deal_shards(self.shards, self.world_size * workers, self.rank * workers + worker)
-        return _batches((s for part in parts for s in read_part(part)), self.decoder, self.batch_size)
+        decoder = self.decoder
+        return _batches((s for part in parts for s in read_part(part)),
+                        lambda chunk: decoder.many(chunk, itertools.repeat(0)), self.batch_size)
 
 
 class TrainStream(IterableDataset):
@@ -458,8 +476,10 @@ class TrainStream(IterableDataset):
         stream = itertools.islice(self.worker_samples(logical), skip * self.batch_size, None)
         seed, epoch, decoder = self.seed, self.epoch, self.decoder
         produced = 0
-        for batch in itertools.islice(_batches(stream, lambda s: decoder(s, sample_seed(seed, epoch, s["__key__"])),
-                                               self.batch_size), deliver):
+        def decode(chunk: list[dict]) -> list:
+            return decoder.many(chunk, [sample_seed(seed, epoch, s["__key__"]) for s in chunk])
+
+        for batch in itertools.islice(_batches(stream, decode, self.batch_size), deliver):
             if len(batch.keys) < self.batch_size:
                 raise RuntimeError(f"rank {self.rank}, worker {logical} ran out of samples: its shards are empty")
             produced += 1

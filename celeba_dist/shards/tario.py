@@ -10,6 +10,7 @@ check it against ``webdataset.WebDataset`` on real shards.
 """
 from __future__ import annotations
 
+import array
 import contextlib
 import mmap
 import os
@@ -169,18 +170,23 @@ def _stamp(path: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class ShardIndex:
-    """Where the samples of one shard file lie: the key and the ``fields``' spans of each, from one walk.
+    """Where the samples of one shard file lie: each one's key and the offsets and sizes of its ``fields``,
+    from one walk of the headers.
 
     Reading through an index (:meth:`samples`) copies the fields out of the file with no header walk: a
     training run indexes its shards once and reads them every epoch. The index holds for the file as it
-    was walked (its size and modification time); a changed file is walked again.
+    was walked (its size and modification time); a changed file is walked again. It is compact (under
+    200 bytes a sample: the key, a shared tuple of field names, int64 offsets), because every loader
+    worker of every rank holds a copy.
     """
 
     path: str
     stamp: tuple[int, int]
     fields: frozenset[str] | None
     keys: list[str]
-    spans: list[tuple[Span, ...]]
+    layouts: list[tuple[str, ...]]  # the field names of each sample, in file order (shared tuples)
+    spans: array.array  # (offset, size) of each field, sample after sample
+    firsts: array.array  # where each sample's pairs begin in ``spans`` (in numbers, not pairs)
     limit: int = -1  # the samples before it were walked (-1: all)
 
     def samples(self, *, start: int = 0, limit: int = -1, stride: int = 1, offset: int = 0) -> Iterator[dict]:
@@ -191,12 +197,14 @@ class ShardIndex:
             return
         stop = len(self.keys) if limit < 0 else min(limit, len(self.keys))
         first = start + (offset - start) % stride
-        with _mapped(self.path) as buf:
-            path = self.path
-            for key, spans in zip(self.keys[first:stop:stride], self.spans[first:stop:stride]):
-                sample = {"__key__": key, "__url__": path}
-                for field, data_start, size in spans:
-                    sample[field] = buf[data_start: data_start + size]
+        keys, layouts, spans, firsts, path = self.keys, self.layouts, self.spans, self.firsts, self.path
+        with _mapped(path) as buf:
+            for i in range(first, stop, stride):
+                sample, j = {"__key__": keys[i], "__url__": path}, firsts[i]
+                for field in layouts[i]:
+                    data_start = spans[j]
+                    sample[field] = buf[data_start: data_start + spans[j + 1]]
+                    j += 2
                 yield sample
 
 
@@ -204,13 +212,19 @@ def index_shard(path: str, fields: frozenset[str] | None = None, *, limit: int =
     """One walk of ``path``'s headers (up to sample ``limit``, -1: all) into a :class:`ShardIndex` of its
     samples' ``fields``; the walk's errors are :func:`iter_samples`'s."""
     stamp = _stamp(path)
-    keys, spans = [], []
+    keys, layouts, spans, firsts = [], [], array.array("q"), array.array("q")
+    shared: dict[tuple[str, ...], tuple[str, ...]] = {}
     with _mapped(path) as buf:
         if buf is not None:
             for key, members in _sample_spans(buf, path, fields, start=0, limit=limit, stride=1, offset=0):
+                names = tuple(field for field, _, _ in members)
                 keys.append(key)
-                spans.append(tuple(members))
-    return ShardIndex(path, stamp, fields, keys, spans, limit)
+                layouts.append(shared.setdefault(names, names))
+                firsts.append(len(spans))
+                for _, data_start, size in members:
+                    spans.append(data_start)
+                    spans.append(size)
+    return ShardIndex(path, stamp, fields, keys, layouts, spans, firsts, limit)
 
 
 def _long_name(buf: mmap.mmap, kind: bytes, data_start: int, size: int, long_name: bytes | None) -> bytes | None:
