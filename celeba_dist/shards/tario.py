@@ -73,6 +73,15 @@ def _mapped(path: str) -> Iterator[mmap.mmap | None]:
             yield buf
 
 
+def _view(path: str) -> memoryview:
+    """The whole file, mapped read-only, as a memoryview: its slices copy nothing, and the mapping goes away
+    with the last of them (a sample may wait in a shuffle buffer long after its shard was read)."""
+    with open(path, "rb") as fh:
+        if fh.seek(0, 2) == 0:
+            return memoryview(b"")
+        return memoryview(mmap.mmap(fh.fileno(), 0, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ))
+
+
 # name, size, type flag, ustar magic, prefix: the fields of a 512-byte header this reader needs
 _HEADER = struct.Struct("100s24x12s20xc100x5s83x155s")
 
@@ -198,14 +207,14 @@ class ShardIndex:
         stop = len(self.keys) if limit < 0 else min(limit, len(self.keys))
         first = start + (offset - start) % stride
         keys, layouts, spans, firsts, path = self.keys, self.layouts, self.spans, self.firsts, self.path
-        with _mapped(path) as buf:
-            for i in range(first, stop, stride):
-                sample, j = {"__key__": keys[i], "__url__": path}, firsts[i]
-                for field in layouts[i]:
-                    data_start = spans[j]
-                    sample[field] = buf[data_start: data_start + spans[j + 1]]
-                    j += 2
-                yield sample
+        view = _view(path) if first < stop else None
+        for i in range(first, stop, stride):
+            sample, j = {"__key__": keys[i], "__url__": path}, firsts[i]
+            for field in layouts[i]:
+                data_start = spans[j]
+                sample[field] = view[data_start: data_start + spans[j + 1]]
+                j += 2
+            yield sample
 
 
 def index_shard(path: str, fields: frozenset[str] | None = None, *, limit: int = -1) -> ShardIndex:
