@@ -89,15 +89,6 @@ def _view(path: str) -> memoryview:
 _HEADER = struct.Struct("100s24x12s20xc100x5s83x155s")
 
 
-def _size(field: bytes, path: str, pos: int) -> int:
-    if field[11] == 0:  # the common "%011o\0" first; anything else takes the general path
-        try:
-            return int(field[:11], 8)
-        except ValueError:
-            pass
-    return _octal(field, path, pos)
-
-
 Span = tuple[str, int, int]  # a member's field, data offset and size in the file
 
 
@@ -139,7 +130,7 @@ def _sample_spans(buf: mmap.mmap, path: str, fields: frozenset[str] | None, *, s
             raw_name, size_field, kind, magic, prefix = unpack(buf, pos)
             if not raw_name[0] and buf[pos: pos + BLOCK].count(0) == BLOCK:  # end-of-archive marker
                 break
-            size = _size(size_field, path, pos)
+            size = _octal(size_field, path, pos)
             header, data_start = pos, pos + BLOCK
             pos = data_start + (size + BLOCK - 1) // BLOCK * BLOCK
             if pos > end:
