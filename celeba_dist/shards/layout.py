@@ -3,7 +3,7 @@ what counts as an image file, how tar members group into samples, and how a samp
 from __future__ import annotations
 
 import json
-from typing import Any, AnyStr, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")  # also the official partition values 0, 1, 2, in order
 SHARD_NAME = "celeba-{split}-{index:06d}.tar"
@@ -15,16 +15,14 @@ def shard_file(split: str, index: int) -> str:
     return f"{split}/{SHARD_NAME.format(split=split, index=index)}"
 
 
-def split_key(name: AnyStr) -> tuple[AnyStr, AnyStr]:
+def split_key(name: str) -> tuple[str, str]:
     """A tar member's (sample key, member suffix): ``a/b/000001.attr.json`` → (``a/b/000001``, ``attr.json``).
 
     The rule of webdataset's ``base_plus_ext``, with the suffix lower-cased: members whose keys are
-    equal and adjacent form one sample. Names may be ``str`` or UTF-8 ``bytes`` (the local tar reader's,
-    decoded once per sample).
+    equal and adjacent form one sample.
     """
-    slash_char, dot_char = ("/", ".") if isinstance(name, str) else (b"/", b".")
-    slash = name.rfind(slash_char) + 1
-    dot = name.find(dot_char, slash)
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
     if dot < 0:
         return name, ""
     return name[:dot], name[dot + 1:].lower()

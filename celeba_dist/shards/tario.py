@@ -21,7 +21,7 @@ import struct
 from dataclasses import dataclass
 from typing import Iterator
 
-from celeba_dist.shards.layout import split_key
+from celeba_dist.shards.layout import group_members, split_key
 
 BLOCK = 512
 REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
@@ -50,7 +50,7 @@ def _octal(field: bytes, path: str, pos: int) -> int:
         raise TarFormatError(f"{path} at byte {pos}: bad number {field!r} in a tar header") from exc
 
 
-def _pax_path(data: bytes) -> bytes | None:
+def _pax_path(data: bytes) -> str | None:
     """The ``path`` record of a pax extended header, if any ("LEN path=VALUE\\n" records)."""
     pos = 0
     while pos < len(data):
@@ -58,7 +58,7 @@ def _pax_path(data: bytes) -> bytes | None:
         length = int(data[pos:space])
         key, _, value = data[space + 1: pos + length - 1].partition(b"=")
         if key == b"path":
-            return value
+            return value.decode("utf-8")
         pos += length
     return None
 
@@ -114,56 +114,63 @@ def iter_samples(path: str, fields: frozenset[str] | None = None, *, start: int 
 
 def _sample_spans(buf: mmap.mmap, path: str, fields: frozenset[str] | None, *, start: int, limit: int, stride: int,
                   offset: int) -> Iterator[tuple[str, list[Span]]]:
-    """(key, spans of its ``fields``) of the selected samples (see :func:`iter_samples`).
+    """(key, spans of its ``fields``) of the selected samples (see :func:`iter_samples`): the walk's members
+    grouped by :func:`~celeba_dist.shards.layout.group_members`, nothing read but the headers."""
+    samples = group_members(_named_errors(_walk(buf, path)), path, fields, read=_as_is)
+    for index, sample in enumerate(samples):
+        if 0 <= limit <= index:
+            return
+        if index >= start and index % stride == offset:
+            yield sample["__key__"], [(field, *span) for field, span in sample.items() if not field.startswith("__")]
 
-    One loop does the header walk, the grouping and the selection, on the names' bytes, because the
-    per-member work is this reader's whole cost (a CelebA sample has five members): each header is
-    unpacked in one call, a member of the current sample is recognised by its prefix, and a key is
-    decoded once per sample.
-    """
-    wanted = None if fields is None else {f.encode("utf-8") for f in fields}
-    unpack, end = _HEADER.unpack_from, len(buf)
-    pos, long_name = 0, None
-    index, key, key_dot, spans, keep = -1, None, b"\0", [], False
+
+def _as_is(span: tuple[int, int]) -> tuple[int, int]:
+    return span
+
+
+def _walk(buf: mmap.mmap, path: str) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of every regular file; each header is unpacked in one call, data never read."""
+    pos, end, long_name = 0, len(buf), None
+    unpack = _HEADER.unpack_from
+    while pos + BLOCK <= end:
+        raw_name, size_field, kind, magic, prefix = unpack(buf, pos)
+        if not raw_name[0] and buf[pos: pos + BLOCK].count(0) == BLOCK:  # end-of-archive marker
+            return
+        size = _octal(size_field, path, pos)
+        header, data_start = pos, pos + BLOCK
+        pos = data_start + (size + BLOCK - 1) // BLOCK * BLOCK
+        if pos > end:
+            raise TarFormatError(f"{path} at byte {header}: truncated tar member ({size} bytes past the end of the file)")
+        if kind == GNU_LONGNAME:
+            long_name = buf[data_start: data_start + size].split(b"\0", 1)[0].decode("utf-8")
+            continue
+        if kind in PAX_HEADERS:
+            long_name = _pax_path(buf[data_start: data_start + size]) or long_name
+            continue
+        name = long_name or _header_name(raw_name, magic, prefix)
+        long_name = None
+        if kind in REGULAR:
+            yield name, data_start, size
+
+
+def _header_name(raw_name: bytes, magic: bytes, prefix: bytes) -> str:
+    name = raw_name.split(b"\0", 1)[0].decode("utf-8")
+    if magic == b"ustar" and prefix[0]:
+        name = prefix.split(b"\0", 1)[0].decode("utf-8") + "/" + name
+    return name
+
+
+def _named_errors(members: Iterator[tuple[str, int, int]]) -> Iterator[tuple[str, tuple[int, int]]]:
+    """(name, (offset, size)) of each member; a damaged header's error names the last sample read, as the
+    damage lies past it."""
+    key = None
     try:
-        while pos + BLOCK <= end:
-            raw_name, size_field, kind, magic, prefix = unpack(buf, pos)
-            if not raw_name[0] and buf[pos: pos + BLOCK].count(0) == BLOCK:  # end-of-archive marker
-                break
-            size = _octal(size_field, path, pos)
-            header, data_start = pos, pos + BLOCK
-            pos = data_start + (size + BLOCK - 1) // BLOCK * BLOCK
-            if pos > end:
-                raise TarFormatError(f"{path} at byte {header}: truncated tar member ({size} bytes past the "
-                                     "end of the file)")
-            if kind not in REGULAR:
-                long_name = _long_name(buf, kind, data_start, size, long_name)
-                continue
-            if long_name is not None:
-                name, long_name = long_name, None
-            elif magic == b"ustar" and prefix[0]:
-                name = prefix.split(b"\0", 1)[0] + b"/" + raw_name.split(b"\0", 1)[0]
-            else:
-                name = raw_name.split(b"\0", 1)[0]
-            # a member of the current sample: KEY.FIELD with no "/" in FIELD (split_key's rule)
-            if name.startswith(key_dot) and b"/" not in (field := name[len(key_dot):]):
-                field = field.lower()
-            else:
-                member_key, field = split_key(name)
-                if field and member_key != key:
-                    if keep:
-                        yield key.decode("utf-8"), spans
-                    index, key, key_dot = index + 1, member_key, member_key + b"."
-                    if 0 <= limit <= index:
-                        return
-                    keep, spans = index >= start and index % stride == offset, []
-            if field and keep and (wanted is None or field in wanted):
-                spans.append((field.decode("utf-8"), data_start, size))
+        for name, data_start, size in members:
+            key = name
+            yield name, (data_start, size)
     except TarFormatError as exc:
-        after = f" (after sample {key.decode('utf-8', 'replace')})" if key is not None else " (before its first sample)"
+        after = f" (after sample {split_key(key)[0]})" if key else " (before its first sample)"
         raise TarFormatError(f"{exc}{after}") from exc
-    if keep:
-        yield key.decode("utf-8"), spans
 
 
 def _stamp(path: str) -> tuple[int, int]:
@@ -230,10 +237,3 @@ def index_shard(path: str, fields: frozenset[str] | None = None, *, limit: int =
     return ShardIndex(path, stamp, fields, keys, layouts, spans, firsts, limit)
 
 
-def _long_name(buf: mmap.mmap, kind: bytes, data_start: int, size: int, long_name: bytes | None) -> bytes | None:
-    """The name the next member takes from a GNU long-name or pax header; None after any other non-file."""
-    if kind == GNU_LONGNAME:
-        return buf[data_start: data_start + size].split(b"\0", 1)[0]
-    if kind in PAX_HEADERS:
-        return _pax_path(buf[data_start: data_start + size]) or long_name
-    return None
