@@ -282,10 +282,11 @@ class Decoder:
     def _labels(self, raw: bytes | memoryview) -> bytes | list:
         """The selected labels: bytes of 0/1 for the packer's compact form (a batch's rows are then joined
         and read in one call, :func:`_collate`), a list otherwise."""
-        bits = label_bits(raw if type(raw) is bytes else bytes(raw))
+        raw = raw if type(raw) is bytes else bytes(raw)  # a memoryview of the mapped shard: 81 bytes
+        bits = label_bits(raw)
         if self.every_label and bits is not None and len(bits) == len(self.label_index):
             return bits
-        attrs = decode_labels(bytes(raw)) if bits is None else bits
+        attrs = decode_labels(raw) if bits is None else bits
         return [attrs[i] for i in self.label_index]
 
 

@@ -66,23 +66,30 @@ def _pax_path(data: bytes) -> str | None:
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux: map the whole file at once, not a page fault per 4 KiB
 
 
-@contextlib.contextmanager
-def _mapped(path: str) -> Iterator[mmap.mmap | None]:
+def _map(path: str) -> mmap.mmap | None:
+    """The whole file mapped read-only, None for an empty one (which cannot be mapped)."""
     with open(path, "rb") as fh:
         if fh.seek(0, 2) == 0:
-            yield None
-            return
-        with mmap.mmap(fh.fileno(), 0, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ) as buf:
-            yield buf
+            return None
+        return mmap.mmap(fh.fileno(), 0, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
+
+
+@contextlib.contextmanager
+def _mapped(path: str) -> Iterator[mmap.mmap | None]:
+    """:func:`_map` for the length of a walk, whose slices are copies."""
+    buf = _map(path)
+    try:
+        yield buf
+    finally:
+        if buf is not None:
+            buf.close()
 
 
 def _view(path: str) -> memoryview:
-    """The whole file, mapped read-only, as a memoryview: its slices copy nothing, and the mapping goes away
-    with the last of them (a sample may wait in a shuffle buffer long after its shard was read)."""
-    with open(path, "rb") as fh:
-        if fh.seek(0, 2) == 0:
-            return memoryview(b"")
-        return memoryview(mmap.mmap(fh.fileno(), 0, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ))
+    """:func:`_map` as a memoryview: its slices copy nothing, and the mapping goes away with the last of
+    them (a sample may wait in a shuffle buffer long after its shard was read)."""
+    buf = _map(path)
+    return memoryview(b"") if buf is None else memoryview(buf)
 
 
 # name, size, type flag, ustar magic, prefix: the fields of a 512-byte header this reader needs
@@ -183,8 +190,8 @@ class ShardIndex:
     """Where the samples of one shard file lie: each one's key and the offsets and sizes of its ``fields``,
     from one walk of the headers.
 
-    Reading through an index (:meth:`samples`) copies the fields out of the file with no header walk: a
-    training run indexes its shards once and reads them every epoch. The index holds for the file as it
+    Reading through an index (:meth:`samples`) takes no header walk and no copy (the fields are
+    memoryviews of the mapped file): a training run indexes its shards once and reads them every epoch. The index holds for the file as it
     was walked (its size and modification time); a changed file is walked again. It is compact (under
     200 bytes a sample: the key, a shared tuple of field names, int64 offsets), because every loader
     worker of every rank holds a copy.
