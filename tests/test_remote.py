@@ -171,9 +171,10 @@ http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
 
 
 def test_a_server_that_stalls_fails_the_read_in_seconds_then_the_same_command_works(pristine, tmp_path):
-    """A server that accepts and then sends nothing would hold a run for ever: curl's stall limit
-    (CELEBA_DIST_REMOTE_STALL_S, 60 s by default; 2 s here) fails each attempt, and after the third the
-    command exits 1 naming the shard's URL; once the server serves again, the same command succeeds."""
+    """A server that accepts and then sends nothing would hold a run for ever: the stall limit
+    (CELEBA_DIST_REMOTE_STALL_S, 60 s by default; 2 s here) kills curl and fails each attempt, and after
+    the third the command exits 1 naming the shard's URL; once the server serves again, the same command
+    succeeds."""
     run_dir = tmp_path / "run"
     assert train(str(pristine), run_dir, "train.epochs=1").returncode == 0
     flag, port = tmp_path / "stall", _free_port()
@@ -197,7 +198,7 @@ def test_a_server_that_stalls_fails_the_read_in_seconds_then_the_same_command_wo
         assert proc.returncode == 1, proc.stderr[-3000:]
         assert took < 45, took  # 3 attempts of 2 s without a byte, 1 s and 2 s apart, and the start-up
         last = proc.stderr.strip().splitlines()[-1]
-        assert f"cannot read shard {url}/val/" in last and "curl exited with status 28 (timed out)" in last, last
+        assert f"cannot read shard {url}/val/" in last and "curl sent nothing for 2s (the stall limit" in last, last
         assert not out.exists() and not list(tmp_path.glob("*.tmp"))
         flag.unlink()  # the server serves again
         again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
@@ -207,3 +208,66 @@ def test_a_server_that_stalls_fails_the_read_in_seconds_then_the_same_command_wo
     finally:
         srv.kill()
         srv.wait()
+
+
+def _processes_with(marker: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                found.append(cmdline.parent.name)
+        except OSError:
+            continue
+    return found
+
+
+def test_a_pipe_command_that_stalls_is_killed_and_fails_the_read_then_the_same_command_works(pristine, tmp_path):
+    """A ``pipe:`` command that sends half a header and then hangs (here a shell pipeline whose ``sleep``
+    holds the pipe open) is killed with everything it started once it has sent nothing for the stall
+    limit; after three attempts the command exits 1 naming the shard, and nothing of the pipeline is left.
+    Once the command streams again, the same command runs through."""
+    run_dir = tmp_path / "run"
+    assert train(str(pristine), run_dir, "train.epochs=1").returncode == 0
+    flag, marker = tmp_path / "stall", "2417.5"  # sleep's argument marks the pipeline's processes
+    flag.touch()
+    root = (f"pipe:if [ -e {flag} ] && [ {{}} != manifest.json ]; then head -c 512 {pristine}/{{}}; "
+            f"sleep {marker}; else cat {pristine}/{{}}; fi")
+    out = tmp_path / "val.json"
+    cmd = [sys.executable, "-m", "celeba_dist", "eval", "--run", str(run_dir), "--data", root, "--split", "val",
+           "--out", str(out), "--set", "data.num_workers=1", "data.batch_size=4"]
+    env = {**cpu_env(), "CELEBA_DIST_REMOTE_STALL_S": "2"}
+    started = time.monotonic()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - started
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert took < 45, took  # 3 attempts of 2 s without a byte, 1 s and 2 s apart, and the start-up
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "cannot read shard pipe:" in last and "/val/" in last, last
+    assert "the pipe command sent nothing for 2s (the stall limit" in last, last
+    assert not _processes_with(f"sleep {marker}")
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+    flag.unlink()
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(out.read_text())["mean"]["num_samples"] == json.loads(
+        (pristine / "manifest.json").read_text())["splits"]["val"]["num_samples"]
+
+
+def test_the_stall_limit_counts_only_the_time_a_read_waits(tmp_path, monkeypatch):
+    """A reader that pauses under the limit between bytes, and a consumer that stops reading for longer
+    than the limit (decoding, or blocked while training catches up), are no stall."""
+    from celeba_dist.data.remote import open_remote
+
+    monkeypatch.setenv("CELEBA_DIST_REMOTE_STALL_S", "1")
+    data = tmp_path / "data.bin"
+    data.write_bytes(bytes(range(256)) * 64)
+    with open_remote(f"pipe:head -c 100 {data}; sleep 0.6; tail -c +101 {data}") as stream:
+        first = stream.read(10)
+        time.sleep(2.5)  # the consumer is away for more than twice the limit
+        rest = stream.read()
+    assert first + rest == data.read_bytes()
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="the pipe command sent nothing for 1s"):
+        with open_remote(f"pipe:head -c 100 {data}; sleep 30") as stream:
+            stream.read()
+    assert time.monotonic() - started < 5  # the shell and its sleep are killed: the pipe closes at once
