@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -140,10 +141,8 @@ def test_tar_reader_matches_webdataset(shards, tmp_path):
 
 
 def test_shard_index_reads_what_the_walk_reads(shards, tmp_path):
-    """Reading through a ShardIndex gives what the header walk gives, for every selection; a file changed
-    after it was indexed, or a read past what was indexed, is walked again."""
-    import shutil
-
+    """Reading through a ShardIndex gives what the header walk gives, for every selection; a read past what
+    was indexed is walked."""
     from celeba_dist.data.streams import SAMPLE_FIELDS
     from celeba_dist.shards.tario import index_shard, iter_samples
 
@@ -160,11 +159,35 @@ def test_shard_index_reads_what_the_walk_reads(shards, tmp_path):
         assert part.keys == index.keys[:3]
         assert list(part.samples(limit=6)) == list(iter_samples(path, SAMPLE_FIELDS, limit=6))
         assert list(part.samples()) == list(iter_samples(path, SAMPLE_FIELDS))
-    copy, other = tmp_path / "shard.tar", paths[1]
+
+
+def test_a_shard_changed_under_its_index_is_an_error_naming_it(shards, tmp_path):
+    """A shard replaced, or cut short in place, after the run indexed it: the read raises
+    ShardChangedError naming the file (never stale offsets into another file, never a SIGBUS)."""
+    import shutil
+
+    from celeba_dist.data.streams import SAMPLE_FIELDS
+    from celeba_dist.shards.tario import ShardChangedError, index_shard
+
+    manifest = json.loads((shards / "manifest.json").read_text())
+    paths = [str(shards / s["file"]) for s in manifest["splits"]["train"]["shards"]]
+    copy = tmp_path / "shard.tar"
     shutil.copyfile(paths[0], copy)
     index = index_shard(str(copy), SAMPLE_FIELDS)
-    shutil.copyfile(other, copy)  # another shard under the indexed name
-    assert [s["__key__"] for s in index.samples()] == [s["__key__"] for s in iter_samples(other)] != index.keys
+    shutil.copyfile(paths[1], copy)  # another shard under the indexed name
+    with pytest.raises(ShardChangedError, match=f"{copy}: changed on disk since the run indexed it"):
+        list(index.samples())
+    shutil.copyfile(paths[0], copy)
+    index = index_shard(str(copy), SAMPLE_FIELDS)
+    reading = index.samples()
+    first = next(reading)  # the file was checked when the read began
+    os.truncate(copy, index.spans[index.firsts[3]])  # cut short in place, inside the 4th sample
+    assert bytes(first["jpg"])[:2] == b"\xff\xd8"
+    with pytest.raises(ShardChangedError, match=f"{copy}: cut short while the run read it: sample "
+                                                f"{index.keys[3]} ends at byte"):
+        list(reading)
+    with pytest.raises(ShardChangedError, match="changed on disk"):  # and the next read says so at once
+        next(index.samples())
 
 
 def test_training_epochs_read_through_the_index_in_the_workers(shards, monkeypatch):
@@ -201,14 +224,21 @@ def test_training_epochs_read_through_the_index_in_the_workers(shards, monkeypat
 
 
 def test_truncated_shard_is_an_error_naming_it(shards, tmp_path):
-    from celeba_dist.shards.tario import TarFormatError, iter_samples
+    """Cut inside a member, at a member's boundary (no end-of-archive marker), or to nothing: each is a
+    TarFormatError naming the file; the walk and the index agree."""
+    from celeba_dist.shards.tario import TarFormatError, index_shard, iter_samples
 
     manifest = json.loads((shards / "manifest.json").read_text())
     source = shards / manifest["splits"]["train"]["shards"][0]["file"]
-    broken = tmp_path / "broken.tar"
-    broken.write_bytes(source.read_bytes()[:3000])
-    with pytest.raises(TarFormatError, match="broken.tar"):
-        list(iter_samples(str(broken)))
+    whole = source.read_bytes()
+    boundary = index_shard(str(source)).spans[index_shard(str(source)).firsts[2]] - 512  # the 3rd sample's header
+    for cut, reason in [(3000, "truncated tar member"), (boundary, "without the tar end-of-archive marker"),
+                        (0, "without the tar end-of-archive marker")]:
+        broken = tmp_path / f"broken-{cut}.tar"
+        broken.write_bytes(whole[:cut])
+        for read in (lambda: list(iter_samples(str(broken))), lambda: index_shard(str(broken))):
+            with pytest.raises(TarFormatError, match=f"broken-{cut}.tar at byte .*{reason}"):
+                read()
 
 
 def _coverage(shards: list[tuple[str, int]], world: int, workers: int, batch_size: int) -> tuple[int, int]:

@@ -159,6 +159,43 @@ def test_damaged_shard_ends_the_run_naming_shard_and_sample_then_resumes(shards,
     assert finished_step(run_dir) == total_steps(shards)
 
 
+def test_shard_cut_short_in_place_during_the_run_ends_it_naming_the_shard_then_resumes(shards, tmp_path, pristine):
+    """The run indexes its shards once; a shard truncated in place afterwards (not replaced by rename, as
+    ``pack`` writes) is an error naming it at the next read, not a loader worker killed by SIGBUS."""
+    shard = shards / "train" / "celeba-train-000004.tar"
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(shards, run_dir, "train.epochs=3")
+    launcher = subprocess.Popen(cmd, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list_checkpoints(run_dir / "checkpoints"):  # in epoch 0, after the index was made
+            assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint before the cut"
+            time.sleep(0.05)
+        os.truncate(shard, shard.stat().st_size // 2)
+        cut = time.monotonic()
+        out, _ = launcher.communicate(timeout=120)
+        seconds = time.monotonic() - cut
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode == 1, out[-3000:]
+    assert seconds < ENDS_WITHIN_S, seconds
+    assert f"cannot read shard {shard}: {shard}: " in out, out[-3000:]
+    assert "changed on disk since the run indexed it" in out or "cut short while the run read it" in out
+    assert "killed by signal" not in out and "Bus error" not in out
+    assert not (run_dir / "metrics.json").exists()
+    for ckpt in list_checkpoints(run_dir / "checkpoints"):
+        torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert_no_leftover_processes(run_dir)
+    newest = list_checkpoints(run_dir / "checkpoints")[0]
+    shutil.copyfile(pristine / shard.relative_to(shards), shard)
+    proc, _ = run(cmd)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert f"resumed from {newest}" in proc.stdout + proc.stderr
+    assert finished_step(run_dir) == total_steps(shards, epochs=3)
+
+
 def test_verify_shards_catches_the_damage_before_training(shards, tmp_path):
     cut_member_header(shards / "val" / "celeba-val-000001.tar", member_index=0)
     run_dir = tmp_path / "run"

@@ -146,7 +146,7 @@ SAMPLE_FIELDS = frozenset({"jpg", "attr.json"})  # what the Decoder reads; a sam
 
 def read_part(part: ShardPart, index: ShardIndex | None = None) -> Iterator[dict]:
     """Raw samples (``__key__``, ``__url__``, ``jpg`` and ``attr.json``) of one shard part: bytes, or
-    memoryviews of the mapped shard when read through the shard's ``index``.
+    memoryviews of each sample's bytes when read through the shard's ``index``.
 
     Raises :class:`DataError` naming the shard (and, for a damaged one, where in it).
     """

@@ -3,19 +3,19 @@
 webdataset's own reader goes through Python's streaming ``tarfile``, about 100 µs per member on
 our machines; a CelebA sample has five members (jpg, attr.json, identity.txt, bbox.json,
 landmarks.json), so that alone cost more than decoding the image at the size a 64×64 model needs.
-This reader maps the file and walks the 512-byte headers directly (POSIX ustar, with GNU long
+This reader reads the file whole and walks the 512-byte headers directly (POSIX ustar, with GNU long
 names and pax ``path`` records), about 10× faster. It groups members into samples exactly as
 webdataset does (``dir/000001.attr.json`` → key ``dir/000001``, field ``attr.json``), and the tests
 check it against ``webdataset.WebDataset`` on real shards.
 
 What is left of the walk's cost is Python's, per member: a :class:`ShardIndex` records one walk, and
-reading through it takes neither a walk nor a copy (its fields are memoryviews of the mapped file).
+reading through it takes no walk, one ``pread`` a sample, and checks the file is still the one indexed:
+a shard rewritten or cut short while a run reads it is a :class:`ShardChangedError` naming it (a mapped
+file cut short would kill the reading process with SIGBUS instead, naming nothing).
 """
 from __future__ import annotations
 
 import array
-import contextlib
-import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -31,6 +31,10 @@ PAX_HEADERS = (b"x", b"g")
 
 class TarFormatError(ValueError):
     """The shard is not a tar file this reader understands (names the file and offset)."""
+
+
+class ShardChangedError(ValueError):
+    """The shard is no longer the file its :class:`ShardIndex` was made from (names the file and how)."""
 
 
 def _octal(field: bytes, path: str, pos: int) -> int:
@@ -63,33 +67,13 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux: map the whole file at once, not a page fault per 4 KiB
-
-
-def _map(path: str) -> mmap.mmap | None:
-    """The whole file mapped read-only, None for an empty one (which cannot be mapped)."""
-    with open(path, "rb") as fh:
-        if fh.seek(0, 2) == 0:
-            return None
-        return mmap.mmap(fh.fileno(), 0, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
-
-
-@contextlib.contextmanager
-def _mapped(path: str) -> Iterator[mmap.mmap | None]:
-    """:func:`_map` for the length of a walk, whose slices are copies."""
-    buf = _map(path)
-    try:
-        yield buf
-    finally:
-        if buf is not None:
-            buf.close()
-
-
-def _view(path: str) -> memoryview:
-    """:func:`_map` as a memoryview: its slices copy nothing, and the mapping goes away with the last of
-    them (a sample may wait in a shuffle buffer long after its shard was read)."""
-    buf = _map(path)
-    return memoryview(b"") if buf is None else memoryview(buf)
+def _read_all(path: str) -> bytes:
+    """The whole file, in one read. Not a mapping: a mapped file cut short while it is read kills the
+    reading process with SIGBUS, naming nothing; a read of it comes back short, which the walk reports
+    as a truncated member naming the file and offset. (A shard is a few MB, and mapping it with
+    MAP_POPULATE read all of it as well.)"""
+    with open(path, "rb", buffering=0) as fh:
+        return fh.read()
 
 
 # name, size, type flag, ustar magic, prefix: the fields of a 512-byte header this reader needs
@@ -109,17 +93,15 @@ def iter_samples(path: str, fields: frozenset[str] | None = None, *, start: int 
     are yielded, and only their ``fields`` (all if None) are copied out of the file; reading stops at
     ``limit``. A damaged header's error names the last sample read, as the damage lies past it.
     """
-    with _mapped(path) as buf:
-        if buf is None:
-            return
-        for key, spans in _sample_spans(buf, path, fields, start=start, limit=limit, stride=stride, offset=offset):
-            sample = {"__key__": key, "__url__": path}
-            for field, data_start, size in spans:
-                sample[field] = buf[data_start: data_start + size]
-            yield sample
+    buf = _read_all(path)
+    for key, spans in _sample_spans(buf, path, fields, start=start, limit=limit, stride=stride, offset=offset):
+        sample = {"__key__": key, "__url__": path}
+        for field, data_start, size in spans:
+            sample[field] = buf[data_start: data_start + size]
+        yield sample
 
 
-def _sample_spans(buf: mmap.mmap, path: str, fields: frozenset[str] | None, *, start: int, limit: int, stride: int,
+def _sample_spans(buf: bytes, path: str, fields: frozenset[str] | None, *, start: int, limit: int, stride: int,
                   offset: int) -> Iterator[tuple[str, list[Span]]]:
     """(key, spans of its ``fields``) of the selected samples (see :func:`iter_samples`): the walk's members
     grouped by :func:`~celeba_dist.shards.layout.group_members`, nothing read but the headers."""
@@ -135,7 +117,7 @@ def _as_is(span: tuple[int, int]) -> tuple[int, int]:
     return span
 
 
-def _walk(buf: mmap.mmap, path: str) -> Iterator[tuple[str, int, int]]:
+def _walk(buf: bytes, path: str) -> Iterator[tuple[str, int, int]]:
     """(name, data offset, size) of every regular file; each header is unpacked in one call, data never read."""
     pos, end, long_name = 0, len(buf), None
     unpack = _HEADER.unpack_from
@@ -158,6 +140,7 @@ def _walk(buf: mmap.mmap, path: str) -> Iterator[tuple[str, int, int]]:
         long_name = None
         if kind in REGULAR:
             yield name, data_start, size
+    raise TarFormatError(f"{path} at byte {pos}: the file ends without the tar end-of-archive marker: it is cut short")
 
 
 def _header_name(raw_name: bytes, magic: bytes, prefix: bytes) -> str:
@@ -190,11 +173,13 @@ class ShardIndex:
     """Where the samples of one shard file lie: each one's key and the offsets and sizes of its ``fields``,
     from one walk of the headers.
 
-    Reading through an index (:meth:`samples`) takes no header walk and no copy (the fields are
-    memoryviews of the mapped file): a training run indexes its shards once and reads them every epoch. The index holds for the file as it
-    was walked (its size and modification time); a changed file is walked again. It is compact (under
-    200 bytes a sample: the key, a shared tuple of field names, int64 offsets), because every loader
-    worker of every rank holds a copy.
+    Reading through an index (:meth:`samples`) takes no header walk: one ``pread`` a sample, of the bytes
+    from its first field to the end of its last (the members between them are a few hundred bytes), whose
+    fields are memoryviews of that sample's bytes alone, so a sample waiting in a shuffle buffer holds
+    nothing else. A training run indexes its shards once and reads them every epoch. The index holds for
+    the file as it was walked (its size and modification time): a changed file, or a read that comes back
+    short, is a :class:`ShardChangedError`. It is compact (under 200 bytes a sample: the key, a shared
+    tuple of field names, int64 offsets), because every loader worker of every rank holds a copy.
     """
 
     path: str
@@ -208,21 +193,36 @@ class ShardIndex:
 
     def samples(self, *, start: int = 0, limit: int = -1, stride: int = 1, offset: int = 0) -> Iterator[dict]:
         """What :func:`iter_samples` yields for the same arguments."""
-        beyond = self.limit >= 0 and not 0 <= limit <= self.limit
-        if beyond or _stamp(self.path) != self.stamp:
+        if self.limit >= 0 and not 0 <= limit <= self.limit:  # past what was indexed
             yield from iter_samples(self.path, self.fields, start=start, limit=limit, stride=stride, offset=offset)
             return
         stop = len(self.keys) if limit < 0 else min(limit, len(self.keys))
         first = start + (offset - start) % stride
-        keys, layouts, spans, firsts, path = self.keys, self.layouts, self.spans, self.firsts, self.path
-        view = _view(path) if first < stop else None
-        for i in range(first, stop, stride):
-            sample, j = {"__key__": keys[i], "__url__": path}, firsts[i]
-            for field in layouts[i]:
-                data_start = spans[j]
-                sample[field] = view[data_start: data_start + spans[j + 1]]
-                j += 2
-            yield sample
+        if first >= stop:
+            return
+        keys, layouts, spans, firsts, path, pread = self.keys, self.layouts, self.spans, self.firsts, self.path, os.pread
+        with open(path, "rb", buffering=0) as fh:
+            self._check(os.fstat(fh.fileno()))
+            fd = fh.fileno()
+            for i in range(first, stop, stride):
+                j, names = firsts[i], layouts[i]
+                lo, last = spans[j], j + 2 * len(names) - 2
+                data = pread(fd, spans[last] + spans[last + 1] - lo, lo) if names else b""
+                if names and len(data) != spans[last] + spans[last + 1] - lo:
+                    raise ShardChangedError(f"{path}: cut short while the run read it: sample {keys[i]} ends at byte "
+                                            f"{spans[last] + spans[last + 1]}, the file at {lo + len(data)}")
+                view, sample = memoryview(data), {"__key__": keys[i], "__url__": path}
+                for field in names:
+                    sample[field] = view[spans[j] - lo: spans[j] - lo + spans[j + 1]]
+                    j += 2
+                yield sample
+
+    def _check(self, info: os.stat_result) -> None:
+        if (info.st_size, info.st_mtime_ns) != self.stamp:
+            raise ShardChangedError(
+                f"{self.path}: changed on disk since the run indexed it ({self.stamp[0]} bytes then, {info.st_size} "
+                "now, and a new modification time): a shard must not be rewritten while a run reads it; restore it "
+                "(`celeba-dist verify` checks a folder against its manifest) and run the same command to resume")
 
 
 def index_shard(path: str, fields: frozenset[str] | None = None, *, limit: int = -1) -> ShardIndex:
@@ -231,16 +231,14 @@ def index_shard(path: str, fields: frozenset[str] | None = None, *, limit: int =
     stamp = _stamp(path)
     keys, layouts, spans, firsts = [], [], array.array("q"), array.array("q")
     shared: dict[tuple[str, ...], tuple[str, ...]] = {}
-    with _mapped(path) as buf:
-        if buf is not None:
-            for key, members in _sample_spans(buf, path, fields, start=0, limit=limit, stride=1, offset=0):
-                names = tuple(field for field, _, _ in members)
-                keys.append(key)
-                layouts.append(shared.setdefault(names, names))
-                firsts.append(len(spans))
-                for _, data_start, size in members:
-                    spans.append(data_start)
-                    spans.append(size)
+    for key, members in _sample_spans(_read_all(path), path, fields, start=0, limit=limit, stride=1, offset=0):
+        names = tuple(field for field, _, _ in members)
+        keys.append(key)
+        layouts.append(shared.setdefault(names, names))
+        firsts.append(len(spans))
+        for _, data_start, size in members:
+            spans.append(data_start)
+            spans.append(size)
     return ShardIndex(path, stamp, fields, keys, layouts, spans, firsts, limit)
 
 
