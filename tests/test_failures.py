@@ -14,6 +14,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -63,6 +64,26 @@ def assert_no_leftover_processes(run_dir: Path) -> None:
             if str(run_dir) in cmdline:
                 leftovers.append(f"{proc.name}: {cmdline}")
     assert not leftovers, leftovers
+
+
+def fault_after_first_checkpoint(cmd: list[str], run_dir: Path, fault: Callable[[subprocess.Popen], None]
+                                 ) -> tuple[int, str, float]:
+    """Start ``cmd``, apply ``fault`` to it once its first checkpoint is on disk, and wait for the end:
+    (exit code, output, seconds from the fault to the end)."""
+    launcher = subprocess.Popen(cmd, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list_checkpoints(run_dir / "checkpoints"):
+            assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint before the fault"
+            time.sleep(0.05)
+        fault(launcher)
+        faulted = time.monotonic()
+        out, _ = launcher.communicate(timeout=120)
+        return launcher.returncode, out, time.monotonic() - faulted
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
 
 
 def cut_member_header(shard: Path, member_index: int) -> str | None:
@@ -165,21 +186,11 @@ def test_shard_cut_short_in_place_during_the_run_ends_it_naming_the_shard_then_r
     shard = shards / "train" / "celeba-train-000004.tar"
     run_dir = tmp_path / "run"
     cmd = train_cmd(shards, run_dir, "train.epochs=3")
-    launcher = subprocess.Popen(cmd, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not list_checkpoints(run_dir / "checkpoints"):  # in epoch 0, after the index was made
-            assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint before the cut"
-            time.sleep(0.05)
+    def cut(_: subprocess.Popen) -> None:  # after the first checkpoint: in epoch 0, after the index was made
         os.truncate(shard, shard.stat().st_size // 2)
-        cut = time.monotonic()
-        out, _ = launcher.communicate(timeout=120)
-        seconds = time.monotonic() - cut
-    finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-    assert launcher.returncode == 1, out[-3000:]
+
+    code, out, seconds = fault_after_first_checkpoint(cmd, run_dir, cut)
+    assert code == 1, out[-3000:]
     assert seconds < ENDS_WITHIN_S, seconds
     assert f"cannot read shard {shard}: {shard}: " in out, out[-3000:]
     assert "changed on disk since the run indexed it" in out or "cut short while the run read it" in out
@@ -268,23 +279,13 @@ def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
 def test_sigkill_of_one_rank_ends_the_other_and_the_run_resumes(pristine, tmp_path):
     run_dir = tmp_path / "run"
     cmd = train_cmd(pristine, run_dir, "train.epochs=2", processes=2)
-    launcher = subprocess.Popen(cmd, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not list_checkpoints(run_dir / "checkpoints"):
-            assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint before the kill"
-            time.sleep(0.05)
+    def kill_rank_1(launcher: subprocess.Popen) -> None:
         victim = _rank_pid(launcher, 1)
         assert victim is not None
         os.kill(victim, signal.SIGKILL)
-        killed = time.monotonic()
-        out, _ = launcher.communicate(timeout=120)
-        seconds = time.monotonic() - killed
-    finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-    assert launcher.returncode != 0, out[-3000:]
+
+    code, out, seconds = fault_after_first_checkpoint(cmd, run_dir, kill_rank_1)
+    assert code != 0, out[-3000:]
     assert seconds < ENDS_WITHIN_S, seconds
     assert not (run_dir / "metrics.json").exists()
     assert_no_leftover_processes(run_dir)

@@ -3,8 +3,9 @@
 # without CUDA (the fp16 grad scaler's checkpoint round trip), training-step throughput of every
 # model, and the loader with many workers. Run from the repository root on a CUDA machine with the
 # package importable (pip install -e '.[test]', or PYTHONPATH=.); results land in $OUT (default
-# /tmp/celeba-gpu-check). Parts: train | tests | bench | loader | cache (default: all but cache, whose
-# tools/bench_gpu.py is the one-command decoded-cache benchmark of its own, about 8 minutes).
+# /tmp/celeba-gpu-check). Parts: train | tests | bench | loader | cache | headline (default: all but
+# cache and headline: tools/bench_gpu.py, the decoded-cache benchmark, whose table (cache) and 30-epoch
+# headline run (headline) each take minutes; give each its own command where a command's time is short).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/celeba-gpu-check}
@@ -47,6 +48,9 @@ for part in $PARTS; do
   cache)
     $PY tools/bench_gpu.py --work-dir "$WORK/cache" --out "$OUT/bench_gpu.json" 2>"$OUT/bench_gpu.log" \
       | grep -v INFO | tee "$OUT/bench_gpu.txt" ;;
+  headline)
+    $PY tools/bench_gpu.py --work-dir "$WORK/cache" --models --headline --out "$OUT/bench_headline.json" \
+      2>"$OUT/bench_headline.log" | grep -v INFO | tee "$OUT/bench_headline.txt" ;;
   loader)
     $PY tools/bench_loader.py --num-images 6000 --workers 8 --repeats 2 --work-dir "$WORK/loader" 2>&1 \
       | grep -v "INFO\|Warning" | tee "$OUT/bench_loader.txt" ;;

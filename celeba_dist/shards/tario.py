@@ -140,7 +140,8 @@ def _walk(buf: bytes, path: str) -> Iterator[tuple[str, int, int]]:
         long_name = None
         if kind in REGULAR:
             yield name, data_start, size
-    raise TarFormatError(f"{path} at byte {pos}: the file ends without the tar end-of-archive marker: it is cut short")
+    raise TarFormatError(f"{path} at byte {pos}: the file ends without the tar end-of-archive marker: "
+                         "it is cut short")
 
 
 def _header_name(raw_name: bytes, magic: bytes, prefix: bytes) -> str:
@@ -200,22 +201,29 @@ class ShardIndex:
         first = start + (offset - start) % stride
         if first >= stop:
             return
-        keys, layouts, spans, firsts, path, pread = self.keys, self.layouts, self.spans, self.firsts, self.path, os.pread
-        with open(path, "rb", buffering=0) as fh:
+        with open(self.path, "rb", buffering=0) as fh:
             self._check(os.fstat(fh.fileno()))
-            fd = fh.fileno()
             for i in range(first, stop, stride):
-                j, names = firsts[i], layouts[i]
-                lo, last = spans[j], j + 2 * len(names) - 2
-                data = pread(fd, spans[last] + spans[last + 1] - lo, lo) if names else b""
-                if names and len(data) != spans[last] + spans[last + 1] - lo:
-                    raise ShardChangedError(f"{path}: cut short while the run read it: sample {keys[i]} ends at byte "
-                                            f"{spans[last] + spans[last + 1]}, the file at {lo + len(data)}")
-                view, sample = memoryview(data), {"__key__": keys[i], "__url__": path}
-                for field in names:
-                    sample[field] = view[spans[j] - lo: spans[j] - lo + spans[j + 1]]
-                    j += 2
-                yield sample
+                yield self._read(fh.fileno(), i)
+
+    def _read(self, fd: int, i: int) -> dict:
+        """Sample ``i``: one read of the bytes from its first field to the end of its last, the fields
+        memoryviews of them."""
+        spans, j, names = self.spans, self.firsts[i], self.layouts[i]
+        sample = {"__key__": self.keys[i], "__url__": self.path}
+        if not names:
+            return sample
+        last = j + 2 * len(names) - 2
+        lo, hi = spans[j], spans[last] + spans[last + 1]
+        data = os.pread(fd, hi - lo, lo)
+        if len(data) != hi - lo:
+            raise ShardChangedError(f"{self.path}: cut short while the run read it: sample {self.keys[i]} ends at "
+                                    f"byte {hi}, the file at {lo + len(data)}")
+        view = memoryview(data)
+        for field in names:
+            sample[field] = view[spans[j] - lo: spans[j] - lo + spans[j + 1]]
+            j += 2
+        return sample
 
     def _check(self, info: os.stat_result) -> None:
         if (info.st_size, info.st_mtime_ns) != self.stamp:
