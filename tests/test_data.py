@@ -121,9 +121,14 @@ def test_fewer_shards_than_slots_still_feeds_every_rank(shards):
     assert sorted(seen) == manifest_ids(shards, "test")
 
 
-def test_tar_reader_matches_webdataset(shards, tmp_path):
-    """Our fast reader yields exactly what webdataset reads from the same shards, long names included."""
+@pytest.mark.parametrize("window", [1 << 20, 700], ids=["1MiB", "700B"])
+def test_tar_reader_matches_webdataset(shards, tmp_path, monkeypatch, window):
+    """Our fast reader yields exactly what webdataset reads from the same shards, long names included; also
+    when it reads through a window smaller than a member (headers and JPEGs across window edges)."""
+    from celeba_dist.shards import tario
     from celeba_dist.shards.tario import iter_samples
+
+    monkeypatch.setattr(tario, "WINDOW", window)
 
     manifest = json.loads((shards / "manifest.json").read_text())
     urls = [str(shards / s["file"]) for split in ("train", "test") for s in manifest["splits"][split]["shards"]]
@@ -188,6 +193,25 @@ def test_a_shard_changed_under_its_index_is_an_error_naming_it(shards, tmp_path)
         list(reading)
     with pytest.raises(ShardChangedError, match="changed on disk"):  # and the next read says so at once
         next(index.samples())
+
+
+def test_a_shard_cut_short_during_a_walk_is_an_error_naming_it(shards, tmp_path, monkeypatch):
+    """The walk reads a window at a time; a shard cut short in place between two windows is a TarFormatError
+    naming the file and the offset where it ends now, never a SIGBUS."""
+    import shutil
+
+    from celeba_dist.shards import tario
+
+    monkeypatch.setattr(tario, "WINDOW", 4096)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    copy = tmp_path / "shard.tar"
+    shutil.copyfile(shards / manifest["splits"]["train"]["shards"][0]["file"], copy)
+    reading = tario.iter_samples(str(copy))
+    assert bytes(next(reading)["jpg"])[:2] == b"\xff\xd8"
+    os.truncate(copy, copy.stat().st_size // 2)
+    with pytest.raises(tario.TarFormatError, match=f"{copy} at byte \\d+: the file ends at byte \\d+: cut short "
+                                                   "while it was read"):
+        list(reading)
 
 
 def test_training_epochs_read_through_the_index_in_the_workers(shards, monkeypatch):
