@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ class DataConfig:
     check_shards: str = "size"  # before the first step: size (a stat per shard) | sha256 | none
     skip_bad_samples: bool = False  # a sample that cannot be decoded is skipped and counted instead of ending the run
     cache: str = "none"  # none | host | device: each rank's share decoded once, kept in that memory (data/cache.py)
+    cache_decode: str = "cpu"  # cpu (loader workers, libjpeg-turbo) | device (torchvision/nvJPEG; cache=device only)
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.normalize": ("auto", "unit", "imagenet"),
     "data.check_shards": ("size", "sha256", "none"),
     "data.cache": ("none", "host", "device"),
+    "data.cache_decode": ("cpu", "device"),
     "train.tune_thresholds": ("none", "accuracy", "balanced_accuracy"),
     "eval.tta": ("none", "flip"),
 }
@@ -412,6 +415,12 @@ def validate_choices(config: Config) -> None:
     decay = config.train.ema_decay
     if decay is not None and not 0.0 <= decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in [0, 1) (or null: no EMA), got {decay:g}")
+    if config.data.cache_decode == "device" and config.data.cache != "device":
+        raise ConfigError(f"data.cache_decode=device decodes into the device's cache: it needs data.cache=device, "
+                          f"not {config.data.cache!r}")
+    if config.data.cache_decode == "device" and importlib.util.find_spec("torchcodec") is None:
+        raise ConfigError("data.cache_decode=device decodes with TorchCodec, which is not installed: "
+                          "pip install 'celeba-dist[gpu-decode]' (or torchcodec matching your torch)")
     bad = [s for s in config.train.eval_splits if s not in ("val", "test")]
     if bad:
         raise ConfigError(f"train.eval_splits: {bad} not in ['val', 'test']")

@@ -19,7 +19,7 @@ from test_train import cpu_env
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ["simple_cnn", "celeb_cnn", "resnext50_32x4d", "resnet18_lstm_attn"]
-CACHES = ["none", "host", "device"]
+CACHES = ["none", "host", "device", "device-decode"]
 
 
 @pytest.mark.slow
@@ -27,7 +27,7 @@ def test_bench_gpu_runs_every_model_cache_and_the_headline_on_the_cpu(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(REPO / "tools" / "bench_gpu.py"), "--work-dir", str(tmp_path / "work"),
            "--num-images", "100", "--steps", "3", "--log-every", "1", "--batch-size", "4", "--workers", "1",
-           "--precision", "no", "--no-channels-last", "--headline", "--headline-images", "200",
+           "--precision", "no", "--no-channels-last", "--caches", *CACHES, "--headline", "--headline-images", "200",
            "--headline-epochs", "2", "--headline-batch", "16", "--out", str(out)]
     proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,8 +152,72 @@ def test_a_cache_that_cannot_fit_stops_before_training(shards, tmp_path):
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "tensorboard").exists()
 
 
-def test_killed_cached_run_resumes_to_the_same_weights(shards, tmp_path):
-    assert_killed_run_resumes_exactly(shards, tmp_path, "data.cache=host")
+@pytest.mark.parametrize("options", [["data.cache=host"], ["data.cache=device", "data.cache_decode=device"]],
+                         ids=["host", "device-decode"])
+def test_killed_cached_run_resumes_to_the_same_weights(shards, tmp_path, options):
+    assert_killed_run_resumes_exactly(shards, tmp_path, *options)
+    on_device = "decoded on cpu into cpu memory" in (tmp_path / "killed" / "logs" / "rank0.log").read_text()
+    assert on_device == ("data.cache_decode=device" in options)  # the option took the fill's other path
+
+
+@pytest.mark.parametrize("name,size", [("crop178_resize", (64, 64)), ("resize_crop", (218, 178)),
+                                       ("imagenet", (32, 32))])
+def test_device_decode_caches_the_samples_of_the_cpu_decode(shards, name, size):
+    """data.cache_decode=device: the JPEGs decoded by TorchCodec's decode_jpeg on the cache's device (here
+    the CPU; nvJPEG serves the same call on a GPU) and resampled there. The same samples at the same cache
+    positions with the same labels, for the training and the evaluation forms; the pixels differ only by
+    where the resampling starts: within rounding where the CPU path decodes at full size too (resize_crop),
+    by a few levels on average where it decodes at a DCT scale."""
+    data = ShardData(str(shards), "all")
+    parts = deal_shards(data.split("val").shards, 2, 1)
+    for train in (True, False):
+        form = build_cached_form(name, image_size=size, train=train)
+        kw = dict(size=form.size, num_attributes=40, device=torch.device("cpu"), pin=False, num_workers=2,
+                  where="val")
+        cpu = fill_store(parts, data.decoder(form.base), **kw)
+        dev = fill_store(parts, data.decoder(form.base), device_resample=form.resample, **kw)
+        assert dev.keys == cpu.keys and not dev.missing and torch.equal(dev.labels, cpu.labels)
+        assert dev.images.shape == cpu.images.shape == (len(cpu.keys), 3, *form.size)
+        diff = (dev.images.float() - cpu.images.float()).abs()
+        if name == "resize_crop":
+            assert diff.max() <= 1, (train, diff.max())
+        else:
+            assert 0 < diff.mean() < 4, (train, diff.mean())
+
+
+def test_device_decode_leaves_a_chunk_it_cannot_decode_to_the_cpu(shards, tmp_path):
+    """A damaged JPEG makes decode_jpeg refuse its chunk (one shard here): that chunk is decoded on the CPU,
+    bit for bit as without the option, so the undecodable sample is skipped and named as there."""
+    import shutil
+
+    from test_damaged_samples import damage_jpeg, wipe_header
+
+    copy = Path(shutil.copytree(shards, tmp_path / "shards"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    shard = copy / manifest["splits"]["val"]["shards"][1]["file"]
+    key = damage_jpeg(shard, 3, wipe_header)
+    data = ShardData(str(copy), "all")
+    parts = deal_shards(data.split("val").shards, 1, 0)
+    form = build_cached_form("crop178_resize", image_size=(64, 64), train=True)
+    kw = dict(size=form.size, num_attributes=40, device=torch.device("cpu"), pin=False, num_workers=2, where="val")
+    cpu = fill_store(parts, data.decoder(form.base, skip_bad=True), **kw)
+    dev = fill_store(parts, data.decoder(form.base, skip_bad=True), device_resample=form.resample, **kw)
+    assert dev.keys == cpu.keys and dev.missing == cpu.missing and len(dev.missing) == 1
+    assert [k for k, _ in dev.issues.skipped] == [k for k, _ in cpu.issues.skipped] == [key]
+    damaged = [i for i, part in enumerate(parts) if part.path == str(shard)][0]
+    lo, hi = dev.offsets[damaged], dev.offsets[damaged] + manifest["splits"]["val"]["shards"][1]["num_samples"]
+    kept = [i for i in range(lo, hi) if i not in dev.missing]  # a skipped sample's slot is never written
+    assert torch.equal(dev.images[kept], cpu.images[kept])  # the damaged shard's chunk: the CPU's decode
+    assert not torch.equal(dev.images[:lo], cpu.images[:lo])  # the others: the device's
+
+
+def test_device_decode_needs_the_device_cache():
+    from celeba_dist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="data.cache_decode=device .* needs data.cache=device, not 'host'"):
+        load_config("smiling_simple_cnn", ["data.cache=host", "data.cache_decode=device"])
+    with pytest.raises(ConfigError, match="data.cache_decode: 'gpu' is not one of"):
+        load_config("smiling_simple_cnn", ["data.cache=device", "data.cache_decode=gpu"])
 
 
 def test_two_process_device_cache_holds_one_share_per_rank(shards, tmp_path):

@@ -10,6 +10,10 @@ Each run is ``celeba_dist.train.main`` on synthetic shards (bf16, channels_last 
   epoch 2 s      with --epochs N >= 2: the second epoch's training seconds (metrics.json's history), and
                  cache=none's over it (the speed-up once the cache is full)
 
+``--caches device device-decode`` compares the device cache's fill through the CPU loader workers (libjpeg-turbo
+at a DCT scale) with TorchCodec's decode on the GPU (nvJPEG, full size, resampled there:
+``data.cache_decode=device``); its fill s is the figure to compare before making it a default.
+
 ``--headline`` then trains the smiling recipe for 30 epochs over ``--headline-images`` synthetic images
 (202,599, full CelebA's size, of which the official fractions make 162,770 the training split) with
 ``data.cache=device`` at batch 512 (Adam's learning rate 0.008: 8x the recipe's 0.001 at 16x its batch 32,
@@ -49,6 +53,11 @@ MODELS = {
     "resnext50_32x4d": ("attrs40_resnext50", 128, ["model.pretrained=none"]),
     "resnet18_lstm_attn": ("male_resnet18_lstm_attn", 128, ["model.pretrained=none"]),
 }
+
+
+# a row's name → its overrides; device-decode fills the device cache with TorchCodec's nvJPEG decode
+CACHES = {"none": ["data.cache=none"], "host": ["data.cache=host"], "device": ["data.cache=device"],
+          "device-decode": ["data.cache=device", "data.cache_decode=device"]}
 
 
 def make_shards(work: Path, num_images: int, workers: int) -> Path:
@@ -97,7 +106,7 @@ def measure(shards: Path, work: Path, model: str, cache: str, args) -> dict:
     recipe, batch, extra = MODELS[model]
     batch = args.batch_size or batch
     run_dir = work / "runs" / f"{model}-{cache}-{time.time_ns()}"
-    overrides = [*extra, f"data.cache={cache}", f"data.batch_size={batch}", f"data.num_workers={args.workers}",
+    overrides = [*extra, *CACHES[cache], f"data.batch_size={batch}", f"data.num_workers={args.workers}",
                  f"train.precision={args.precision}", f"train.channels_last={str(args.channels_last).lower()}",
                  *([f"train.epochs={args.epochs}"] if args.epochs else [f"train.max_steps={args.steps}", "train.epochs=1000"]),
                  f"train.log_every_steps={args.log_every}",
@@ -206,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=0, help="per model (default: its entry in MODELS)")
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS),
                         help="none at all: the headline alone")
-    parser.add_argument("--caches", nargs="+", default=["none", "host", "device"], choices=["none", "host", "device"])
+    parser.add_argument("--caches", nargs="+", default=["none", "host", "device"], choices=list(CACHES),
+                        help="device-decode: cache=device filled by decoding on the GPU (compare its fill s)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="loader workers (default: all cores)")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"])
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")

@@ -3,9 +3,10 @@
 # without CUDA (the fp16 grad scaler's checkpoint round trip), training-step throughput of every
 # model, and the loader with many workers. Run from the repository root on a CUDA machine with the
 # package importable (pip install -e '.[test]', or PYTHONPATH=.); results land in $OUT (default
-# /tmp/celeba-gpu-check). Parts: train | tests | bench | loader | cache | headline (default: all but
-# cache and headline: tools/bench_gpu.py, the decoded-cache benchmark, whose table (cache) and 30-epoch
-# headline run (headline) each take minutes; give each its own command where a command's time is short).
+# /tmp/celeba-gpu-check). Parts: train | tests | bench | loader | cache | decode | headline (default: all
+# but the last three: tools/bench_gpu.py, the decoded-cache benchmark, whose table (cache), fill through
+# nvJPEG against the CPU workers (decode) and 30-epoch headline run (headline) each take minutes; give
+# each its own command where a command's time is short).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/celeba-gpu-check}
@@ -48,6 +49,9 @@ for part in $PARTS; do
   cache)
     $PY tools/bench_gpu.py --work-dir "$WORK/cache" --out "$OUT/bench_gpu.json" 2>"$OUT/bench_gpu.log" \
       | grep -v INFO | tee "$OUT/bench_gpu.txt" ;;
+  decode)
+    $PY tools/bench_gpu.py --work-dir "$WORK/cache" --caches device device-decode --steps 30 \
+      --out "$OUT/bench_decode.json" 2>"$OUT/bench_decode.log" | grep -v INFO | tee "$OUT/bench_decode.txt" ;;
   headline)
     $PY tools/bench_gpu.py --work-dir "$WORK/cache" --models --headline --out "$OUT/bench_headline.json" \
       2>"$OUT/bench_headline.log" | grep -v INFO | tee "$OUT/bench_headline.txt" ;;

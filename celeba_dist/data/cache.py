@@ -32,7 +32,7 @@ from torch.utils.data import IterableDataset
 
 from celeba_dist.data.streams import (Batch, Decoder, IssueTally, SampleIssues, ShardPart, TrainStream, _Skipped,
                                       _worker, label_table, make_loader, owned_workers, read_part, stack_images)
-from celeba_dist.data.transforms import CachedForm, augment_batch, hash32
+from celeba_dist.data.transforms import CachedForm, Resample, augment_batch, hash32
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +102,12 @@ def fit_problem(*, needed: int, local_ranks: int, device: torch.device, what: st
 
 class _FillStream(IterableDataset):
     """The fill's work: the share's parts in chunks of at most :data:`_CHUNK` samples, dealt to the loader
-    workers; yields (cache positions, decoded batch) per chunk."""
+    workers; yields (cache positions, decoded batch) per chunk, or with ``raw`` (first position, raw
+    samples) for the training process to decode (:func:`_device_decoded`)."""
 
-    def __init__(self, parts: list[ShardPart], decoder: Decoder):
+    def __init__(self, parts: list[ShardPart], decoder: Decoder, *, raw: bool = False):
         super().__init__()
-        self.decoder, self.chunks = decoder, []
+        self.decoder, self.raw, self.chunks = decoder, raw, []
         offset = 0
         for part in parts:
             if part.stride == 1:
@@ -117,24 +118,50 @@ class _FillStream(IterableDataset):
                 self.chunks.append((part, offset))
             offset += part_size(part)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, Batch]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, Batch] | tuple[int, list[dict]]]:
         worker, workers = _worker()
         for chunk, offset in self.chunks[worker::workers]:
-            positions, images, labels, keys, issues = [], [], [], [], SampleIssues()
-            for i, sample in enumerate(read_part(chunk)):
-                item = self.decoder(sample)
-                if isinstance(item, _Skipped):
-                    issues.skipped.append(tuple(item))
-                    continue
-                image, label, key, warning = item
-                if warning:
-                    issues.warned.append((key, warning))
-                positions.append(offset + i)
-                images.append(image)
-                labels.append(label)
-                keys.append(key)
-            stacked = stack_images(tuple(images)) if images else torch.zeros(0, dtype=torch.uint8)
-            yield torch.tensor(positions, dtype=torch.int64), Batch(stacked, label_table(labels), keys, issues)
+            samples = list(read_part(chunk))
+            yield (offset, samples) if self.raw else _decoded(offset, samples, self.decoder)
+
+
+def _decoded(offset: int, samples: list[dict], decoder: Decoder) -> tuple[torch.Tensor, Batch]:
+    """(cache positions, batch) of a chunk of raw samples whose first is at cache position ``offset``,
+    decoded by ``decoder`` on the CPU; skipped and warned samples go into the batch's issues."""
+    positions, images, labels, keys, issues = [], [], [], [], SampleIssues()
+    for i, item in enumerate(decoder.many(samples, itertools.repeat(0))):
+        if isinstance(item, _Skipped):
+            issues.skipped.append(tuple(item))
+            continue
+        image, label, key, warning = item
+        if warning:
+            issues.warned.append((key, warning))
+        positions.append(offset + i)
+        images.append(image)
+        labels.append(label)
+        keys.append(key)
+    stacked = stack_images(tuple(images)) if images else torch.zeros(0, dtype=torch.uint8)
+    return torch.tensor(positions, dtype=torch.int64), Batch(stacked, label_table(labels), keys, issues)
+
+
+def _device_decoded(offset: int, samples: list[dict], decoder: Decoder, resample: Resample,
+                    device: torch.device) -> tuple[torch.Tensor, Batch]:
+    """:func:`_decoded`, with the JPEGs decoded in one TorchCodec ``decode_jpeg`` call on ``device`` (nvJPEG
+    on a GPU; torchvision's decoders, which the issue named, are deprecated since torchvision 0.29 in its
+    favour) and ``resample``d there. A chunk that call refuses (a damaged JPEG, even one libjpeg decodes
+    with a warning; another image format) is decoded on the CPU as without the option, so damaged samples
+    are named, warned about and skipped alike."""
+    from torchcodec.decoders import decode_jpeg  # an optional dependency: checked by the config
+
+    try:
+        decoded = decode_jpeg([bytes(sample["jpg"]) for sample in samples], mode="RGB", device=device)
+        images = torch.stack([resample(image) for image in decoded]) if samples else torch.zeros(0, dtype=torch.uint8)
+        labels = label_table(decoder.labels(sample["attr.json"]) for sample in samples)
+    except (RuntimeError, ValueError) as exc:
+        log.debug("device decode of a chunk failed (%s): decoding it on the CPU", exc)
+        return _decoded(offset, samples, decoder)
+    positions = torch.arange(offset, offset + len(samples), dtype=torch.int64)
+    return positions, Batch(images, labels, [sample["__key__"] for sample in samples], SampleIssues())
 
 
 @dataclass
@@ -165,8 +192,12 @@ class Store:
 
 
 def fill_store(parts: list[ShardPart], decoder: Decoder, *, size: tuple[int, int], num_attributes: int,
-               device: torch.device, pin: bool, num_workers: int, where: str) -> Store:
-    """Decode every sample of ``parts`` once, with ``num_workers`` loader workers, into a new :class:`Store`."""
+               device: torch.device, pin: bool, num_workers: int, where: str,
+               device_resample: Resample | None = None) -> Store:
+    """Decode every sample of ``parts`` once, with ``num_workers`` loader workers, into a new :class:`Store`.
+
+    With ``device_resample`` (``data.cache_decode=device``) the workers only read the samples, and the
+    training process decodes each chunk's JPEGs on ``device`` and resamples them there."""
     started = time.perf_counter()
     offsets = list(itertools.accumulate((part_size(p) for p in parts), initial=0))
     n = offsets.pop()
@@ -176,7 +207,9 @@ def fill_store(parts: list[ShardPart], decoder: Decoder, *, size: tuple[int, int
     for train in list(_ORDERING):
         train.settle()
     with owned_workers():
-        for positions, batch in make_loader(_FillStream(parts, decoder), num_workers=num_workers):
+        for item in make_loader(_FillStream(parts, decoder, raw=device_resample is not None), num_workers=num_workers):
+            positions, batch = item if device_resample is None else _device_decoded(*item, decoder, device_resample,
+                                                                                     device)
             tally.add(batch.issues)
             issues.warned += batch.issues.warned
             issues.skipped += batch.issues.skipped
@@ -190,8 +223,8 @@ def fill_store(parts: list[ShardPart], decoder: Decoder, *, size: tuple[int, int
     tally.log_summary()
     key_hash = torch.tensor([zlib.crc32(key.encode()) for key in keys], dtype=torch.int64, device=device)
     store = Store(parts, offsets, images, labels, keys, key_hash, issues, time.perf_counter() - started)
-    log.info("%s cache: %d samples (%s) decoded into %s memory in %.1fs", where, n - len(store.missing),
-             _gib(images.numel()), device, store.seconds)
+    log.info("%s cache: %d samples (%s) decoded%s into %s memory in %.1fs", where, n - len(store.missing),
+             _gib(images.numel()), f" on {device}" if device_resample else "", device, store.seconds)
     return store
 
 

@@ -235,7 +235,7 @@ class _Skipped(NamedTuple):
 @dataclass(frozen=True)
 class Decoder:
     """Raw sample → (uint8 image (3, H, W), label row (A,), key, libjpeg warning or None). Picklable for workers.
-    The label row is bytes of 0/1 or a list (:meth:`_labels`); :func:`label_table` makes a batch's tensor.
+    The label row is bytes of 0/1 or a list (:meth:`labels`); :func:`label_table` makes a batch's tensor.
 
     A sample that cannot be decoded raises :class:`DataError` naming it and its shard, or, with
     ``skip_bad``, comes out as a skipped marker that the batches count.
@@ -255,7 +255,7 @@ class Decoder:
     def many(self, samples: list[dict], seeds: Iterable[int]) -> list:
         """:meth:`__call__` for each of ``samples`` with its seed, in a row (libjpeg's warnings are
         collected once for all of them)."""
-        out, transform, labels_of, rng = [], self.transform, self._labels, random.Random
+        out, transform, labels_of, rng = [], self.transform, self.labels, random.Random
         damage, previous = collect_jpeg_damage()
         try:
             for sample, seed in zip(samples, seeds):
@@ -279,10 +279,10 @@ class Decoder:
         raise DataError(f"cannot decode sample {key} of shard {shard}: {exc}; set data.skip_bad_samples=true "
                         f"to skip such samples, `celeba-dist verify` checks every shard") from exc
 
-    def _labels(self, raw: bytes | memoryview) -> bytes | list:
+    def labels(self, raw: bytes | memoryview) -> bytes | list:
         """The selected labels: bytes of 0/1 for the packer's compact form (a batch's rows are then joined
         and read in one call, :func:`_collate`), a list otherwise."""
-        raw = raw if type(raw) is bytes else bytes(raw)  # a memoryview of the mapped shard: 81 bytes
+        raw = raw if type(raw) is bytes else bytes(raw)  # a memoryview of a sample read through an index
         bits = label_bits(raw)
         if self.every_label and bits is not None and len(bits) == len(self.label_index):
             return bits

@@ -25,6 +25,7 @@ import numpy as np
 import simplejpeg
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 
 from celeba_dist.attributes import ALIGNED_IMAGE_SIZE
 
@@ -103,6 +104,27 @@ def _maybe_flip(img: Image.Image, train: bool, rng: random.Random) -> Image.Imag
     return img
 
 
+Box = tuple[int, int, int, int]  # (left, top, width, height) in pixels of the decoded image
+
+
+def _central_square(width: int, height: int) -> Box:
+    """The square of the shorter side, centred."""
+    side = min(width, height)
+    return (width - side) // 2, (height - side) // 2, side, side
+
+
+def _celeba_aspect_box(width: int, height: int) -> Box:
+    """The central box of CelebA's 178:218 aspect, to the nearest pixel, clipped to the image."""
+    src_w, src_h = ALIGNED_IMAGE_SIZE
+    box_w = min(width, round(height * src_w / src_h))
+    box_h = min(height, round(width * src_h / src_w))
+    return (width - box_w) // 2, (height - box_h) // 2, box_w, box_h
+
+
+def _whole(width: int, height: int) -> Box:
+    return 0, 0, width, height
+
+
 def crop178_resize(*, image_size: tuple[int, int], train: bool) -> Transform:
     """RandomCrop 178 (train) / CenterCrop 178 (eval) → Resize → flip (train): the smiling CNN's input.
 
@@ -118,8 +140,7 @@ def crop178_resize(*, image_size: tuple[int, int], train: bool) -> Transform:
 
     def apply(data: bytes, rng: random.Random) -> torch.Tensor:
         img = decode_rgb(data, min_size=(side_min, side_min))
-        side = min(img.size)
-        left, top = (img.width - side) // 2, (img.height - side) // 2
+        left, top, side, _ = _central_square(*img.size)
         if train:  # one draw along the longer side (none along the other, which the square fills)
             offset = rng.randint(0, max(img.size) - side)
             left, top = (offset, 0) if img.width > img.height else (0, offset)
@@ -137,13 +158,10 @@ def _celeba_aspect_resize(*, image_size: tuple[int, int]) -> Transform:
     """The central box of CelebA's 178:218 aspect (to the nearest pixel, clipped to the image) → Resize to
     ``image_size`` (H, W): a fixed-size image for any input; an aligned CelebA image is resized whole."""
     out_h, out_w = image_size
-    src_w, src_h = ALIGNED_IMAGE_SIZE
 
     def apply(data: bytes, rng: random.Random) -> torch.Tensor:
         img = decode_rgb(data, min_size=(out_w, out_h))
-        box_w = min(img.width, round(img.height * src_w / src_h))
-        box_h = min(img.height, round(img.width * src_h / src_w))
-        left, top = (img.width - box_w) // 2, (img.height - box_h) // 2
+        left, top, box_w, box_h = _celeba_aspect_box(*img.size)
         box = (left, top, left + box_w, top + box_h)
         if (box_w, box_h) == (out_w, out_h):
             img = img.crop(box)
@@ -154,7 +172,11 @@ def _celeba_aspect_resize(*, image_size: tuple[int, int]) -> Transform:
     return apply
 
 
-def resize_crop(*, image_size: tuple[int, int], train: bool, resize_to: tuple[int, int] = (270, 220)) -> Transform:
+RESIZE_CROP_TO = (270, 220)  # (H, W) the ResNeXt source resizes to before its 178x218 crop
+
+
+def resize_crop(*, image_size: tuple[int, int], train: bool, resize_to: tuple[int, int] = RESIZE_CROP_TO
+                ) -> Transform:
     """Resize to 220×270 (W×H) → crop 178×218 (random for training, central otherwise) → flip.
 
     The ResNeXt-50 source's input pipeline; ``image_size`` is the crop (H, W).
@@ -189,16 +211,42 @@ def resize(*, image_size: tuple[int, int], train: bool) -> Transform:
     return apply
 
 
+Resample = Callable[[torch.Tensor], torch.Tensor]  # a decoded image (3, H, W) uint8 → the cached form's
+
+
+def box_resample(box: Callable[[int, int], Box], size: tuple[int, int], *,
+                 then_crop: tuple[int, int] | None = None) -> Resample:
+    """A deterministic transform's geometry on a decoded uint8 tensor (3, H, W), on its device: the
+    ``box`` of the image resized to ``size`` (H, W), bilinear with antialiasing (as PIL's resize), then
+    the central ``then_crop`` (H, W). For ``data.cache_decode=device``, whose images arrive decoded at
+    full size where the CPU path decodes at a DCT scale: the pixels differ by that resampling only."""
+
+    def apply(image: torch.Tensor) -> torch.Tensor:
+        left, top, width, height = box(image.shape[-1], image.shape[-2])
+        if (height, width) == tuple(size):
+            out = image[:, top:top + height, left:left + width]
+        else:
+            out = TF.resized_crop(image, top, left, height, width, list(size), antialias=True)
+        if then_crop is not None:
+            (h, w), (ch, cw) = out.shape[-2:], then_crop
+            out = out[:, (h - ch) // 2:(h - ch) // 2 + ch, (w - cw) // 2:(w - cw) // 2 + cw]
+        return out
+
+    return apply
+
+
 @dataclass(frozen=True)
 class CachedForm:
     """A preset split for ``data.cache``: ``base`` (the decode and everything deterministic) runs once
     per sample into the cache, which holds uint8 images of ``size`` (H, W); the random part (a crop to
-    ``crop`` (H, W), a horizontal flip) runs on whole batches on the training device (:func:`augment_batch`)."""
+    ``crop`` (H, W), a horizontal flip) runs on whole batches on the training device (:func:`augment_batch`).
+    ``resample`` is ``base`` after the decode, on a decoded tensor (``data.cache_decode=device``)."""
 
     size: tuple[int, int]
     base: Transform
     crop: tuple[int, int] | None = None
     flip: bool = False
+    resample: Resample | None = None
 
 
 def _cached_crop178(image_size: tuple[int, int]) -> CachedForm:
@@ -216,18 +264,21 @@ def _cached_crop178(image_size: tuple[int, int]) -> CachedForm:
     out_h, out_w = image_size
     cached_h = max(out_h, round(out_h * ALIGNED_IMAGE_SIZE[1] / ALIGNED_IMAGE_SIZE[0]))
     base = _celeba_aspect_resize(image_size=(cached_h, out_w))
-    return CachedForm((cached_h, out_w), base, crop=image_size, flip=True)
+    return CachedForm((cached_h, out_w), base, crop=image_size, flip=True,
+                      resample=box_resample(_celeba_aspect_box, (cached_h, out_w)))
 
 
 def _cached_resize_crop(image_size: tuple[int, int]) -> CachedForm:
-    big = (270, 220)  # resize_crop's resize_to, (H, W)
+    big = RESIZE_CROP_TO
     if image_size[0] > big[0] or image_size[1] > big[1]:
         raise ValueError(f"crop {image_size} larger than the resize {big}")
-    return CachedForm(big, resize(image_size=big, train=False), crop=image_size, flip=True)
+    return CachedForm(big, resize(image_size=big, train=False), crop=image_size, flip=True,
+                      resample=box_resample(_whole, big))
 
 
 def _cached_resize(image_size: tuple[int, int]) -> CachedForm:
-    return CachedForm(image_size, resize(image_size=image_size, train=False), flip=True)
+    return CachedForm(image_size, resize(image_size=image_size, train=False), flip=True,
+                      resample=box_resample(_whole, image_size))
 
 
 @dataclass(frozen=True)
@@ -235,14 +286,18 @@ class Preset:
     build: Callable[..., Transform]
     cached: Callable[[tuple[int, int]], CachedForm]  # the training transform, split for data.cache
     description: str
+    eval_resample: Callable[[tuple[int, int]], Resample]  # the evaluation transform after its decode
 
 
 PRESETS: dict[str, Preset] = {
     "crop178_resize": Preset(crop178_resize, _cached_crop178,
-                             "RandomCrop 178 (train) / CenterCrop 178 (eval) -> Resize (64x64) -> flip"),
+                             "RandomCrop 178 (train) / CenterCrop 178 (eval) -> Resize (64x64) -> flip",
+                             lambda size: box_resample(_central_square, size)),
     "resize_crop": Preset(resize_crop, _cached_resize_crop,
-                          "Resize 220x270 -> crop 178x218 (random in training) -> flip"),
-    "imagenet": Preset(resize, _cached_resize, "Resize (224x224) -> flip; use with data.normalize=imagenet"),
+                          "Resize 220x270 -> crop 178x218 (random in training) -> flip",
+                          lambda size: box_resample(_whole, RESIZE_CROP_TO, then_crop=size)),
+    "imagenet": Preset(resize, _cached_resize, "Resize (224x224) -> flip; use with data.normalize=imagenet",
+                       lambda size: box_resample(_whole, size)),
 }
 
 
@@ -256,7 +311,8 @@ def build_cached_form(name: str, *, image_size: tuple[int, int], train: bool) ->
     deterministic part and the random crop and flip; for evaluation the whole (deterministic) transform."""
     if train:
         return _preset(name).cached(tuple(image_size))
-    return CachedForm(tuple(image_size), build_transform(name, image_size=image_size, train=False))
+    return CachedForm(tuple(image_size), build_transform(name, image_size=image_size, train=False),
+                      resample=_preset(name).eval_resample(tuple(image_size)))
 
 
 def _preset(name: str) -> Preset:

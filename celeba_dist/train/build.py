@@ -99,7 +99,8 @@ def cached_store(cfg: Config, data: ShardData, accelerator: Accelerator, parts: 
                                                          if len(problems) > 3 else ""))
     return fill_store(parts, data.decoder(form.base, skip_bad=cfg.data.skip_bad_samples), size=form.size,
                       num_attributes=len(data.attributes), device=device, pin=torch.cuda.is_available(),
-                      num_workers=cfg.data.num_workers, where=f"{what} (rank {accelerator.process_index})")
+                      num_workers=cfg.data.num_workers, where=f"{what} (rank {accelerator.process_index})",
+                      device_resample=form.resample if cfg.data.cache_decode == "device" else None)
 
 
 def eval_batches(cfg: Config, data: ShardData, split: str, accelerator: Accelerator, caches: dict) -> Iterable:
