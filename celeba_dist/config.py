@@ -44,7 +44,7 @@ class DataConfig:
     check_shards: str = "size"  # before the first step: size (a stat per shard) | sha256 | none
     skip_bad_samples: bool = False  # a sample that cannot be decoded is skipped and counted instead of ending the run
     cache: str = "none"  # none | host | device: each rank's share decoded once, kept in that memory (data/cache.py)
-    cache_decode: str = "cpu"  # cpu (loader workers, libjpeg-turbo) | device (torchvision/nvJPEG; cache=device only)
+    cache_decode: str = "cpu"  # cpu (loader workers) | device (TorchCodec, nvJPEG on a GPU; cache=device only)
 
 
 @dataclass(frozen=True)

@@ -147,10 +147,10 @@ def _decoded(offset: int, samples: list[dict], decoder: Decoder) -> tuple[torch.
 def _device_decoded(offset: int, samples: list[dict], decoder: Decoder, resample: Resample,
                     device: torch.device) -> tuple[torch.Tensor, Batch]:
     """:func:`_decoded`, with the JPEGs decoded in one TorchCodec ``decode_jpeg`` call on ``device`` (nvJPEG
-    on a GPU; torchvision's decoders, which the issue named, are deprecated since torchvision 0.29 in its
-    favour) and ``resample``d there. A chunk that call refuses (a damaged JPEG, even one libjpeg decodes
-    with a warning; another image format) is decoded on the CPU as without the option, so damaged samples
-    are named, warned about and skipped alike."""
+    on a GPU; torchvision's own decoders are deprecated since torchvision 0.29 in TorchCodec's favour) and
+    ``resample``d there. A chunk that call refuses (a damaged JPEG, even one libjpeg decodes with a
+    warning; another image format; no device memory left) is decoded on the CPU, in this process, as
+    without the option, so damaged samples are named, warned about and skipped alike."""
     from torchcodec.decoders import decode_jpeg  # an optional dependency: checked by the config
 
     try:
@@ -158,7 +158,8 @@ def _device_decoded(offset: int, samples: list[dict], decoder: Decoder, resample
         images = torch.stack([resample(image) for image in decoded]) if samples else torch.zeros(0, dtype=torch.uint8)
         labels = label_table(decoder.labels(sample["attr.json"]) for sample in samples)
     except (RuntimeError, ValueError) as exc:
-        log.debug("device decode of a chunk failed (%s): decoding it on the CPU", exc)
+        log.warning("the device decoder refused a chunk of %d samples from %s (%s): decoding it on the CPU",
+                    len(samples), samples[0].get("__url__") if samples else "?", str(exc).splitlines()[0][:200])
         return _decoded(offset, samples, decoder)
     positions = torch.arange(offset, offset + len(samples), dtype=torch.int64)
     return positions, Batch(images, labels, [sample["__key__"] for sample in samples], SampleIssues())
