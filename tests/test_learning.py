@@ -54,21 +54,21 @@ def test_simple_cnn_learns_the_drawn_attributes(shards, tmp_path, cache, options
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cache", ["none", "device"])
-def test_two_process_ddp_learns_the_same(shards, tmp_path, cache):
-    """Also with data.cache=device (the device is the CPU here): each rank decodes its share once, on the device
-    (data.cache_decode=device: TorchCodec, nvJPEG's call on a GPU); and there the EMA of the weights under DDP
-    (every rank averages the same weights)."""
+def test_two_process_ddp_learns_the_same(shards, tmp_path):
+    """Two-process DDP with data.cache=device (the device is the CPU here): each rank decodes its share once, on
+    the device (data.cache_decode=device: TorchCodec, nvJPEG's call on a GPU), keeps an EMA of the weights
+    (every rank averages the same weights), and the run reaches the bar. (The streamed DDP run this test
+    also made is left out to keep CI's time: streamed learning is the 1-process test's, and DDP's equal
+    weights and exact counts on the streamed path are test_train.py's.)"""
     run_dir = tmp_path / "ddp"
-    device = ["train.ema_decay=0.99", "data.cache_decode=device"] if cache == "device" else []
     cmd = accelerate_cmd("-m", "celeba_dist.train", "--config", "smiling_simple_cnn", "--data", str(shards),
                          "--run-dir", str(run_dir), "--set", *RECIPE, "data.batch_size=16",  # global batch 32
-                         f"data.cache={cache}", *device)
+                         "data.cache=device", "data.cache_decode=device", "train.ema_decay=0.99")
     proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads((run_dir / "env.json").read_text())["world_size"] == 2
     assert_ranks_hold_the_same_weights(rank_stats(run_dir))
     for rank in (0, 1):  # each rank filled its caches through the device decoder
         log = (run_dir / "logs" / f"rank{rank}.log").read_text()
-        assert (f"train (rank {rank}) cache:" in log and "decoded on cpu" in log) == (cache == "device")
+        assert f"train (rank {rank}) cache:" in log and "decoded on cpu" in log
     check_bar(json.loads((run_dir / "metrics.json").read_text()))
