@@ -11,6 +11,14 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
+# While this runs, $DIR/starting holds its pid, and at its end $DIR/start.rc its exit status: the
+# `slurm_cluster` fixture waits for a start in progress (CI runs this beside the Python install).
+DIR="${CELEBA_DIST_SLURM_DIR:-/tmp/celeba-dist-slurm}"
+mkdir -p "$DIR"
+rm -f "$DIR/start.rc"
+echo $$ >"$DIR/starting"
+trap 'echo $? >"$DIR/start.rc"; rm -f "$DIR/starting"' EXIT
+
 packages=(munge slurmctld slurmd slurmdbd slurm-client mariadb-server mariadb-client)
 missing=()
 for pkg in "${packages[@]}"; do

@@ -5,13 +5,15 @@ SLURM: tests that need a cluster take the ``slurm_cluster`` fixture (and carry
 ``$CELEBA_DIST_SLURM_DIR/slurm.conf`` (default ``/tmp/celeba-dist-slurm/slurm.conf``), written by
 ``tests/slurm/start_cluster.sh``, and exports ``SLURM_CONF`` for the session so that sbatch,
 srun, sacct and submitit talk to it. Without a reachable cluster these tests skip, unless
-``CELEBA_DIST_REQUIRE_SLURM=1`` (set by CI), where the skip becomes a failure.
+``CELEBA_DIST_REQUIRE_SLURM=1`` (set by CI), where the skip becomes a failure. A start still in
+progress (``.ci/slurm.sh``, which CI runs beside the Python install) is waited for first.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -20,8 +22,36 @@ SLURM_DIR = Path(os.environ.get("CELEBA_DIST_SLURM_DIR", "/tmp/celeba-dist-slurm
 SLURM_NODES = ("n1", "n2")
 
 
+def _pid_alive(pid_file: Path) -> bool:
+    try:
+        os.kill(int(pid_file.read_text().strip() or "0"), 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def _start_problem(folder: Path, timeout_s: float = 1500) -> str | None:
+    """Wait for a cluster start in progress (``.ci/slurm.sh``, run by CI beside the Python install);
+    why it failed, or None when none failed."""
+    starting, rc = folder / "starting", folder / "start.rc"
+    deadline = time.monotonic() + timeout_s
+    while starting.exists() and _pid_alive(starting):
+        if time.monotonic() > deadline:
+            return f"the SLURM cluster's start ({starting}) still runs after {timeout_s:.0f} s"
+        time.sleep(2)
+    status = rc.read_text().strip() if rc.exists() else "0"
+    if status != "0":
+        return f".ci/slurm.sh exited {status} (CI keeps its output in /tmp/celeba-dist-slurm-start.log)"
+    return None
+
+
 def _cluster_problem(conf: Path) -> str | None:
     """Why the test cluster cannot be used, or None when it answers with both nodes up."""
+    started = _start_problem(conf.parent)
+    if started:
+        return started
     missing = [tool for tool in ("sbatch", "srun", "sinfo", "sacct", "scontrol") if shutil.which(tool) is None]
     if missing:
         return f"SLURM client tools not installed ({', '.join(missing)}); run: sudo bash .ci/slurm.sh"
