@@ -17,8 +17,10 @@ from celeba_dist.train.main import main
 from shardkit import synthetic_shards
 from test_train import accelerate_cmd, assert_ranks_hold_the_same_weights, cpu_env, rank_stats
 
-# The smiling recipe's model and optimizer; a cosine schedule and no dropout make 16 epochs of 3,200 images enough.
-RECIPE = ["data.attributes=drawn", "train.epochs=16", "optim.lr=0.003", "sched.name=cosine", "model.dropout=0.0",
+# The smiling recipe's model and optimizer; a cosine schedule, no dropout and batches of 16 make 10 epochs of
+# 3,200 images (2,000 steps) enough: mean validation accuracy about 0.97, as 16 epochs in batches of 32 gave, in
+# 0.6 of their CPU time. (8 epochs, or batches of 32 in 8 epochs at any of lr 1e-3..5e-3, stayed under the bar.)
+RECIPE = ["data.attributes=drawn", "train.epochs=10", "optim.lr=0.003", "sched.name=cosine", "model.dropout=0.0",
           "data.num_workers=1", "log.progress_bar=false", "log.image_grid_size=0", "train.log_every_steps=50"]
 
 
@@ -43,7 +45,7 @@ EVERYTHING = ["train.ema_decay=0.99", "eval.tta=flip", "train.tune_thresholds=ac
 @pytest.mark.slow
 @pytest.mark.parametrize("cache, options", [("none", []), ("host", EVERYTHING)], ids=["none", "host-ema-tta"])
 def test_simple_cnn_learns_the_drawn_attributes(shards, tmp_path, cache, options):
-    cfg = load_config("smiling_simple_cnn", [*RECIPE, "data.batch_size=32", f"data.cache={cache}", *options],
+    cfg = load_config("smiling_simple_cnn", [*RECIPE, "data.batch_size=16", f"data.cache={cache}", *options],
                       data_dir=str(shards), run_dir=str(tmp_path / "one"))
     result = main(cfg)
     check_bar(result["metrics"])
@@ -62,7 +64,7 @@ def test_two_process_ddp_learns_the_same(shards, tmp_path):
     weights and exact counts on the streamed path are test_train.py's.)"""
     run_dir = tmp_path / "ddp"
     cmd = accelerate_cmd("-m", "celeba_dist.train", "--config", "smiling_simple_cnn", "--data", str(shards),
-                         "--run-dir", str(run_dir), "--set", *RECIPE, "data.batch_size=16",  # global batch 32
+                         "--run-dir", str(run_dir), "--set", *RECIPE, "data.batch_size=8",  # global batch 16
                          "data.cache=device", "data.cache_decode=device", "train.ema_decay=0.99")
     proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
