@@ -1,5 +1,5 @@
 """The package's shape holds: no import cycles, packing and the shard contract without torch, the loader
-without the models, one place that renames files. Read from the source, so a new import that breaks a
+without the models, runs of the package's own models without torchvision, one place that renames files. Read from the source, so a new import that breaks a
 rule fails here before it confuses anyone."""
 from __future__ import annotations
 
@@ -106,6 +106,35 @@ def test_packing_and_the_shard_contract_import_without_torch(package):
             f"for name in {names!r}:\n    importlib.import_module(name)\n"
             "heavy = sorted(m for m in ('torch', 'torchvision', 'webdataset', 'accelerate') if m in sys.modules)\n"
             "assert not heavy, heavy\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_run_of_the_packages_own_models_never_imports_torchvision():
+    """Importing torchvision imports torch._dynamo: about 1.5 s of every process's start-up on a 2-core
+    machine (each rank, each `eval`, `predict`, `submit`), which only the torchvision-based models need. The
+    entry points, the 64x64 models, every transform preset on a real JPEG and a batch's augmentation run without
+    it; a torchvision model still builds (and imports it then)."""
+    code = """
+import io, random, sys
+import torch
+from PIL import Image
+import celeba_dist.cli, celeba_dist.evaluate, celeba_dist.predict, celeba_dist.train.main, celeba_dist.export
+from celeba_dist.data import transforms
+from celeba_dist.models import build_model
+jpeg = io.BytesIO()
+Image.new("RGB", (178, 218), (120, 60, 30)).save(jpeg, format="JPEG")
+for name in transforms.PRESETS:
+    for train in (True, False):
+        transforms.build_transform(name, image_size=(64, 64), train=train)(jpeg.getvalue(), random.Random(0))
+form = transforms.build_cached_form("crop178_resize", image_size=(64, 64), train=True)
+transforms.augment_batch(torch.zeros(2, 3, 78, 64, dtype=torch.uint8), torch.arange(2), form)
+for model in ("simple_cnn", "celeb_cnn"):
+    build_model(model, num_attributes=3)(torch.zeros(1, 3, 64, 64))
+assert "torchvision" not in sys.modules, sorted(m for m in sys.modules if m.startswith("torchvision"))[:5]
+build_model("torchvision:resnet18", num_attributes=3)
+assert "torchvision" in sys.modules
+"""
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 

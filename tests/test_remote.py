@@ -71,6 +71,15 @@ def train(data: str, run_dir: Path, *extra: str, processes: int = 1) -> subproce
     return subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=600)
 
 
+@pytest.fixture(scope="module")
+def trained(pristine, tmp_path_factory) -> Path:
+    """A 1-epoch run on the local folder, which the evaluation tests below only read."""
+    run_dir = tmp_path_factory.mktemp("remote-trained") / "run"
+    proc = train(str(pristine), run_dir, "train.epochs=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
 def outcome(run_dir: Path) -> tuple[dict, list[int]]:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     stats = sorted(run_dir.glob("rank_stats/rank*.json"))
@@ -128,10 +137,9 @@ def test_a_server_gone_mid_epoch_ends_the_run_naming_the_url_then_it_resumes(pri
     assert json.loads((run_dir / "metrics.json").read_text())["history"][-1]["epoch"] == 1
 
 
-def test_pipe_root_evaluates_like_the_local_folder(pristine, tmp_path):
+def test_pipe_root_evaluates_like_the_local_folder(pristine, trained, tmp_path):
     """``pipe:CMD`` with {} for the file's path (here ``cat``), through webdataset's pipe opener."""
-    run_dir = tmp_path / "run"
-    assert train(str(pristine), run_dir, "train.epochs=1").returncode == 0
+    run_dir = trained
     evals = {}
     for name, data in (("local", str(pristine)), ("pipe", f"pipe:cat {pristine}/{{}}")):
         out = tmp_path / f"{name}.json"
@@ -170,13 +178,12 @@ http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
 """
 
 
-def test_a_server_that_stalls_fails_the_read_in_seconds_then_the_same_command_works(pristine, tmp_path):
+def test_a_server_that_stalls_fails_the_read_in_seconds_then_the_same_command_works(pristine, trained, tmp_path):
     """A server that accepts and then sends nothing would hold a run for ever: the stall limit
     (CELEBA_DIST_REMOTE_STALL_S, 60 s by default; 2 s here) kills curl and fails each attempt, and after
     the third the command exits 1 naming the shard's URL; once the server serves again, the same command
     succeeds."""
-    run_dir = tmp_path / "run"
-    assert train(str(pristine), run_dir, "train.epochs=1").returncode == 0
+    run_dir = trained
     flag, port = tmp_path / "stall", _free_port()
     flag.touch()
     srv = subprocess.Popen([sys.executable, "-c", STALLING_SERVER, str(pristine.parent), str(port), str(flag)])
@@ -221,13 +228,12 @@ def _processes_with(marker: str) -> list[str]:
     return found
 
 
-def test_a_pipe_command_that_stalls_is_killed_and_fails_the_read_then_the_same_command_works(pristine, tmp_path):
+def test_a_pipe_command_that_stalls_is_killed_and_fails_the_read_then_the_same_command_works(pristine, trained, tmp_path):
     """A ``pipe:`` command that sends half a header and then hangs (here a shell pipeline whose ``sleep``
     holds the pipe open) is killed with everything it started once it has sent nothing for the stall
     limit; after three attempts the command exits 1 naming the shard, and nothing of the pipeline is left.
     Once the command streams again, the same command runs through."""
-    run_dir = tmp_path / "run"
-    assert train(str(pristine), run_dir, "train.epochs=1").returncode == 0
+    run_dir = trained
     flag, marker = tmp_path / "stall", "2417.5"  # sleep's argument marks the pipeline's processes
     flag.touch()
     root = (f"pipe:if [ -e {flag} ] && [ {{}} != manifest.json ]; then head -c 512 {pristine}/{{}}; "

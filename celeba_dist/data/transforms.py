@@ -25,7 +25,6 @@ import numpy as np
 import simplejpeg
 import torch
 from PIL import Image
-from torchvision.transforms.v2 import functional as TF
 
 from celeba_dist.attributes import ALIGNED_IMAGE_SIZE
 
@@ -225,8 +224,10 @@ def box_resample(box: Callable[[int, int], Box], size: tuple[int, int], *,
         left, top, width, height = box(image.shape[-1], image.shape[-2])
         if (height, width) == tuple(size):
             out = image[:, top:top + height, left:left + width]
-        else:
-            out = TF.resized_crop(image, top, left, height, width, list(size), antialias=True)
+        else:  # torchvision costs its import (torch._dynamo, ~1.5 s a process) only where it is used
+            from torchvision.transforms.v2.functional import resized_crop
+
+            out = resized_crop(image, top, left, height, width, list(size), antialias=True)
         if then_crop is not None:
             (h, w), (ch, cw) = out.shape[-2:], then_crop
             out = out[:, (h - ch) // 2:(h - ch) // 2 + ch, (w - cw) // 2:(w - cw) // 2 + cw]

@@ -14,14 +14,16 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.models import WeightsEnum
 
 from celeba_dist.safeload import UnsafeFileError, load_weights_only
+
+if TYPE_CHECKING:
+    from torchvision.models import WeightsEnum
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,15 @@ _SHOWN_KEYS = 5
 
 class WeightsUnavailableError(RuntimeError):
     """ImageNet weights are neither in the torch hub cache nor downloadable."""
+
+
+def tv_models():
+    """``torchvision.models``, imported on first use: importing torchvision imports torch._dynamo (about
+    1.5 s of every process's start-up on a 2-core machine), which a run of a model of this package's own
+    never needs."""
+    import torchvision.models
+
+    return torchvision.models
 
 
 def parse_imagenet(pretrained: str) -> str | None:
@@ -45,7 +56,7 @@ def parse_imagenet(pretrained: str) -> str | None:
 
 def imagenet_weights(name: str, tag: str = "DEFAULT") -> WeightsEnum:
     """torchvision's weights enum member ``tag`` (e.g. ``DEFAULT``, ``IMAGENET1K_V1``) for model ``name``."""
-    enum = torchvision.models.get_model_weights(name)
+    enum = tv_models().get_model_weights(name)
     try:
         return enum[tag]
     except KeyError:
@@ -89,12 +100,12 @@ def ensure_cached(weights: WeightsEnum) -> Path:
 def torchvision_model(name: str, *, imagenet: str | None = None, **kwargs: object) -> nn.Module:
     """torchvision's model ``name`` with random weights, or with ImageNet weights ``imagenet`` (a tag)."""
     if imagenet is None:
-        return torchvision.models.get_model(name, weights=None, **kwargs)
+        return tv_models().get_model(name, weights=None, **kwargs)
     weights = imagenet_weights(name, imagenet)
     path = ensure_cached(weights)
     log.info("loading ImageNet weights %s from %s", weights, path)
     # The builder loads through torch.hub, which finds the cached file and does not download.
-    return torchvision.models.get_model(name, weights=weights, **kwargs)
+    return tv_models().get_model(name, weights=weights, **kwargs)
 
 
 def classifier_name(model: nn.Module, num_outputs: int) -> str:

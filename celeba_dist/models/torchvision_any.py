@@ -11,10 +11,9 @@ import difflib
 import functools
 import inspect
 
-import torchvision
 from torch import nn
 
-from celeba_dist.models.pretrained import classifier_name, imagenet_weights, torchvision_model
+from celeba_dist.models.pretrained import classifier_name, imagenet_weights, torchvision_model, tv_models
 from celeba_dist.models.registry import TORCHVISION_PREFIX, ModelSpec, register_prefix
 
 IMAGENET_CLASSES = 1000
@@ -23,7 +22,7 @@ IMAGENET_CLASSES = 1000
 @functools.cache
 def torchvision_names() -> tuple[str, ...]:
     """Names of torchvision's image classification models."""
-    return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
+    return tuple(sorted(tv_models().list_models(module=tv_models())))
 
 
 def _default_input_size(name: str) -> tuple[int, int]:

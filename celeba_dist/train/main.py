@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import argparse
 import hashlib
+import importlib.metadata
 import logging
 import math
 import os
@@ -104,7 +105,6 @@ def data_summary(data: ShardData) -> dict[str, Any]:
 def environment(accelerator: Accelerator) -> dict[str, Any]:
     """Versions, world and devices, git commit: what someone needs to reproduce the run."""
     import accelerate
-    import torchvision
     import webdataset
 
     try:
@@ -114,7 +114,7 @@ def environment(accelerator: Accelerator) -> dict[str, Any]:
         commit = None
     return {
         "celeba_dist": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
-        "torchvision": torchvision.__version__, "accelerate": accelerate.__version__,
+        "torchvision": importlib.metadata.version("torchvision"), "accelerate": accelerate.__version__,
         "webdataset": webdataset.__version__, "platform": platform.platform(), "host": platform.node(),
         "world_size": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
         "device": str(accelerator.device),
