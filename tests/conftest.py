@@ -23,8 +23,12 @@ SLURM_NODES = ("n1", "n2")
 
 
 def _pid_alive(pid_file: Path) -> bool:
+    """Whether the process whose pid ``pid_file`` holds runs (a file still being written counts as running)."""
     try:
-        os.kill(int(pid_file.read_text().strip() or "0"), 0)
+        text = pid_file.read_text().strip()
+        if not text:
+            return True
+        os.kill(int(text), 0)
     except (FileNotFoundError, ValueError, ProcessLookupError):
         return False
     except PermissionError:  # alive, someone else's
