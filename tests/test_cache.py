@@ -152,8 +152,12 @@ def test_a_cache_that_cannot_fit_stops_before_training(shards, tmp_path):
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "tensorboard").exists()
 
 
-def test_killed_cached_run_resumes_to_the_same_weights(shards, tmp_path):
-    assert_killed_run_resumes_exactly(shards, tmp_path, "data.cache=host")
+@pytest.mark.parametrize("options", [["data.cache=host"], ["data.cache=device", "data.cache_decode=device"]],
+                         ids=["host", "device-decode"])
+def test_killed_cached_run_resumes_to_the_same_weights(shards, tmp_path, options):
+    assert_killed_run_resumes_exactly(shards, tmp_path, *options)
+    on_device = "decoded on cpu into cpu memory" in (tmp_path / "killed" / "logs" / "rank0.log").read_text()
+    assert on_device == ("data.cache_decode=device" in options)  # the option took the fill's other path
 
 
 @pytest.mark.parametrize("name,size", [("crop178_resize", (64, 64)), ("resize_crop", (218, 178)),
