@@ -44,8 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"celeba-dist: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, func_name = COMMANDS[name][0].split(":")
-    func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(rest) or 0)
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+        return int(func(rest) or 0)
+    except KeyboardInterrupt:  # a command that does not handle Ctrl-C itself: one line, not a traceback
+        print(f"celeba-dist {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from celeba_dist.pack.cli import main as pack_main
     from celeba_dist.synthetic import make_synthetic_celeba
-    from celeba_dist.train.main import main as train_main
+    from celeba_dist.train.main import EXIT_PREEMPTED, STOPPED, main as train_main
 
     data_dir, shards = Path(args.data_dir), Path(args.shards)
     if not (data_dir / "list_attr_celeba.txt").is_file():
@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
                                              "data.num_workers=1", *args.set],
                       data_dir=str(shards), run_dir=args.run_dir)
     result = train_main(cfg)
+    if result["status"] in STOPPED.values():  # a signal or Ctrl-C, after its checkpoint
+        log.warning("training %s after a checkpoint: run the same command again to resume", result["status"])
+        return EXIT_PREEMPTED
     if result["status"] != "completed":
         log.error("training ended with status %s", result["status"])
         return 1

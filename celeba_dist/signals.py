@@ -5,12 +5,18 @@ and the handler may run on one rank only, in the middle of a step. The handlers 
 only record which signal asked (in the run's :class:`StopRequests`); the training loop polls it at
 step boundaries, agrees on it across ranks (an all-reduce) and then saves on every rank.
 
-The two signals mean what SLURM means by them:
+The signals mean what SLURM (and a terminal) means by them:
 
 * ``SIGUSR2`` → ``"preempt"``: the time-limit or preemption warning (submitit's ``--signal``);
   checkpoint, then requeue the job.
 * ``SIGTERM`` → ``"terminate"``: ``scancel``, a node drain, or a requeue SLURM performs itself;
   checkpoint while there is time (SIGKILL follows after ``KillWait``) and exit, never requeue.
+* ``SIGINT`` → ``"terminate"`` in a training run (:data:`RUN_SIGNALS`): Ctrl-C on a workstation is
+  a cancel too. The terminal sends it to its foreground process group: a plain run and its loader
+  workers, or ``torchrun`` / ``accelerate launch``, which forward it to each rank (every rank runs in
+  a session of its own). Ctrl-C pressed again, at least :data:`FORCE_AFTER_S` after the first, gives
+  up the checkpoint and raises :class:`KeyboardInterrupt`; the interval keeps one Ctrl-C that reaches
+  a process twice (from the terminal, and from a wrapper in its group that forwards it) a single stop.
 
 When both arrived, ``"terminate"`` wins: the job is going away whatever the warning said.
 """
@@ -20,13 +26,17 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
 PREEMPT, TERMINATE = "preempt", "terminate"
-REASONS = {signal.SIGUSR2: PREEMPT, signal.SIGTERM: TERMINATE}
-DEFAULT_SIGNALS = tuple(REASONS)  # SIGUSR2 (NCCL uses SIGUSR1), SIGTERM
+REASONS = {signal.SIGUSR2: PREEMPT, signal.SIGTERM: TERMINATE, signal.SIGINT: TERMINATE}
+DEFAULT_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)  # SIGUSR2 (NCCL uses SIGUSR1), SIGTERM
+RUN_SIGNALS = (*DEFAULT_SIGNALS, signal.SIGINT)  # a training run's: Ctrl-C checkpoints too
+FORCE_AFTER_S = 2.0  # a SIGINT this long after the first: a person pressed Ctrl-C again
+
 
 class StopRequests:
     """The stop requests of one run (or one pack): which signals arrived, and what they ask for.
@@ -38,9 +48,17 @@ class StopRequests:
     def __init__(self) -> None:
         self.received: list[int] = []
         self._reasons: set[str] = set()
+        self._first_interrupt: float | None = None
 
     def handle(self, signum: int, frame: Any = None) -> None:
-        """The signal handler: record, nothing else (the loop acts at its next step boundary)."""
+        """The signal handler: record, nothing else (the loop acts at its next step boundary); a
+        second Ctrl-C (see :data:`FORCE_AFTER_S`) raises :class:`KeyboardInterrupt` instead."""
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_interrupt is None:
+                self._first_interrupt = now
+            elif now - self._first_interrupt >= FORCE_AFTER_S:
+                raise KeyboardInterrupt("interrupted again: stopping now, without the checkpoint")
         self.received.append(signum)
         self._reasons.add(REASONS.get(signum, TERMINATE))
 

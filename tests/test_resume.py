@@ -17,6 +17,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from celeba_dist import signals
 from celeba_dist.train.checkpoint import list_checkpoints, load_newest_valid
 from shardkit import synthetic_shards
 from test_train import accelerate_cmd, cpu_env
@@ -235,23 +236,91 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(shards, tmp_path):
     assert [h["epoch"] for h in state["history"]] == [0]
 
 
-def test_sigterm_checkpoints_at_the_next_step_and_exits_75(shards, tmp_path):
+def _with_default_sigint() -> None:
+    """In the child: SIGINT kills or is handled, even if this test runs where it is ignored (a shell's
+    background job), so the child sees a Ctrl-C as a terminal would deliver it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start_run(cmd: list[str], run_dir: Path, *, after_step: int = 1) -> subprocess.Popen:
+    """Start ``cmd`` in a session of its own; return once a checkpoint at or past ``after_step`` exists."""
+    proc = subprocess.Popen(cmd, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=_with_default_sigint)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and newest_step(run_dir) < after_step:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the signal"
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT (Ctrl-C)"])
+def test_stop_signal_checkpoints_at_the_next_step_and_exits_75(shards, tmp_path, sig):
     run_dir = tmp_path / "term"
     cmd = train_cmd(shards, run_dir, "train.sync_every_steps=1", "train.checkpoint_every_steps=1000")
-    proc = subprocess.Popen(cmd, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list_checkpoints(run_dir / "checkpoints"):
-        time.sleep(0.05)  # the first checkpoint comes at the end of epoch 0
-    os.killpg(proc.pid, signal.SIGTERM)  # the whole group, loader workers included, as SLURM does
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 75, out[-3000:]
-    assert "stop requested" in out
+    proc = start_run(cmd, run_dir)  # the first checkpoint comes at the end of epoch 0
+    os.killpg(proc.pid, sig)  # the whole group, loader workers included, as SLURM and a terminal do
+    sent = time.monotonic()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out[-3000:] + err[-3000:]
+    assert time.monotonic() - sent < 30
+    assert f"stop requested by {sig.name}" in out and "Traceback" not in out + err
+    assert not (run_dir / "metrics.json").exists()
     state, _ = final_state(run_dir)
     spe = steps_per_epoch(shards, 1)
     assert spe < state["global_step"] < 3 * spe  # saved mid-run, past the epoch-0 checkpoint
     run_to_end(cmd)
     assert final_state(run_dir)[0]["global_step"] == 3 * spe
+
+
+def test_ctrl_c_under_accelerate_launch_checkpoints_every_rank_at_one_step(shards, tmp_path):
+    """A terminal's Ctrl-C reaches the launcher (each rank runs in a session of its own), which forwards
+    a SIGINT to every rank at once: the ranks agree on the stop, save one checkpoint together and end;
+    the same command resumes."""
+    run_dir = tmp_path / "ctrl-c"
+    cmd = train_cmd(shards, run_dir, "train.sync_every_steps=1", "train.checkpoint_every_steps=1000",
+                    "train.epochs=2", processes=2)
+    proc = start_run(cmd, run_dir)
+    os.killpg(proc.pid, signal.SIGINT)
+    sent = time.monotonic()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-3000:] + err[-3000:]  # the launcher's: 128 + SIGINT
+    assert time.monotonic() - sent < 30
+    logs = [(run_dir / "logs" / f"rank{r}.log").read_text() for r in (0, 1)]
+    stops = [re.findall(r"stop requested by SIGINT \(terminate\): checkpointing at step (\d+)", log) for log in logs]
+    assert stops[0] == stops[1] and len(stops[0]) == 1, stops
+    spe = steps_per_epoch(shards, 2)
+    state, _ = final_state(run_dir)
+    assert state["global_step"] == int(stops[0][0]) and spe < state["global_step"] < 2 * spe
+    assert not (run_dir / "metrics.json").exists()
+    run_to_end(cmd)
+    assert final_state(run_dir)[0]["global_step"] == 2 * spe
+
+
+def test_ctrl_c_pressed_again_stops_at_once_without_a_checkpoint_and_resumes(shards, tmp_path):
+    """A second Ctrl-C, seconds after the first, gives up the checkpoint: exit 130 at once, one line
+    naming the checkpoint to resume from, no traceback, the lock released."""
+    run_dir = tmp_path / "twice"
+    # stop requests are polled every 1000 steps only: the first Ctrl-C stays pending
+    extra = ("train.sync_every_steps=1000", "train.log_every_steps=1000", "train.checkpoint_every_steps=0",
+             "train.epochs=6")
+    cmd = train_cmd(shards, run_dir, *extra)
+    proc = start_run(cmd, run_dir)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(signals.FORCE_AFTER_S + 0.5)
+    assert proc.poll() is None, "the first Ctrl-C alone ended the run"
+    before = newest_step(run_dir)
+    os.killpg(proc.pid, signal.SIGINT)
+    sent = time.monotonic()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:] + err[-3000:]
+    assert time.monotonic() - sent < 10
+    newest = list_checkpoints(run_dir / "checkpoints")[0]
+    assert f"celeba-dist train: interrupted; the newest intact checkpoint is {newest}" in err
+    assert "Traceback" not in out + err and "interrupted again" in (run_dir / "logs" / "rank0.log").read_text()
+    spe = steps_per_epoch(shards, 1)
+    assert newest_step(run_dir) == before and before % spe == 0  # only epoch-end checkpoints: none at the Ctrl-C
+    run_to_end(cmd)
+    assert final_state(run_dir)[0]["global_step"] == 6 * spe
 
 
 class _RunsCode:

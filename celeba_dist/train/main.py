@@ -51,6 +51,7 @@ log = logging.getLogger("celeba_dist.train.main")  # not __name__: this module a
 # Exit status of a run stopped by SIGTERM/SIGUSR2 after checkpointing (sysexits' EX_TEMPFAIL):
 # nothing is lost, run the same command again to continue.
 EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 # main's status for each stop reason of celeba_dist.signals: SIGUSR2 asks for a requeue, SIGTERM does not.
 STOPPED = {signals.PREEMPT: "preempted", signals.TERMINATE: "terminated"}
 
@@ -251,8 +252,8 @@ def _train(cfg: Config, accelerator: Accelerator, data: ShardData, *,
              run_dir, cfg.model.name, accelerator.num_processes, len(data.attributes), steps_per_epoch, total_steps)
     trained, failed = None, True
     try:
-        # an error anywhere ends this rank's loader workers too; SIGTERM/SIGUSR2 become this run's stop requests
-        with signals.stop_requests() as stops, owned_workers():
+        # an error anywhere ends this rank's loader workers too; SIGTERM/SIGUSR2/SIGINT become this run's stop requests
+        with signals.stop_requests(signals.RUN_SIGNALS) as stops, owned_workers():
             trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, loss_fn, board, steps_per_epoch,
                               total_steps, save, stops, lost_lock or threading.Event(), ema=ema)
             status = _fit(trainer, data, train_ds, state)
@@ -406,14 +407,21 @@ def cli_main(argv: list[str] | None = None) -> int:
         args.set = [*args.set, f"run.resume={args.resume}"]
     if args.verify_shards:
         args.set = [*args.set, "data.check_shards=sha256"]
+    cfg = None
     try:
-        result = main(config_from_args(args))
+        cfg = config_from_args(args)
+        result = main(cfg)
     except Exception as exc:
         expected = (ConfigError, ManifestError, NonFiniteLossError, FileNotFoundError, DataError, DiskFullError,
                     runlock.RunLockedError, CacheMemoryError, UnsafeCheckpointError)
         if not isinstance(exc, expected):
             logging.getLogger("celeba_dist").debug("run failed", exc_info=True)  # the rank's log file keeps it
         return report_error("celeba-dist train", exc)
+    except KeyboardInterrupt:  # before the first step, or Ctrl-C pressed again: no checkpoint of this moment
+        logging.getLogger("celeba_dist").debug("interrupted", exc_info=True)  # where: the rank's log file keeps it
+        hint = f"; {resume_hint(cfg.run_dir / 'checkpoints', fix='')}" if cfg is not None else ""
+        print(f"celeba-dist train: interrupted{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if result["status"] in STOPPED.values():
         return EXIT_PREEMPTED
     return 0 if result["status"] == "completed" else 1

@@ -128,8 +128,9 @@ def resume(cfg: Config, accelerator: Accelerator, model, optimizer, scheduler, *
     return state, ckpt
 
 
-def resume_hint(ckpt_dir: Path) -> str:
+def resume_hint(ckpt_dir: Path, *, fix: str = "free space and ") -> str:
+    """What a user does next after a failure that ``fix`` mends: run the same command again."""
     newest = newest_intact(ckpt_dir)
     if newest is None:
-        return "no checkpoint was written yet: free space and run the same command to start again"
-    return f"the newest intact checkpoint is {newest}: free space and run the same command to resume from it"
+        return f"no checkpoint was written yet: {fix}run the same command to start again"
+    return f"the newest intact checkpoint is {newest}: {fix}run the same command to resume from it"
