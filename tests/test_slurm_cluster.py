@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -611,16 +612,29 @@ def _same_curves(run_dir: Path, reference: Path, total: int) -> None:
 
 
 @pytest.mark.slurm
-def test_jobs_shows_a_pending_job(shards, tmp_path, capsys, job_ids):
-    """A job that has not started yet (held back by --begin): PENDING, no start; then cancelled."""
+def test_jobs_shows_a_pending_job_and_ctrl_c_stops_only_the_waiting(shards, tmp_path, capsys, job_ids):
+    """A job that has not started yet (held back by --begin): PENDING, no start. Ctrl-C on `submit --wait`
+    ends the waiting (exit 130, saying how to follow or cancel the job) and leaves the job queued."""
     run_dir = tmp_path / "pending"
-    proc = subprocess.run(_submit_cmd(shards, run_dir, "--slurm", "begin=now+3600", overrides=SHORT),
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    job_id = _events(run_dir)[0]["job_id"]
-    cells = _jobs_row(run_dir, capsys)
-    assert cells[1:4] == [job_id, "PENDING", "0"] and cells[-1] == "-", cells
-    assert _jobs_without(run_dir, tmp_path, ("sacct",))[1:4] == [job_id, "PENDING", "0"]  # scontrol answers
+    proc = subprocess.Popen(_submit_cmd(shards, run_dir, "--slurm", "begin=now+3600", "--wait", overrides=SHORT),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        _wait_until(lambda: (run_dir / "slurm_jobs.json").exists(), "the job's record", proc)
+        job_id = _events(run_dir)[0]["job_id"]
+        cells = _jobs_row(run_dir, capsys)
+        assert cells[1:4] == [job_id, "PENDING", "0"] and cells[-1] == "-", cells
+        assert _jobs_without(run_dir, tmp_path, ("sacct",))[1:4] == [job_id, "PENDING", "0"]  # scontrol answers
+        proc.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stdout[-3000:] + stderr[-3000:]
+    assert time.monotonic() - interrupted < 10
+    assert (f"stopped waiting for job(s) {job_id}: they keep running on the cluster; `scancel {job_id}` cancels them"
+            in stderr) and "Traceback" not in stderr, stderr
+    assert _squeue(job_id) == f"{job_id} PENDING"
     subprocess.run(["scancel", job_id], check=True, timeout=30)
     _wait_until(lambda: _jobs_row(run_dir, capsys)[2] == "CANCELLED", f"job {job_id} shown cancelled", timeout_s=30)
 

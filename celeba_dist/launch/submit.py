@@ -262,6 +262,16 @@ def wait_for(jobs: Sequence[submitit.Job]) -> list[dict[str, Any] | None]:
     return results
 
 
+def stopped_waiting(jobs: Sequence[submitit.Job], status: str) -> int:
+    """Ctrl-C while ``--wait`` waits: the jobs are left as they are; say how to follow or cancel them."""
+    ids = " ".join(job.job_id for job in jobs)
+    where = ("they keep running on the cluster; `scancel " + ids + "` cancels them (each checkpoints first)"
+             if all(isinstance(job, submitit.SlurmJob) for job in jobs)
+             else "local jobs got the Ctrl-C too: each checkpoints and stops, and the same command resumes it")
+    print(f"stopped waiting for job(s) {ids}: {where}; `{status}` shows them", file=sys.stderr)
+    return 130
+
+
 def _wait_slurm(job: submitit.SlurmJob) -> str | None:
     """Poll until rank 0's result is written or the scheduler has ended the job; its last state.
 
@@ -348,7 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  TensorBoard: tensorboard --logdir {cfg.run_dir}")
     if not args.wait:
         return 0
-    result = wait_for([job])[0]
+    try:
+        result = wait_for([job])[0]
+    except KeyboardInterrupt:
+        return stopped_waiting([job], f"celeba-dist jobs --run-dir {cfg.run_dir}")
     if result is None:
         return 1
     print(f"job {job.job_id}: {result['status']} at step {result['global_step']}, best {result['best']}")

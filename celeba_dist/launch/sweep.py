@@ -26,7 +26,7 @@ from celeba_dist.config import add_set_argument
 from celeba_dist.diskio import write_json
 from celeba_dist.launch.status import SWEEP_FILE, record_job, sweep_table
 from celeba_dist.launch.submit import (add_resource_arguments, build_executor, check_data, log_folder, resolve_task,
-                                       sbatch_script, slurm_parameters, wait_for)
+                                       sbatch_script, slurm_parameters, stopped_waiting, wait_for)
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  TensorBoard: tensorboard --logdir {sweep_dir}")
     if not args.wait:
         return 0
-    results = wait_for(jobs)
+    try:
+        results = wait_for(jobs)
+    except KeyboardInterrupt:
+        return stopped_waiting(jobs, f"celeba-dist jobs --run-dir {sweep_dir.parent} --sweep {sweep_dir.name}")
     print(sweep_table(sweep_dir)[0])
     return 0 if all(r is not None and r["status"] == "completed" for r in results) else 1
 
