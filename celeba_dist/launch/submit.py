@@ -267,7 +267,8 @@ def stopped_waiting(jobs: Sequence[submitit.Job], status: str) -> int:
     ids = " ".join(job.job_id for job in jobs)
     where = ("they keep running on the cluster; `scancel " + ids + "` cancels them (each checkpoints first)"
              if all(isinstance(job, submitit.SlurmJob) for job in jobs)
-             else "local jobs got the Ctrl-C too: each checkpoints and stops, and the same command resumes it")
+             else "submitit's local controller got the Ctrl-C too and ends its tasks (SIGKILL a second after "
+                  "a SIGINT, often before a checkpoint); the same command resumes from the newest checkpoint")
     print(f"stopped waiting for job(s) {ids}: {where}; `{status}` shows them", file=sys.stderr)
     return 130
 
