@@ -48,7 +48,7 @@ from celeba_dist.train.optim import build_optimizer, build_scheduler
 from celeba_dist.train.resume import make_saver, refuse_fresh_start_over_checkpoints, resume, resume_hint
 
 log = logging.getLogger("celeba_dist.train.main")  # not __name__: this module also runs as __main__
-# Exit status of a run stopped by SIGTERM/SIGUSR2 after checkpointing (sysexits' EX_TEMPFAIL):
+# Exit status of a run stopped by SIGTERM/SIGUSR2/SIGINT after checkpointing (sysexits' EX_TEMPFAIL):
 # nothing is lost, run the same command again to continue.
 EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
