@@ -7,9 +7,11 @@ same command resumes.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -135,6 +137,50 @@ def test_a_server_gone_mid_epoch_ends_the_run_naming_the_url_then_it_resumes(pri
     assert f"resumed from {run_dir / 'checkpoints'}" in resumed.stderr + resumed.stdout
     assert (run_dir / "metrics.json").is_file()
     assert json.loads((run_dir / "metrics.json").read_text())["history"][-1]["epoch"] == 1
+
+
+def _cut_at_sample(shard: Path, sample: int) -> None:
+    """Cut a shard where its ``sample``-th sample's first member begins: a tar that still reads cleanly,
+    only shorter than the manifest says (a remote shard's size cannot be checked before the run)."""
+    with tarfile.open(shard) as tar:
+        starts = {}
+        for member in tar.getmembers():
+            starts.setdefault(member.name.split(".")[0], member.offset)
+    with open(shard, "r+b") as fh:
+        fh.truncate(list(starts.values())[sample])
+
+
+def test_a_remote_shard_shorter_than_the_manifest_ends_train_and_eval_naming_it(pristine, trained, tmp_path):
+    folder = tmp_path / "www" / "shards"
+    shutil.copytree(pristine, folder)
+    train_shard, test_shard = sorted((folder / "train").glob("*.tar"))[2], sorted((folder / "test").glob("*.tar"))[0]
+    for shard in (train_shard, test_shard):
+        _cut_at_sample(shard, 4)
+    srv = Server(folder.parent)
+    srv.start()
+    try:
+        url = f"{srv.url}/shards"
+        run_dir = tmp_path / "run"
+        started = time.monotonic()
+        proc = train(url, run_dir, "train.epochs=1")
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert time.monotonic() - started < 120
+        last = proc.stderr.strip().splitlines()[-1]
+        assert f"shard {url}/train/{train_shard.name} ends after 4 samples, but the manifest lists at least 16" in last
+        assert not (run_dir / "metrics.json").exists() and not list(run_dir.rglob("*.tmp"))
+        out = tmp_path / "eval.json"
+        proc = subprocess.run([sys.executable, "-m", "celeba_dist", "eval", "--run", str(trained), "--data", url,
+                               "--split", "test", "--out", str(out)], env=cpu_env(), capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 1 and f"shard {url}/test/{test_shard.name} ends after 4 samples" in proc.stderr
+        assert not out.exists()
+        for shard in (train_shard, test_shard):  # uploaded again: the same command now trains to the end
+            shutil.copy(pristine / shard.parent.name / shard.name, shard)
+        proc = train(url, run_dir, "train.epochs=1")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (run_dir / "metrics.json").is_file()
+    finally:
+        srv.stop()
 
 
 def test_pipe_root_evaluates_like_the_local_folder(pristine, trained, tmp_path):

@@ -155,11 +155,15 @@ def read_part(part: ShardPart, index: ShardIndex | None = None) -> Iterator[dict
             where = dict(start=part.start, limit=part.limit, stride=part.stride, offset=part.offset)
             yield from index.samples(**where) if index else iter_samples(part.path, SAMPLE_FIELDS, **where)
             return
-        for index, sample in enumerate(iter_remote_samples(part.path, SAMPLE_FIELDS)):
-            if 0 <= part.limit <= index:
+        held = 0  # a remote shard's size cannot be checked before the run: its sample count is, as it is read
+        for held, sample in enumerate(iter_remote_samples(part.path, SAMPLE_FIELDS), start=1):
+            if 0 <= part.limit < held:
                 return
-            if index >= part.start and index % part.stride == part.offset:
+            if held > part.start and (held - 1) % part.stride == part.offset:
                 yield sample
+        if held < part.limit:
+            raise DataError(f"shard {part.path} ends after {held} samples, but the manifest lists at least "
+                            f"{part.limit}: it was cut short or replaced; upload it again")
     except RemoteReadError as exc:  # it names the URL and the attempts
         raise DataError(str(exc)) from exc
     except (OSError, ValueError) as exc:  # missing or unreadable file, a tar cut short or damaged
