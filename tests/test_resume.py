@@ -236,6 +236,51 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(shards, tmp_path):
     assert [h["epoch"] for h in state["history"]] == [0]
 
 
+# The training CLI, SIGKILLed by itself the first time it would point best.pt at a new checkpoint: the
+# moment between writing an epoch's checkpoint and linking best.pt to it.
+KILLED_BEFORE_LINK = ("import os, signal, sys; import celeba_dist.train.resume as r; "
+                      "r.link_best = lambda *a: os.kill(os.getpid(), signal.SIGKILL); "
+                      "from celeba_dist.train.main import cli_main; sys.exit(cli_main(sys.argv[1:]))")
+
+
+def best_step_on_disk(run_dir: Path) -> int:
+    return torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)["state"]["global_step"]
+
+
+def test_a_kill_between_the_checkpoint_and_best_pt_is_mended_by_the_same_command(shards, tmp_path):
+    run_dir = tmp_path / "link"
+    cmd = train_cmd(shards, run_dir, "train.epochs=2")
+    proc = subprocess.run([sys.executable, "-c", KILLED_BEFORE_LINK, *cmd[3:]], env=cpu_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    spe = steps_per_epoch(shards, 1)
+    assert newest_step(run_dir) == spe and not (run_dir / "checkpoints" / "best.pt").exists()
+    proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"best.pt did not point at the run's best checkpoint step-{spe:09d}.pt" in proc.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert best_step_on_disk(run_dir) == metrics["best_step"] in (spe, 2 * spe)
+
+
+def test_best_weights_lost_by_hand_are_chosen_again_instead_of_failing_every_resume(shards, tmp_path):
+    """best.pt deleted by hand after its epoch's checkpoint was pruned: the run says so and the next
+    validation sets a new best, instead of failing at its final test on every run of the command."""
+    run_dir = tmp_path / "lost"
+    run_to_end(train_cmd(shards, run_dir, "train.epochs=1"))
+    newest = list_checkpoints(run_dir / "checkpoints")[0]
+    ckpt = torch.load(newest, map_location="cpu", weights_only=True)
+    # the record of a best that no later epoch beats, at a step whose checkpoint keep_last pruned
+    ckpt["state"].update(best_step=1, best_metric=2.0)  # step 1 was never saved
+    torch.save(ckpt, newest)
+    (run_dir / "checkpoints" / "best.pt").unlink()
+    proc = subprocess.run(train_cmd(shards, run_dir, "train.epochs=2"), env=cpu_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "best.pt is missing and the best epoch's checkpoint" in proc.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["best_epoch"] == 1 and best_step_on_disk(run_dir) == metrics["best_step"] == 2 * steps_per_epoch(shards, 1)
+
+
 def _with_default_sigint() -> None:
     """In the child: SIGINT kills or is handled, even if this test runs where it is ignored (a shell's
     background job), so the child sees a Ctrl-C as a terminal would deliver it."""

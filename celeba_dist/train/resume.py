@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,26 @@ def adopt_best(ckpt_dir: Path, resumed_from: Path) -> None:
     log.info("best checkpoint so far: %s, taken into %s", source, ckpt_dir)
 
 
+def reconcile_best(ckpt_dir: Path, state: TrainState, *, write: bool) -> None:
+    """Make best.pt agree with the run's record of its best step. best.pt is linked only after the
+    checkpoint it points at is written, so a kill between the two (or a best.pt deleted by hand) leaves
+    it behind: point it at that step's checkpoint again (rank 0, ``write``). Where that checkpoint was
+    pruned as well, the best so far is gone: forget it, on every rank, so the next validation sets one."""
+    if state.best_step < 0:
+        return
+    best, source = ckpt_dir / BEST, step_path(ckpt_dir, state.best_step)
+    if source.is_file():
+        if write and not (best.is_file() and os.path.samefile(best, source)):
+            link_best(ckpt_dir, source)
+            log.warning("best.pt did not point at the run's best checkpoint %s (a stop between writing it and "
+                        "linking best.pt?): linked it again", source.name)
+        return
+    if not best.is_file():
+        log.warning("best.pt is missing and the best epoch's checkpoint (step %d) was pruned: the best weights so "
+                    "far are lost; the next validation chooses a new best", state.best_step)
+        state.best_metric, state.best_epoch, state.best_step = None, -1, -1
+
+
 def resume(cfg: Config, accelerator: Accelerator, model, optimizer, scheduler, *,
            ema: WeightEMA | None = None) -> tuple[TrainState, Any]:
     """Restore the newest valid checkpoint (``run.resume=auto``) or a given one (with ``ema``, its average
@@ -123,6 +144,7 @@ def resume(cfg: Config, accelerator: Accelerator, model, optimizer, scheduler, *
                     cfg.data.batch_size, state.epoch, state.batch_in_epoch)
         state.samples_seen = 0
     state.world_size, state.batch_size = world, cfg.data.batch_size
+    reconcile_best(cfg.run_dir / "checkpoints", state, write=accelerator.is_main_process)
     log.info("resumed from %s: epoch %d, batch %d of the epoch, step %d", path, state.epoch,
              state.batch_in_epoch, state.global_step)
     return state, ckpt
