@@ -17,6 +17,9 @@ The signals mean what SLURM (and a terminal) means by them:
   a session of its own). Ctrl-C pressed again, at least :data:`FORCE_AFTER_S` after the first, gives
   up the checkpoint and raises :class:`KeyboardInterrupt`; the interval keeps one Ctrl-C that reaches
   a process twice (from the terminal, and from a wrapper in its group that forwards it) a single stop.
+* ``SIGHUP`` → ``"terminate"`` in a training run: the terminal or the SSH session closed (the
+  launchers forward it to the ranks too); checkpoint and exit rather than die with the work since the
+  last checkpoint. Runs meant to outlive a session belong in ``tmux``, ``nohup`` or SLURM.
 
 When both arrived, ``"terminate"`` wins: the job is going away whatever the warning said.
 """
@@ -32,9 +35,9 @@ from typing import Any, Iterator
 log = logging.getLogger(__name__)
 
 PREEMPT, TERMINATE = "preempt", "terminate"
-REASONS = {signal.SIGUSR2: PREEMPT, signal.SIGTERM: TERMINATE, signal.SIGINT: TERMINATE}
+REASONS = {signal.SIGUSR2: PREEMPT, signal.SIGTERM: TERMINATE, signal.SIGINT: TERMINATE, signal.SIGHUP: TERMINATE}
 DEFAULT_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)  # SIGUSR2 (NCCL uses SIGUSR1), SIGTERM
-RUN_SIGNALS = (*DEFAULT_SIGNALS, signal.SIGINT)  # a training run's: Ctrl-C checkpoints too
+RUN_SIGNALS = (*DEFAULT_SIGNALS, signal.SIGINT, signal.SIGHUP)  # a training run's: Ctrl-C and a hangup checkpoint too
 FORCE_AFTER_S = 2.0  # a SIGINT this long after the first: a person pressed Ctrl-C again
 
 

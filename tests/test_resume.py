@@ -298,7 +298,8 @@ def start_run(cmd: list[str], run_dir: Path, *, after_step: int = 1) -> subproce
     return proc
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT (Ctrl-C)"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=["SIGTERM", "SIGINT (Ctrl-C)", "SIGHUP (terminal closed)"])
 def test_stop_signal_checkpoints_at_the_next_step_and_exits_75(shards, tmp_path, sig):
     run_dir = tmp_path / "term"
     cmd = train_cmd(shards, run_dir, "train.sync_every_steps=1", "train.checkpoint_every_steps=1000")

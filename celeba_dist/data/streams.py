@@ -566,7 +566,7 @@ def steps_per_epoch(num_samples: int, *, batch_size: int, world_size: int) -> in
     return steps
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)  # what schedulers and a Ctrl-C send the whole group
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT, signal.SIGHUP)  # schedulers', a Ctrl-C's, a hangup's
 
 
 class _Loader(DataLoader):
@@ -615,7 +615,7 @@ def _as_is(batch):
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers outlive a SIGTERM/SIGUSR2/SIGINT sent to the whole process group (as SLURM or a Ctrl-C does):
+    """Loader workers outlive a stop signal sent to the whole process group (as SLURM, a Ctrl-C or a hangup does):
     the training process decides when to stop, checkpoints, and then shuts its workers down
     (:func:`owned_workers` makes sure of it on every path out). They start with the signals
     blocked (see :class:`_Loader`); a pending one is discarded once they are ignored."""
