@@ -12,6 +12,7 @@ import argparse
 import copy
 import dataclasses
 import importlib.util
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -187,13 +188,19 @@ def shipped_recipes() -> list[str]:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): save the recipe as UTF-8") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
+    for name, values in data.items():  # checked here, so the error names this file, not a later --set or --data
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"{path}: section {name} must be a mapping of keys (e.g. {name}:\n  key: value), "
+                              f"got {values!r}")
     return data
 
 
@@ -404,11 +411,7 @@ def validate_choices(config: Config) -> None:
         resolve_attributes(config.data.attributes)
     except ValueError as exc:
         raise ConfigError(f"data.attributes: {exc}") from exc
-    for key in ("data.batch_size", "data.num_workers", "train.epochs", "train.grad_accum_steps"):
-        section, name = key.split(".")
-        minimum = 0 if name == "num_workers" else 1
-        if getattr(getattr(config, section), name) < minimum:
-            raise ConfigError(f"{key} must be >= {minimum}")
+    _check_ranges(config)
     if config.run.lock_stale_s < 10:
         raise ConfigError(f"run.lock_stale_s must be >= 10 (seconds), got {config.run.lock_stale_s:g}: a live "
                           f"run refreshes its lock every min(30, lock_stale_s / 4) s")
@@ -424,6 +427,36 @@ def validate_choices(config: Config) -> None:
     bad = [s for s in config.train.eval_splits if s not in ("val", "test")]
     if bad:
         raise ConfigError(f"train.eval_splits: {bad} not in ['val', 'test']")
+
+
+# The numbers a run can use: key -> (lowest valid, highest valid or None). A value outside fails here,
+# naming the key, instead of as an obscure error (a modulo by zero, an empty run) deep in a run.
+RANGES: dict[str, tuple[float, float | None]] = {
+    "data.batch_size": (1, None), "data.eval_batch_size": (0, None), "data.num_workers": (0, None),
+    "data.image_size": (8, None), "data.shuffle_buffer": (0, None), "data.train_subset": (0, None),
+    "train.epochs": (1, None), "train.max_steps": (0, None), "train.seed": (0, 2**32 - 1),
+    "train.grad_accum_steps": (1, None), "train.clip_grad_norm": (0, None), "train.log_every_steps": (1, None),
+    "train.sync_every_steps": (1, None), "train.collective_timeout_min": (1, None),
+    "train.checkpoint_every_steps": (0, None), "train.keep_last": (1, None),
+    "optim.lr": (0, None), "optim.weight_decay": (0, None), "optim.momentum": (0, 1), "optim.betas": (0, 1),
+    "sched.warmup_steps": (0, None), "sched.step_size_epochs": (1, None), "sched.gamma": (0, None),
+    "sched.min_lr": (0, None), "sched.base_lr": (0, None), "sched.cycle_epochs": (0, None),
+    "sched.pct_start": (0, 1), "run.max_requeues": (0, None),
+}
+ABOVE_LOW = {"optim.lr", "sched.gamma", "sched.cycle_epochs", "sched.pct_start"}  # the lowest is not valid itself
+
+
+def _check_ranges(config: Config) -> None:
+    for key, (low, high) in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        above = key in ABOVE_LOW
+        for number in value if isinstance(value, tuple) else (value,):
+            if not (math.isfinite(number) and (number > low if above else number >= low)
+                    and (high is None or number <= high)):
+                bound = (f"{'>' if above else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+                         if high is None or high < 2**31 else f"an integer in [{low}, {high}]")
+                raise ConfigError(f"{key} must be {bound}, got {value!r}")
 
 
 def load_config(

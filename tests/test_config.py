@@ -1,6 +1,8 @@
 """Configuration: every recipe validates, overrides apply with types, bad configs name the key."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -64,9 +66,20 @@ def test_config_file_and_model_options(tmp_path):
     (["train.tune_thresholds=f1"], "train.tune_thresholds: 'f1' is not one of"),
     (["train.ema_decay=-0.1"], "train.ema_decay must be in"),
     (["eval.tta=five_crop"], "eval.tta"),
+    # numbers outside what a run can use: named here, not as a modulo by zero or an empty run later
+    (["train.log_every_steps=0"], "train.log_every_steps must be >= 1, got 0"),
+    (["train.sync_every_steps=0"], "train.sync_every_steps must be >= 1, got 0"),
+    (["train.max_steps=-1"], "train.max_steps must be >= 0, got -1"),
+    (["data.image_size=[0, 0]"], "data.image_size must be >= 8, got (0, 0)"),
+    (["data.eval_batch_size=-3"], "data.eval_batch_size must be >= 0, got -3"),
+    (["optim.lr=.inf"], "optim.lr must be > 0, got inf"),
+    (["optim.lr=0"], "optim.lr must be > 0, got 0.0"),
+    (["train.seed=-1"], "train.seed must be an integer in [0, 4294967295], got -1"),
+    (["train.keep_last=0"], "train.keep_last must be >= 1, got 0"),
+    (["optim.betas=[0.9, 1.5]"], "optim.betas must be >= 0 and <= 1, got (0.9, 1.5)"),
 ])
 def test_bad_configs_name_the_key_and_choices(override, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")) as info:
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
         load_config("smiling_simple_cnn", override)
     if "unknown choice" in message:
         assert "valid" in str(info.value)
@@ -75,6 +88,18 @@ def test_bad_configs_name_the_key_and_choices(override, message):
 def test_unknown_recipe_lists_shipped():
     with pytest.raises(ConfigError, match="smiling_simple_cnn"):
         load_config("no_such_recipe")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"data: 5\n", "section data must be a mapping of keys"),
+    (b"train: [1]\n", "section train must be a mapping of keys"),
+    (b"optim:\n  lr: 0.001 \xe9\n", "not UTF-8 text (byte 19)"),
+])
+def test_recipe_file_mistakes_name_the_file_even_with_overrides(tmp_path, content, message):
+    path = tmp_path / "mine.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: {re.escape(message)}"):
+        load_config(str(path), ["train.max_steps=2"], data_dir="shards")
 
 
 def test_bad_yaml_names_file(tmp_path):

@@ -281,6 +281,36 @@ def test_best_weights_lost_by_hand_are_chosen_again_instead_of_failing_every_res
     assert metrics["best_epoch"] == 1 and best_step_on_disk(run_dir) == metrics["best_step"] == 2 * steps_per_epoch(shards, 1)
 
 
+def test_resuming_with_settings_the_checkpoint_overrides_or_other_shards_is_refused_writing_nothing(shards, tmp_path):
+    """A changed learning rate would be ignored (the optimizer's state keeps the old one), another model would
+    fail half-way, other shards would mix two datasets: each is refused by name before anything is written,
+    and the unchanged command still resumes."""
+    run_dir = tmp_path / "run"
+    run_to_end(train_cmd(shards, run_dir, "train.epochs=1"))
+    files = {name: (run_dir / name).read_bytes() for name in ("config.yaml", "data.json", "env.json")}
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    other = synthetic_shards(tmp_path, num_images=300, samples_per_shard=24, seed=1)
+    attempts = {
+        "changed": (train_cmd(shards, run_dir, "train.epochs=2", "optim.lr=0.05", "model.name=celeb_cnn"),
+                    ["model.name: 'simple_cnn' in the checkpoint, 'celeb_cnn' now",
+                     "optim.lr: 0.001 in the checkpoint, 0.05 now"]),
+        "other shards": (train_cmd(other, run_dir, "train.epochs=2"),
+                         [f"the shards: {other} holds other samples than {shards}"]),
+    }
+    for what, (cmd, expected) in attempts.items():
+        started = time.monotonic()
+        proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1, (what, proc.stdout[-2000:] + proc.stderr[-2000:])
+        assert time.monotonic() - started < 60
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("celeba-dist train: error: ") and all(e in last for e in expected), (what, last)
+        assert "Traceback" not in proc.stderr
+        assert {name: (run_dir / name).read_bytes() for name in files} == files, what
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == checkpoints, what
+    run_to_end(train_cmd(shards, run_dir, "train.epochs=2"))
+    assert final_state(run_dir)[0]["global_step"] == 2 * steps_per_epoch(shards, 1)
+
+
 def _with_default_sigint() -> None:
     """In the child: SIGINT kills or is handled, even if this test runs where it is ignored (a shell's
     background job), so the child sees a Ctrl-C as a terminal would deliver it."""

@@ -107,6 +107,17 @@ def shard_problems(manifest: dict[str, Any], shard_dir: str | os.PathLike[str], 
     return problems
 
 
+def shards_fingerprint(manifest: dict[str, Any]) -> str:
+    """sha256 over every shard's sha256, split by split: the same samples in the same shards, whatever
+    the manifest's other fields say (its creation time) and wherever the folder lies."""
+    digest = hashlib.sha256()
+    for name in sorted(manifest["splits"]):
+        digest.update(name.encode())
+        for shard in manifest["splits"][name]["shards"]:
+            digest.update(shard["sha256"].encode())
+    return digest.hexdigest()
+
+
 def file_sha256(path: Path) -> str:
     """Hex sha256 of the file at ``path``, read in 1 MiB blocks."""
     digest = hashlib.sha256()

@@ -33,7 +33,7 @@ from celeba_dist.data.streams import DataError, ShardData, eval_stream, owned_wo
 from celeba_dist.data.transforms import build_transform
 from celeba_dist.diskio import DiskFullError, write_json
 from celeba_dist.logs import attach_log_file, setup_logging
-from celeba_dist.shards.manifest import ManifestError
+from celeba_dist.shards.manifest import ManifestError, shards_fingerprint
 from celeba_dist.train import runlock
 from celeba_dist.train.board import Board, accuracy_bars, attention_overlay, prediction_grid
 from celeba_dist.train.build import build_model_for, check_data, epoch_loader, eval_batches, train_data
@@ -45,7 +45,8 @@ from celeba_dist.train.losses import LOSSES, build_loss, positive_weights
 from celeba_dist.train.ema import EMA, RAW, build_ema, selected_weights
 from celeba_dist.train.metrics import format_table, tuned_thresholds, write_attribute_csv
 from celeba_dist.train.optim import build_optimizer, build_scheduler
-from celeba_dist.train.resume import make_saver, refuse_fresh_start_over_checkpoints, resume, resume_hint
+from celeba_dist.train.resume import (checkpoint_to_resume, make_saver, refuse_changed_run,
+                                      refuse_fresh_start_over_checkpoints, resume, resume_hint)
 
 log = logging.getLogger("celeba_dist.train.main")  # not __name__: this module also runs as __main__
 # Exit status of a run stopped by SIGTERM/SIGUSR2/SIGINT after checkpointing (sysexits' EX_TEMPFAIL):
@@ -100,7 +101,7 @@ def data_summary(data: ShardData) -> dict[str, Any]:
     """What the run trained on, for the model card of an export (which never needs the shards)."""
     return {"root": str(data.root), "source": data.manifest.get("source"), "attributes": data.attributes,
             "splits": {name: split["num_samples"] for name, split in data.manifest["splits"].items()},
-            "manifest_sha256": data.manifest_sha256}
+            "manifest_sha256": data.manifest_sha256, "shards_sha256": shards_fingerprint(data.manifest)}
 
 
 def environment(accelerator: Accelerator) -> dict[str, Any]:
@@ -226,6 +227,9 @@ def _train(cfg: Config, accelerator: Accelerator, data: ShardData, *,
            lost_lock: threading.Event | None = None) -> dict[str, Any]:
     """The run itself, with the run folder locked and the shards checked."""
     refuse_fresh_start_over_checkpoints(cfg)
+    found = checkpoint_to_resume(cfg)
+    if found is not None:  # before anything is written: the run folder keeps describing its checkpoints
+        refuse_changed_run(cfg, found, data_summary(data))
     run_dir = build_run_dir(cfg, accelerator, data)
     seed_everything(cfg)
     train_ds = train_data(cfg, data, accelerator)
@@ -244,7 +248,7 @@ def _train(cfg: Config, accelerator: Accelerator, data: ShardData, *,
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = build_ema(accelerator.unwrap_model(model, keep_torch_compile=False), cfg.train.ema_decay)
-    state, ckpt = resume(cfg, accelerator, model, optimizer, scheduler, ema=ema)
+    state, ckpt = resume(cfg, accelerator, model, optimizer, scheduler, found, ema=ema)
     # A resumed run drops events logged after its checkpoint's step (they will be logged again).
     board = Board(run_dir, enabled=accelerator.is_main_process, purge_step=state.global_step + 1 if ckpt else None)
     save = make_saver(cfg, accelerator, model, optimizer, scheduler, data.attributes, ema=ema)

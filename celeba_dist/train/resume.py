@@ -4,6 +4,7 @@ the world or batch size changed. The file format itself is :mod:`celeba_dist.tra
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from pathlib import Path
@@ -107,23 +108,75 @@ def reconcile_best(ckpt_dir: Path, state: TrainState, *, write: bool) -> None:
         state.best_metric, state.best_epoch, state.best_step = None, -1, -1
 
 
-def resume(cfg: Config, accelerator: Accelerator, model, optimizer, scheduler, *,
-           ema: WeightEMA | None = None) -> tuple[TrainState, Any]:
-    """Restore the newest valid checkpoint (``run.resume=auto``) or a given one (with ``ema``, its average
-    of the weights too); else a fresh state."""
-    fresh = TrainState(world_size=accelerator.num_processes, batch_size=cfg.data.batch_size)
+def checkpoint_to_resume(cfg: Config) -> tuple[Path, dict[str, Any]] | None:
+    """(path, checkpoint) a run continues from: the newest valid one of its folder (``run.resume=auto``)
+    or the file ``run.resume`` names; None for a fresh start."""
     if cfg.run.resume == "none":
-        return fresh, None
+        return None
     if cfg.run.resume == "auto":
-        found = load_newest_valid(cfg.run_dir / "checkpoints")
-        if found is None:
-            return fresh, None
-        path, ckpt = found
-    else:
-        path = Path(cfg.run.resume)
-        ckpt = load_checkpoint(path)
-        if accelerator.is_main_process:
-            adopt_best(cfg.run_dir / "checkpoints", path)
+        return load_newest_valid(cfg.run_dir / "checkpoints")
+    path = Path(cfg.run.resume)
+    return path, load_checkpoint(path)
+
+
+# What a resume takes from the checkpoint, whatever the configuration says now: the architecture, and the
+# optimizer's and the schedule's state, hyperparameters included. A change to these would be ignored
+# (the learning rate) or fail half-way with a dump of state-dict keys (the model).
+KEPT_ON_RESUME = ("model.name", "model.options", "data.image_size", "optim", "sched")
+
+
+def refuse_changed_run(cfg: Config, found: tuple[Path, dict[str, Any]], data_now: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` when the run would continue ``found`` with settings its checkpoint
+    overrides, other attributes, or other shards, naming each difference; nothing is written before."""
+    path, ckpt = found
+    old, new = _kept_settings(ckpt["config"]), _kept_settings(cfg.to_dict())
+    changed = [f"{key}: {old[key]!r} in the checkpoint, {new[key]!r} now"
+               for key in sorted(old.keys() & new.keys()) if old[key] != new[key]]  # keys of both versions
+    if ckpt.get("attributes") is not None and list(ckpt["attributes"]) != list(data_now["attributes"]):
+        changed.append(f"the attributes: {len(ckpt['attributes'])} in the checkpoint, {len(data_now['attributes'])} "
+                       f"now ({', '.join(data_now['attributes'][:3])}...)")
+    data_then = _data_summary_of(path)
+    for key in ("shards_sha256", "manifest_sha256"):  # the content-only fingerprint first (older runs lack it)
+        if data_then.get(key) and data_now.get(key):
+            if data_then[key] != data_now[key]:
+                changed.append(f"the shards: {data_now['root']} holds other samples than {data_then.get('root')}, "
+                               f"which the checkpoint trained on ({key} differs)")
+            break
+    if changed:
+        raise ConfigError(f"{path} cannot be resumed with these settings, which the checkpoint's own would "
+                          "override or break: " + "; ".join(changed) + ". Put them back, or train a new run in "
+                          f"another --run-dir (model.pretrained={path} starts one from these weights)")
+
+
+def _kept_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """``section.key`` → value of a config's dict, for the keys of :data:`KEPT_ON_RESUME`."""
+    out = {}
+    for section, values in config.items():
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            if section in KEPT_ON_RESUME or name in KEPT_ON_RESUME:
+                out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _data_summary_of(checkpoint: Path) -> dict[str, Any]:
+    """The data.json of the run folder a checkpoint lies in (``RUN/checkpoints/step-*.pt``), or {}."""
+    try:
+        return json.loads((checkpoint.parent.parent / "data.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def resume(cfg: Config, accelerator: Accelerator, model, optimizer, scheduler,
+           found: tuple[Path, dict[str, Any]] | None, *, ema: WeightEMA | None = None) -> tuple[TrainState, Any]:
+    """Restore ``found`` (:func:`checkpoint_to_resume`; with ``ema``, its average of the weights too), or
+    return a fresh state."""
+    fresh = TrainState(world_size=accelerator.num_processes, batch_size=cfg.data.batch_size)
+    if found is None:
+        return fresh, None
+    path, ckpt = found
+    if cfg.run.resume != "auto" and accelerator.is_main_process:
+        adopt_best(cfg.run_dir / "checkpoints", path)
     accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
