@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from celeba_dist.train.checkpoint import list_checkpoints
+from shardkit import synthetic_shards
 from test_train import accelerate_cmd, cpu_env
 
 # Loader workers on (the default is 2): the hang this file guards against needs them.
@@ -216,6 +217,24 @@ def test_verify_shards_catches_the_damage_before_training(shards, tmp_path):
     assert seconds < ENDS_WITHIN_S, seconds
     assert "val/celeba-val-000001.tar: sha256 differs from the manifest" in out
     assert "built simple_cnn" not in out and not (run_dir / "checkpoints").exists()
+
+
+def test_an_empty_eval_split_is_refused_before_training_then_the_run_without_it_finishes(tmp_path):
+    """Shards packed with no val sample (``--resplit 0.9,0,0.1``): the run stops before building anything,
+    naming the split and the override, instead of failing after its first epoch."""
+    shards = synthetic_shards(tmp_path, num_images=120, samples_per_shard=16, extra=("--resplit", "0.9,0,0.1"))
+    run_dir = tmp_path / "run"
+    proc, seconds = run(train_cmd(shards, run_dir, "train.eval_splits=[val, test]"))
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]
+    assert seconds < ENDS_WITHIN_S, seconds
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"celeba-dist train: error: train.eval_splits: the shards in {shards} hold no val samples (their manifest "
+        "lists 0): leave val out, --set train.eval_splits=[test]; without val, each epoch's weights replace the "
+        "last as the run's best")
+    assert not run_dir.exists()
+    proc, _ = run(train_cmd(shards, run_dir, "train.eval_splits=[test]"))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["test"]["mean"]["num_samples"] > 0
 
 
 # ---------------------------------------------------------------------------------------------

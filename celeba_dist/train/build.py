@@ -9,7 +9,7 @@ from typing import Iterable
 import torch
 from accelerate import Accelerator
 
-from celeba_dist.config import Config
+from celeba_dist.config import Config, ConfigError
 from celeba_dist.data.cache import (CacheMemoryError, CachedEval, CachedTrain, Store, cache_bytes, fill_store,
                                     fit_problem, part_size)
 from celeba_dist.data.remote import ATTEMPTS
@@ -44,6 +44,20 @@ def check_data(cfg: Config, data: ShardData, accelerator: Accelerator, splits: t
                               f"manifest.json:\n  {shown}\nre-copy or re-pack them; `celeba-dist verify {data.root}` "
                               "checks every shard and sample")
     log.info("shards of %s (%s) checked against the manifest (%s)", data.root, ", ".join(splits), cfg.data.check_shards)
+
+
+def refuse_empty_eval_splits(cfg: Config, data: ShardData, accelerator: Accelerator) -> None:
+    """An evaluation split the shards hold no sample of fails the run before it trains, not at its first
+    validation (a packing with ``--resplit 1,0,0``, or a source without a val split)."""
+    empty = [s for s in cfg.train.eval_splits if not data.manifest["splits"].get(s, {}).get("num_samples")]
+    if not empty:
+        return
+    leave_process_group(accelerator)  # every rank is here with the same verdict: leave together
+    keep = [s for s in cfg.train.eval_splits if s not in empty]
+    raise ConfigError(f"train.eval_splits: the shards in {data.root} hold no {' or '.join(empty)} samples (their "
+                      f"manifest lists 0): leave {' and '.join(empty)} out, --set train.eval_splits=[{', '.join(keep)}]"
+                      + ("; without val, each epoch's weights replace the last as the run's best" if "val" in empty
+                         else ""))
 
 
 def build_model_for(cfg: Config, num_attributes: int) -> torch.nn.Module:

@@ -36,7 +36,8 @@ from celeba_dist.logs import attach_log_file, setup_logging
 from celeba_dist.shards.manifest import ManifestError, shards_fingerprint
 from celeba_dist.train import runlock
 from celeba_dist.train.board import Board, accuracy_bars, attention_overlay, prediction_grid
-from celeba_dist.train.build import build_model_for, check_data, epoch_loader, eval_batches, train_data
+from celeba_dist.train.build import (build_model_for, check_data, epoch_loader, eval_batches,
+                                     refuse_empty_eval_splits, train_data)
 from celeba_dist.train.checkpoint import BEST, UnsafeCheckpointError, load_checkpoint
 from celeba_dist.train.distributed import build_accelerator, from_main, leave_process_group
 from celeba_dist.train.engine import (NonFiniteLossError, Predictions, TrainState, Trainer, evaluate, prepare_batch,
@@ -205,6 +206,7 @@ def main(cfg: Config, *, on_locked: Callable[[], None] | None = None) -> dict[st
                                     collective_timeout_min=cfg.train.collective_timeout_min)
     setup_logging(rank=accelerator.process_index, is_main=accelerator.is_main_process, pending_file=True)
     data = ShardData(cfg.data.root, cfg.data.attributes)
+    refuse_empty_eval_splits(cfg, data, accelerator)
     check_data(cfg, data, accelerator, ("train", *cfg.train.eval_splits))
     lock = lock_run_dir(cfg, accelerator)
     try:
