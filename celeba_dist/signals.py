@@ -82,6 +82,11 @@ class StopRequests:
         return PREEMPT if PREEMPT in self._reasons else None
 
 
+def signal_names(received: list[int]) -> str:
+    """"SIGTERM, SIGINT": the signals received, each once, in order."""
+    return ", ".join(dict.fromkeys(signal.Signals(n).name for n in received))
+
+
 @contextlib.contextmanager
 def stop_requests(signals: tuple[int, ...] = DEFAULT_SIGNALS) -> Iterator[StopRequests]:
     """For the block, the given signals request a stop (recorded in the yielded :class:`StopRequests`)

@@ -311,6 +311,37 @@ def test_resuming_with_settings_the_checkpoint_overrides_or_other_shards_is_refu
     assert final_state(run_dir)[0]["global_step"] == 2 * steps_per_epoch(shards, 1)
 
 
+def test_a_stop_signal_while_the_cache_fills_ends_the_run_cleanly_and_it_resumes(shards, tmp_path):
+    """A preemption warning (or a cancel: the same path) during the set-up, here the data.cache fill, which
+    takes minutes on full CelebA, is a stop request too: exit 75 with a line saying so, not a silent death by
+    signal (SLURM's job would not be requeued)."""
+    sig = signal.SIGUSR2
+    run_dir = tmp_path / "fill"
+    cmd = train_cmd(shards, run_dir, "train.epochs=2", "data.cache=host")
+    run_to_end(train_cmd(shards, run_dir, "train.epochs=1", "data.cache=host"))
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    proc = subprocess.Popen(cmd, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if "cache: filling with" in line:
+            os.killpg(proc.pid, sig)
+            sent = time.monotonic()
+            break
+    out += proc.stdout.read()
+    proc.wait(timeout=120)
+    text = "".join(out)
+    assert proc.returncode == 75, text[-3000:]
+    assert time.monotonic() - sent < 30
+    step = steps_per_epoch(shards, 1)
+    assert f"stop requested by {sig.name}" in text and f"before the first step: ending with the run as its newest " \
+        f"checkpoint (step {step}) holds it" in text, text[-3000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+    run_to_end(cmd)
+    assert final_state(run_dir)[0]["global_step"] == 2 * step
+
+
 def _with_default_sigint() -> None:
     """In the child: SIGINT kills or is handled, even if this test runs where it is ignored (a shell's
     background job), so the child sees a Ctrl-C as a terminal would deliver it."""

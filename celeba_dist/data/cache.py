@@ -25,7 +25,7 @@ import time
 import weakref
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import IterableDataset
@@ -194,23 +194,28 @@ class Store:
 
 def fill_store(parts: list[ShardPart], decoder: Decoder, *, size: tuple[int, int], num_attributes: int,
                device: torch.device, pin: bool, num_workers: int, where: str,
-               device_resample: Resample | None = None) -> Store:
+               device_resample: Resample | None = None, stopped: Callable[[], bool] = lambda: False) -> Store:
     """Decode every sample of ``parts`` once, with ``num_workers`` loader workers, into a new :class:`Store`.
 
     With ``device_resample`` (``data.cache_decode=device``) the workers only read the samples, and the
-    training process decodes each chunk's JPEGs on ``device`` and resamples them there."""
+    training process decodes each chunk's JPEGs on ``device`` and resamples them there. Once ``stopped()``
+    (a stop signal) the fill ends after its current chunk, leaving the store incomplete: the caller stops."""
     started = time.perf_counter()
     offsets = list(itertools.accumulate((part_size(p) for p in parts), initial=0))
     n = offsets.pop()
     images = torch.empty((n, 3, *size), dtype=torch.uint8, device=device, pin_memory=pin and device.type == "cpu")
     labels = torch.zeros((n, num_attributes), dtype=torch.float32, device=device)
     keys, issues, tally = [""] * n, SampleIssues(), IssueTally(f"{where} cache")
+    log.info("%s cache: filling with %d samples (%s)", where, n, _gib(images.numel()))
     for train in list(_ORDERING):
         train.settle()
     with owned_workers():
         for item in make_loader(_FillStream(parts, decoder, raw=device_resample is not None), num_workers=num_workers):
             positions, batch = item if device_resample is None else _device_decoded(*item, decoder, device_resample,
                                                                                      device)
+            if stopped():
+                log.warning("%s cache: stop requested, the fill ends unfinished", where)
+                break
             tally.add(batch.issues)
             issues.warned += batch.issues.warned
             issues.skipped += batch.issues.skipped

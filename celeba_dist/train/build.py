@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import platform
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from accelerate import Accelerator
 
+from celeba_dist import signals
 from celeba_dist.config import Config, ConfigError
 from celeba_dist.data.cache import (CacheMemoryError, CachedEval, CachedTrain, Store, cache_bytes, fill_store,
                                     fit_problem, part_size)
@@ -17,7 +18,7 @@ from celeba_dist.data.streams import (ShardCheckError, ShardData, ShardPart, Tra
                                       make_loader, train_stream)
 from celeba_dist.data.transforms import CachedForm, build_cached_form, build_transform
 from celeba_dist.models import build_model
-from celeba_dist.train.distributed import gather_list, leave_process_group
+from celeba_dist.train.distributed import all_sum, gather_list, leave_process_group
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,21 @@ def eval_loader(cfg: Config, data: ShardData, split: str, accelerator: Accelerat
     return make_loader(stream, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
 
 
-def train_data(cfg: Config, data: ShardData, accelerator: Accelerator) -> TrainStream | CachedTrain:
+class StoppedBeforeTraining(Exception):
+    """A stop signal arrived while the training cache filled; every rank agreed on ``reason``."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def train_data(cfg: Config, data: ShardData, accelerator: Accelerator,
+               stops: signals.StopRequests | None = None) -> TrainStream | CachedTrain:
     """The training batches: the shard stream, or with ``data.cache`` the rank's share decoded once
-    (before the model is built, so a cache that cannot fit fails first) and replayed from memory."""
+    (before the model is built, so a cache that cannot fit fails first) and replayed from memory.
+
+    A fill cut short by a stop request (``stops``) raises :class:`StoppedBeforeTraining` on every rank
+    (one collective after the fill): a preemption warning during a long fill still requeues the job."""
     stream = train_stream(
         data, build_transform(cfg.data.transform, image_size=cfg.data.image_size, train=True),
         batch_size=cfg.data.batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes,
@@ -87,7 +100,14 @@ def train_data(cfg: Config, data: ShardData, accelerator: Accelerator) -> TrainS
     if cfg.data.cache == "none":
         return stream
     form = build_cached_form(cfg.data.transform, image_size=cfg.data.image_size, train=True)
-    store = cached_store(cfg, data, accelerator, stream.rank_parts(), form, what="train")
+    stops = stops or signals.StopRequests()
+    store = cached_store(cfg, data, accelerator, stream.rank_parts(), form, what="train", stopped=stops.requested)
+    preempt, terminate = all_sum(accelerator, [float(stops.reason() == signals.PREEMPT),
+                                               float(stops.reason() == signals.TERMINATE)])
+    if preempt or terminate:
+        reason = signals.TERMINATE if terminate else signals.PREEMPT
+        stops.adopt(reason)
+        raise StoppedBeforeTraining(reason)
     return CachedTrain(stream, store, form, device=accelerator.device)
 
 
@@ -99,7 +119,7 @@ def epoch_loader(cfg: Config, train: TrainStream | CachedTrain) -> Iterable:
 
 
 def cached_store(cfg: Config, data: ShardData, accelerator: Accelerator, parts: list[ShardPart], form: CachedForm,
-                 *, what: str) -> Store:
+                 *, what: str, stopped: Callable[[], bool] = lambda: False) -> Store:
     """Fill this rank's cache of ``parts``, once every rank knows that every rank's fits (collective)."""
     device = accelerator.device if cfg.data.cache == "device" else torch.device("cpu")
     needed = cache_bytes(sum(part_size(p) for p in parts), form, len(data.attributes))
@@ -114,7 +134,7 @@ def cached_store(cfg: Config, data: ShardData, accelerator: Accelerator, parts: 
     return fill_store(parts, data.decoder(form.base, skip_bad=cfg.data.skip_bad_samples), size=form.size,
                       num_attributes=len(data.attributes), device=device, pin=torch.cuda.is_available(),
                       num_workers=cfg.data.num_workers, where=f"{what} (rank {accelerator.process_index})",
-                      device_resample=form.resample if cfg.data.cache_decode == "device" else None)
+                      device_resample=form.resample if cfg.data.cache_decode == "device" else None, stopped=stopped)
 
 
 def eval_batches(cfg: Config, data: ShardData, split: str, accelerator: Accelerator, caches: dict) -> Iterable:

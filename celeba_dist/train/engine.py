@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -236,7 +235,7 @@ def _optimizer_step(trainer: Trainer, state: TrainState, meter: _Meter, loss: to
             meter.reset()
         if stop:
             log.warning("stop requested by %s (%s): checkpointing at step %d",
-                        _signal_names(trainer.stops.received) or "another rank", stop, step)
+                        signals.signal_names(trainer.stops.received) or "another rank", stop, step)
             trainer.save(state)
             return "stopped"
         if save_due:
@@ -316,6 +315,3 @@ def split_metrics(preds: Predictions, attributes: list[str], thresholds: list[fl
 def supports_attention(model: torch.nn.Module) -> bool:
     return "return_attention" in inspect.signature(model.forward).parameters
 
-
-def _signal_names(received: list[int]) -> str:
-    return ", ".join(dict.fromkeys(signal.Signals(n).name for n in received))

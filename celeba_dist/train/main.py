@@ -36,8 +36,8 @@ from celeba_dist.logs import attach_log_file, setup_logging
 from celeba_dist.shards.manifest import ManifestError, shards_fingerprint
 from celeba_dist.train import runlock
 from celeba_dist.train.board import Board, accuracy_bars, attention_overlay, prediction_grid
-from celeba_dist.train.build import (build_model_for, check_data, epoch_loader, eval_batches,
-                                     refuse_empty_eval_splits, train_data)
+from celeba_dist.train.build import (StoppedBeforeTraining, build_model_for, check_data, epoch_loader,
+                                     eval_batches, refuse_empty_eval_splits, train_data)
 from celeba_dist.train.checkpoint import BEST, UnsafeCheckpointError, load_checkpoint
 from celeba_dist.train.distributed import build_accelerator, from_main, leave_process_group
 from celeba_dist.train.engine import (NonFiniteLossError, Predictions, TrainState, Trainer, evaluate, prepare_batch,
@@ -227,14 +227,29 @@ def main(cfg: Config, *, on_locked: Callable[[], None] | None = None) -> dict[st
 
 def _train(cfg: Config, accelerator: Accelerator, data: ShardData, *,
            lost_lock: threading.Event | None = None) -> dict[str, Any]:
-    """The run itself, with the run folder locked and the shards checked."""
+    """The run itself, with the run folder locked and the shards checked. SIGTERM/SIGUSR2/SIGINT/SIGHUP
+    become this run's stop requests from here on: during the set-up (a cache fill may take minutes) too."""
+    with signals.stop_requests(signals.RUN_SIGNALS) as stops:
+        return _set_up_and_fit(cfg, accelerator, data, stops, lost_lock=lost_lock)
+
+
+def _set_up_and_fit(cfg: Config, accelerator: Accelerator, data: ShardData, stops: signals.StopRequests, *,
+                    lost_lock: threading.Event | None = None) -> dict[str, Any]:
     refuse_fresh_start_over_checkpoints(cfg)
     found = checkpoint_to_resume(cfg)
     if found is not None:  # before anything is written: the run folder keeps describing its checkpoints
         refuse_changed_run(cfg, found, data_summary(data))
     run_dir = build_run_dir(cfg, accelerator, data)
     seed_everything(cfg)
-    train_ds = train_data(cfg, data, accelerator)
+    try:
+        train_ds = train_data(cfg, data, accelerator, stops)
+    except StoppedBeforeTraining as stop:  # nothing trained yet: the newest checkpoint already holds the run
+        state = TrainState(**found[1]["state"]) if found is not None else TrainState()
+        log.warning("stop requested by %s (%s) before the first step: ending with the run as its newest checkpoint "
+                    "(step %d) holds it", signals.signal_names(stops.received) or "another rank", stop.reason,
+                    state.global_step)
+        leave_process_group(accelerator)
+        return _result(STOPPED[stop.reason], cfg, state, {})
     model = build_model_for(cfg, len(data.attributes))
     steps_per_epoch = train_ds.steps_per_epoch
     optimizer_steps = math.ceil(steps_per_epoch / cfg.train.grad_accum_steps)
@@ -258,8 +273,7 @@ def _train(cfg: Config, accelerator: Accelerator, data: ShardData, *,
              run_dir, cfg.model.name, accelerator.num_processes, len(data.attributes), steps_per_epoch, total_steps)
     trained, failed = None, True
     try:
-        # an error anywhere ends this rank's loader workers too; SIGTERM/SIGUSR2/SIGINT become this run's stop requests
-        with signals.stop_requests(signals.RUN_SIGNALS) as stops, owned_workers():
+        with owned_workers():  # an error anywhere ends this rank's loader workers too
             trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, loss_fn, board, steps_per_epoch,
                               total_steps, save, stops, lost_lock or threading.Event(), ema=ema)
             status = _fit(trainer, data, train_ds, state)
