@@ -82,6 +82,17 @@ def test_lf_and_crlf_label_files_pack_the_same(tmp_path):
     assert tars(tmp_path / "out-crlf") == tars(tmp_path / "out-lf")
 
 
+def test_label_files_saved_with_a_utf8_bom_pack_the_same(tmp_path):
+    """Windows Notepad starts a UTF-8 file with a byte order mark; it must not stick to the first token."""
+    plain = write_celeba(tmp_path / "plain", num_images=12)
+    bom = write_celeba(tmp_path / "bom", num_images=12)
+    for name in ("list_attr_celeba.txt", "list_eval_partition.txt", "identity_CelebA.txt", "list_bbox_celeba.txt"):
+        bom.file(name).write_bytes(b"\xef\xbb\xbf" + bom.file(name).read_bytes())
+    pack(plain.source, tmp_path / "out-plain")
+    pack(bom.source, tmp_path / "out-bom")
+    assert tars(tmp_path / "out-bom") == tars(tmp_path / "out-plain")
+
+
 def test_same_input_gives_byte_identical_shards(tmp_path):
     src = write_celeba(tmp_path / "src", num_images=30)
     pack(src.source, tmp_path / "a", "--samples-per-shard", "7")

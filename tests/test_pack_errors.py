@@ -8,10 +8,12 @@ import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +149,42 @@ def test_truncated_or_corrupt_jpeg(src, tmp_path, capsys, damage):
     assert verify_main([str(out)]) == 0
 
 
+def test_zip_member_with_a_bad_crc_is_a_bad_image(tmp_path, capsys):
+    src = write_celeba(tmp_path / "src", num_images=12, zip_images=True)
+    archive = src.folder / "img_align_celeba.zip"
+    with zipfile.ZipFile(archive) as z:
+        info = z.getinfo("img_align_celeba/000005.jpg")  # in train
+    assert info.compress_type == zipfile.ZIP_STORED
+    data = bytearray(archive.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    data[info.header_offset + 30 + name_len + extra_len + info.file_size // 2] ^= 0xFF  # mid-data: only the CRC tells
+    archive.write_bytes(bytes(data))
+    err = run_failing(src.source, tmp_path / "out", capsys)
+    assert f"image 000005 ({archive}:img_align_celeba/000005.jpg): cannot read the image: Bad CRC-32" in err
+    assert "--skip-bad" in err and "Traceback" not in err
+
+    out = tmp_path / "skipping"
+    assert main([str(src.source), str(out), "--workers", "2", "--skip-bad"]) == 0
+    assert [s["id"] for s in load_manifest(out)["splits"]["train"]["skipped"]] == ["000005"]
+    assert "000005" not in [s["__key__"] for s in read_split(out, "train")]
+    assert verify_main([str(out)]) == 0
+
+
+def test_output_path_under_a_file(src, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    err = run_failing(src.source, blocker / "out", capsys)
+    assert err.strip() == f"celeba-dist pack: error: cannot create the output folder {blocker / 'out'}: Not a directory"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_output_path_in_a_read_only_folder(src, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    err = run_failing(src.source, locked / "out", capsys)
+    assert err.strip() == f"celeba-dist pack: error: cannot create the output folder {locked / 'out'}: Permission denied"
+
+
 def test_skip_bad_drops_bad_rows_and_missing_images(src, tmp_path):
     values = list(src.labels[3])
     values[0] = 2
@@ -244,6 +282,32 @@ def test_hf_value_outside_the_source_encoding(tmp_path, capsys):
     datasets.DatasetDict({"train": bad, "valid": dd["valid"], "test": dd["test"]}).save_to_disk(str(tmp_path / "bad"))
     err = run_failing(Path(f"hf:{tmp_path / 'bad'}"), tmp_path / "out", capsys)
     assert "split 'train' row 3 (id 000004): column 'Smiling' has value 2; the source encodes attributes as 0/1" in err
+
+
+@pytest.mark.parametrize("column, row, where", [("celeb_id", 3, "row 3 (id 000004)"), ("image_id", 4, "row 4"),
+                                                ("Smiling", 2, "row 2 (id 000003)")])
+def test_hf_empty_id_identity_or_attribute_cell(tmp_path, capsys, column, row, where):
+    """A null cell is a bad row, never an identity of -2**63 or a sample keyed 'None'."""
+    ids = [f"{i:06d}.jpg" for i in range(1, 11)]
+    hf = write_hf_celeba(tmp_path / "hf", {"train": 6, "valid": 2, "test": 2}, columns={"image_id": ids})
+    import datasets
+
+    dd = datasets.load_from_disk(str(hf.path))
+    bad = dd["train"].map(lambda r, i: {column: None if i == row else r[column]}, with_indices=True,
+                          features=dd["train"].features)
+    source = tmp_path / "bad"
+    datasets.DatasetDict({"train": bad, "valid": dd["valid"], "test": dd["test"]}).save_to_disk(str(source))
+    message = f"hf:{source} split 'train' {where}: column {column!r} is empty"
+    err = run_failing(Path(f"hf:{source}"), tmp_path / "out", capsys)
+    assert "1 problem(s)" in err and message in err
+
+    out = tmp_path / "skipping"
+    assert main([f"hf:{source}", str(out), "--workers", "1", "--skip-bad"]) == 0
+    train = load_manifest(out)["splits"]["train"]
+    assert [s["reason"] for s in train["skipped"]] == [message] and train["num_samples"] == 5
+    samples = read_split(out, "train")
+    assert [s["__key__"] for s in samples] == [f"{i:06d}" for i in range(1, 7) if i != row + 1]
+    assert [int(s["identity.txt"]) for s in samples] == [v for i, v in enumerate(hf.identity["train"]) if i != row]
 
 
 def test_hf_ambiguous_image_column(tmp_path, capsys):

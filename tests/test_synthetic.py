@@ -171,6 +171,28 @@ def test_refuses_a_different_celeba_but_allows_regeneration(tmp_path: Path, capl
         make_synthetic_celeba(stray, num_images=12)
 
 
+def test_never_overwrites_images_it_did_not_draw(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Own names prove nothing: only images byte-equal to this run's drawing (an interrupted run's) are kept."""
+    mine = tmp_path / "mine" / "img_align_celeba"
+    mine.mkdir(parents=True)
+    for name, colour in (("000001.jpg", "red"), ("000002.jpg", "blue")):
+        Image.new("RGB", (178, 218), colour).save(mine / name, quality=90)
+    before = {p.name: p.read_bytes() for p in mine.iterdir()}
+    assert main([str(mine.parent), "--num-images", "20", "--workers", "2"]) == 1
+    assert f"{mine / '000001.jpg'} is not the image this run draws (seed 0, 20 images" in caplog.text
+    assert {p.name: p.read_bytes() for p in mine.iterdir()} == before, "a refused run writes nothing"
+    assert [p.name for p in mine.parent.iterdir()] == ["img_align_celeba"]
+
+    full = make_synthetic_celeba(tmp_path / "full", num_images=20, seed=3)
+    cut = tmp_path / "cut" / "img_align_celeba"  # what a run killed while drawing leaves: some images, no text
+    cut.mkdir(parents=True)
+    for name in ("000001.jpg", "000002.jpg", "000007.jpg"):
+        cut.joinpath(name).write_bytes((full / "img_align_celeba" / name).read_bytes())
+    assert main([str(cut.parent), "--num-images", "20", "--seed", "3", "--workers", "2"]) == 0
+    assert {p.relative_to(cut.parent): p.read_bytes() for p in cut.parent.rglob("*.*")} == \
+        {p.relative_to(full): p.read_bytes() for p in full.rglob("*.*")}
+
+
 def test_cli_rejects_bad_arguments(tmp_path: Path) -> None:
     for bad in (["--num-images", "0"], ["--num-images", "x"], ["--workers", "0", "--num-images", "3"]):
         with pytest.raises(SystemExit) as exit_info:

@@ -58,14 +58,14 @@ from celeba_dist.pack.encode import Encoded, ImageEncoder, encoded_images
 from celeba_dist.pack.manifest import build_manifest, log_summary, write_manifest_if_changed
 from celeba_dist.pack.options import DEFAULT_SAMPLES_PER_SHARD, PackError, PackOptions
 from celeba_dist.pack.plan import Plan, make_plan
-from celeba_dist.pack.progress import Progress, Segment, open_out_dir, plan_segments
+from celeba_dist.pack.progress import Progress, Segment, create_out_dir, open_out_dir, plan_segments
 from celeba_dist.pack.samples import make_sample
 from celeba_dist.pack.sources import SourceData, SourceError, open_source
 from celeba_dist.pack.verify import verify
 from celeba_dist.pack.workers import WorkerDiedError, default_workers
 from celeba_dist.pack.writer import ShardWriter, sample_member_bytes
 from celeba_dist.shards.layout import SPLITS
-from celeba_dist.shards.manifest import MANIFEST_NAME, ManifestError, load_manifest
+from celeba_dist.shards.manifest import ManifestError, load_manifest
 
 __all__ = ["DEFAULT_SAMPLES_PER_SHARD", "PackError", "PackOptions", "build_parser", "build_verify_parser",
            "default_workers", "main", "pack", "verify", "verify_main"]
@@ -232,8 +232,7 @@ def pack(source: str, out_dir: Path, options: PackOptions) -> dict[str, Any]:
     segments = plan_segments(plan, progress, out_dir)
     written_from = time.monotonic()
     if segments:
-        (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # a manifest only ever describes finished shards
-        out_dir.mkdir(parents=True, exist_ok=True)
+        create_out_dir(out_dir)
         write_segments(data, plan, options, segments, progress, out_dir)
     else:
         log.info("%s: every shard is already there", out_dir)

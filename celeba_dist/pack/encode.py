@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import signal
+import zipfile
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -69,7 +71,8 @@ class ImageEncoder:
     def __call__(self, locator: Any) -> Encoded:
         try:
             data = self.store.read(locator)
-        except (OSError, KeyError) as e:
+        except (OSError, KeyError, zipfile.BadZipFile, zlib.error, EOFError) as e:
+            # a damaged zip member (bad CRC, corrupt deflate stream, cut short) is one bad image, not a crash
             return Encoded(None, error=f"cannot read the image: {e}")
         return encode_image(data, resize=self.resize, quality=self.quality)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,15 @@ from celeba_dist.diskio import write_json
 from celeba_dist.pack.options import PackError, PackOptions
 from celeba_dist.pack.plan import Plan
 from celeba_dist.pack.sources import SourceData
-from celeba_dist.shards.layout import SPLITS
+from celeba_dist.pack.writer import shard_temp
+from celeba_dist.shards.layout import SPLITS, shard_file
 from celeba_dist.shards.manifest import MANIFEST_NAME, file_sha256
 
 log = logging.getLogger(__name__)
 
 PROGRESS_NAME = ".pack-progress.json"
 _START_AFRESH = "pack into an empty folder or delete this one"
+_RECORD_TEMP = re.compile(rf"\.({re.escape(PROGRESS_NAME)}|{re.escape(MANIFEST_NAME)})\.\d+\.tmp")  # diskio.temp_name
 
 
 @dataclass(frozen=True)
@@ -78,9 +81,23 @@ def open_out_dir(out_dir: Path, data: SourceData, options: PackOptions, plan_fp:
         for split in SPLITS:
             for i, entry in enumerate(old_progress.get("splits", {}).get(split, [])):
                 progress.shards[split][i] = entry
-    _clear_temporaries(out_dir)
     _refuse_unrecorded_shards(out_dir, progress)
+    _clear_temporaries(out_dir)  # last: a refused folder is left exactly as it was
     return progress
+
+
+def create_out_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` before writing and drop its manifest, which only ever describes finished shards.
+
+    A path that cannot be a folder (a file in the way, no permission, a read-only file system) is a
+    :class:`PackError` naming it, not a traceback.
+    """
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename and Path(e.filename) != out_dir else ""
+        raise PackError(f"cannot create the output folder {out_dir}: {e.strerror or e}{where}") from None
 
 
 def _refuse_other_source(out_dir: Path, data: SourceData, records: dict[str, dict[str, Any] | None]) -> None:
@@ -124,10 +141,26 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _clear_temporaries(out_dir: Path) -> None:
-    for folder in [out_dir] + [out_dir / s for s in SPLITS]:
-        for tmp in folder.glob("*.tmp") if folder.is_dir() else []:
-            log.info("removing %s, left by an interrupted run", tmp)
-            tmp.unlink()
+    """Remove what a killed pack left under temporary names, and only that: other ``*.tmp`` files are the user's."""
+    for tmp in _own_temporaries(out_dir):
+        log.info("removing %s, left by an interrupted run", tmp)
+        tmp.unlink()
+
+
+def _own_temporaries(out_dir: Path) -> list[Path]:
+    """Unfinished shards (:func:`~celeba_dist.pack.writer.shard_temp` of a shard name) and unfinished
+    writes of the progress record or the manifest (:func:`~celeba_dist.diskio.temp_name`)."""
+    found = [p for p in _files(out_dir) if _RECORD_TEMP.fullmatch(p.name)]
+    for split in SPLITS:
+        for path in _files(out_dir / split):
+            index = re.search(r"(\d+)\D*$", path.name)
+            if index and path == shard_temp(out_dir / shard_file(split, int(index.group(1)))):
+                found.append(path)
+    return found
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
 
 
 def plan_segments(plan: Plan, progress: Progress, out_dir: Path) -> list[Segment]:

@@ -314,9 +314,10 @@ def _extra(table: _Table, names: list[str]) -> Extra:
 
 
 def _read_lines(path: Path) -> list[tuple[int, list[str]]]:
-    """``(1-based line number, tokens)`` of the non-blank lines; CRLF or LF, runs of spaces."""
+    """``(1-based line number, tokens)`` of the non-blank lines; CRLF or LF, runs of spaces, and a leading
+    UTF-8 byte order mark (Windows Notepad writes one) dropped, so it does not stick to the first token."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise SourceError(f"{path}: not a text file ({e})") from None
     return [(i, line.split()) for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
@@ -494,10 +495,12 @@ def read_hf(
     locators = [(p, row) for p in order for row in range(len(parts[p]))]
 
     problems = _Problems(skip_bad)
-    where = [f"{label} split {p!r} row {r} (id {i})" for (p, r), i in zip(locators, ids)]
-    _check_hf_ids(ids, where, problems)
-    labels = _hf_labels(raw, list(cols.attributes), where, ids, problems)
-    for i in _hf_empty_images(parts, order, cols.image):
+    where = [f"{label} split {p!r} row {r}" + (f" (id {i})" if i else "") for (p, r), i in zip(locators, ids)]
+    labelled = [c for c in (cols.image_id, cols.identity) if c] + list(cols.attributes.values())
+    empty = _report_empty_cells(parts, order, labelled, where, ids, problems)
+    _check_hf_ids(ids, where, problems, empty)
+    labels = _hf_labels(raw, list(cols.attributes), where, ids, problems, empty)
+    for i in _hf_null_rows(parts, order, cols.image):
         problems.row(i, ids[i], f"{where[i]}: the image is missing (empty cell)")
     problems.raise_if_any(label)
 
@@ -545,16 +548,25 @@ def _pick_hf_columns(parts: dict[str, Any], order: list[str], label: str, *, att
 
 def _read_hf_columns(parts: dict[str, Any], order: list[str],
                      cols: _HFColumns) -> tuple[np.ndarray, list[str], np.ndarray | None]:
-    """The raw attribute values (N, A), the ids and the identities (or None), over the splits in order."""
-    wanted = list(cols.attributes.values()) + [c for c in (cols.image_id, cols.identity) if c]
-    arrays = {p: parts[p].select_columns(wanted).with_format("numpy")[:] for p in order}
+    """The raw attribute values (N, A), the ids and the identities (or None), over the splits in order.
+
+    A null id reads as "" and a null identity as 0 (never NaN cast to an integer): :func:`_report_empty_cells`
+    makes their rows bad.
+    """
+    arrays = {p: parts[p].select_columns(list(cols.attributes.values())).with_format("numpy")[:] for p in order}
     raw = np.concatenate([np.stack([np.asarray(arrays[p][c]) for c in cols.attributes.values()], axis=1)
                           .reshape(-1, len(cols.attributes)) for p in order])
-    ids = _hf_ids(arrays, order, cols.image_id, len(raw))
+    ids = _hf_ids(_hf_cells(parts, order, cols.image_id) if cols.image_id else None, len(raw))
     identity = None
     if cols.identity:
-        identity = np.concatenate([np.asarray(arrays[p][cols.identity]) for p in order]).astype(np.int64)
+        identity = np.array([0 if v is None else v for v in _hf_cells(parts, order, cols.identity)], dtype=np.int64)
     return raw, ids, identity
+
+
+def _hf_cells(parts: dict[str, Any], order: list[str], column: str) -> list[Any]:
+    """A column's cells over the splits in order, as Python values: a null is None, an integer stays one
+    (numpy would turn an integer column with nulls into floats)."""
+    return [v for p in order for v in parts[p].select_columns([column]).with_format("arrow")[:][column].to_pylist()]
 
 
 def _load_hf_parts(name: str, label: str) -> dict[str, Any]:
@@ -647,17 +659,32 @@ def _pick_named_column(columns: dict[str, Any], given: str | None, names: tuple[
     return found[0] if found else None
 
 
-def _hf_ids(arrays: dict[str, dict[str, Any]], order: list[str], id_col: str | None, n: int) -> list[str]:
-    """Ids from the id column (file names lose their extension, numbers become %06d) or the 1-based row number."""
-    if id_col is None:
+def _hf_ids(values: list[Any] | None, n: int) -> list[str]:
+    """Ids from the id column's ``values`` (file names lose their extension, numbers become %06d, a null
+    becomes "") or, without one, the 1-based row number."""
+    if values is None:
         return [f"{i:06d}" for i in range(1, n + 1)]
-    values = [v for p in order for v in np.asarray(arrays[p][id_col]).tolist()]
-    return [f"{v:06d}" if isinstance(v, int) else _image_id(str(v)) for v in values]
+    return ["" if v is None else f"{v:06d}" if isinstance(v, int) else _image_id(str(v)) for v in values]
 
 
-def _check_hf_ids(ids: list[str], where: list[str], problems: _Problems) -> None:
+def _report_empty_cells(parts: dict[str, Any], order: list[str], columns: list[str], where: list[str],
+                        ids: list[str], problems: _Problems) -> set[int]:
+    """Report every row with a null cell in ``columns`` (the first such column); return those rows."""
+    empty: dict[int, str] = {}
+    for column in columns:
+        for row in _hf_null_rows(parts, order, column):
+            empty.setdefault(row, column)
+    for row, column in sorted(empty.items()):
+        problems.row(row, ids[row], f"{where[row]}: column {column!r} is empty")
+    return set(empty)
+
+
+def _check_hf_ids(ids: list[str], where: list[str], problems: _Problems, empty: set[int]) -> None:
+    """Each id is well formed and unique (rows in ``empty`` are reported already)."""
     first: dict[str, int] = {}
     for i, image_id in enumerate(ids):
+        if i in empty:
+            continue
         if not _ID_PATTERN.fullmatch(image_id):
             problems.row(i, image_id, f"{where[i]}: the id may only hold letters, digits, '_' or '-'")
         elif image_id in first:
@@ -666,15 +693,19 @@ def _check_hf_ids(ids: list[str], where: list[str], problems: _Problems) -> None
             first[image_id] = i
 
 
-def _hf_labels(raw: np.ndarray, names: list[str], where: list[str], ids: list[str], problems: _Problems) -> np.ndarray:
-    """(N, A) 0/1 from bool, 0/1 or -1/1 columns: -1 anywhere means the source encodes -1/1."""
+def _hf_labels(raw: np.ndarray, names: list[str], where: list[str], ids: list[str], problems: _Problems,
+               empty: set[int]) -> np.ndarray:
+    """(N, A) 0/1 from bool, 0/1 or -1/1 columns: -1 anywhere means the source encodes -1/1.
+
+    Rows in ``empty`` (a null cell, reported already) are not checked again.
+    """
     if raw.dtype == bool:
         return raw.astype(np.uint8)
-    values = raw.astype(np.float64)
+    values = raw.astype(np.float64)  # a null cell (None or NaN) becomes NaN
     signed = bool((values == -1).any())
     allowed = (-1.0, 1.0) if signed else (0.0, 1.0)
     bad_rows, bad_cols = np.nonzero(~np.isin(values, allowed))
-    reported: set[int] = set()
+    reported = set(empty)
     for r, c in zip(bad_rows.tolist(), bad_cols.tolist()):
         if r not in reported:
             reported.add(r)
@@ -683,8 +714,8 @@ def _hf_labels(raw: np.ndarray, names: list[str], where: list[str], ids: list[st
     return (values > 0).astype(np.uint8)
 
 
-def _hf_empty_images(parts: dict[str, Any], order: list[str], column: str) -> list[int]:
-    """Row numbers (over the splits in order) whose image cell is null."""
+def _hf_null_rows(parts: dict[str, Any], order: list[str], column: str) -> list[int]:
+    """Row numbers (over the splits in order) whose cell in ``column`` is null."""
     empty, offset = [], 0
     for p in order:
         cells = parts[p].select_columns([column]).with_format("arrow")[:][column]

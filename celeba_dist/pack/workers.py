@@ -8,10 +8,12 @@ for the dead worker's results.
 from __future__ import annotations
 
 import collections
+import ctypes
 import itertools
 import multiprocessing
 import os
 import signal
+import sys
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -38,12 +40,13 @@ def process_context() -> multiprocessing.context.BaseContext:
 def process_pool(workers: int, initializer: Callable[..., None] | None = None,
                  initargs: tuple = ()) -> Iterator[ProcessPoolExecutor | None]:
     """``workers`` processes, shut down on exit (pending work cancelled); None when ``workers`` is 1:
-    do the work in this process. The workers ignore Ctrl-C: the parent handles it and stops the pool."""
+    do the work in this process. The workers ignore Ctrl-C: the parent handles it and stops the pool.
+    They die with the parent, even a SIGKILLed one (:func:`_die_with_parent`)."""
     if workers <= 1:
         yield None
         return
     pool = ProcessPoolExecutor(workers, mp_context=process_context(), initializer=_start_worker,
-                               initargs=(initializer, initargs))
+                               initargs=(os.getpid(), initializer, initargs))
     try:
         yield pool
     finally:
@@ -80,7 +83,27 @@ def _result(future: Future) -> list[Any]:
                               "run again with fewer --workers") from None
 
 
-def _start_worker(initializer: Callable[..., None] | None, initargs: tuple) -> None:
+def _start_worker(parent: int, initializer: Callable[..., None] | None, initargs: tuple) -> None:
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if initializer is not None:
         initializer(*initargs)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this worker when ``parent`` dies (Linux).
+
+    A parent killed with SIGKILL runs no cleanup: its workers would stay blocked on the pool's pipe
+    for ever (each holds the pipe's other end open), and keep the caller's stdout open, so that
+    ``celeba-dist pack ... | tail`` never returns. The signal is armed only now, so a parent that died
+    before is caught by comparing ``getppid()`` with it. (The kernel watches the thread that forked:
+    the executor forks its workers in the thread of the first ``submit``, which uses the pool to its end.)
+    """
+    if sys.platform.startswith("linux"):
+        # valid arguments cannot fail; were prctl refused (a seccomp sandbox), the pool still works
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)

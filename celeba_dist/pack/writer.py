@@ -20,6 +20,12 @@ SHARD_MTIME = 946684800  # 2000-01-01: fixed tar metadata makes the shards byte-
 SHARD_USER = "celeba"
 SHARD_MODE = 0o444
 _TAR_BLOCK, _TAR_RECORD = 512, 10240
+TEMP_SUFFIX = ".tmp"  # an unfinished shard is <name>.tmp: a resumed run knows its own by this name
+
+
+def shard_temp(path: Path) -> Path:
+    """The name shard ``path`` is written under until it is complete."""
+    return path.with_name(path.name + TEMP_SUFFIX)
 
 
 def tar_bytes(member_bytes: int) -> int:
@@ -45,7 +51,7 @@ class ShardWriter:
         self.start, self.skipped = start, skipped
         self.file = shard_file(split, index)
         self.path = out_dir / self.file
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.tmp = shard_temp(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._stream = open(self.tmp, "wb")
         self._tar = TarWriter(self._stream, user=SHARD_USER, group=SHARD_USER, mode=SHARD_MODE,

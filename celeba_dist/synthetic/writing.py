@@ -1,15 +1,17 @@
 """Writing a synthetic CelebA into a folder: the images (in worker processes), then the text files;
-a folder that already holds a different CelebA is refused before anything is drawn."""
+a folder that already holds a different CelebA, or any image other than this run's own drawing, is
+refused before anything is written."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from celeba_dist.diskio import write_bytes
+from celeba_dist.pack.workers import ordered_map, process_pool
 from celeba_dist.synthetic.drawing import render_face
 from celeba_dist.synthetic.formats import (
     ANNOTATION_FILES, ATTR_FILE, BBOX_FILE, IMAGE_DIR, LANDMARKS_FILE, MAX_IMAGES, annotation_files,
@@ -60,11 +62,11 @@ def _refuse_different_annotations(out_dir: Path, files: dict[str, bytes], num_im
 
 
 def _refuse_stray_images(image_dir: Path, num_images: int) -> None:
-    """Raise if ``image_dir`` holds JPEGs this run would not overwrite (the rest of another set)."""
+    """Raise if ``image_dir`` holds JPEGs this run would not write (the rest of another set)."""
     if not image_dir.is_dir():
         return
     stray = sorted(entry.name for entry in os.scandir(image_dir)
-                   if entry.name.endswith(".jpg") and not _is_own_image(entry.name, num_images))
+                   if entry.name.endswith(".jpg") and not _has_own_name(entry.name, num_images))
     if stray:
         raise DifferentCelebAError(
             f"{image_dir} holds {len(stray)} image(s) this run would not write (e.g. {stray[0]}); "
@@ -72,65 +74,78 @@ def _refuse_stray_images(image_dir: Path, num_images: int) -> None:
         )
 
 
-def _is_own_image(name: str, num_images: int) -> bool:
+def _has_own_name(name: str, num_images: int) -> bool:
     stem = name[:-4]
     return len(stem) == 6 and stem.isdigit() and 1 <= int(stem) <= num_images
 
 
-def _render_range(job: tuple[int, int, int, int, str]) -> list[Labels]:
-    """Worker: render images ``start..stop-1`` into ``image_dir``; returns their labels."""
-    seed, num_images, start, stop, image_dir = job
-    labels = []
-    for index in range(start, stop):
-        face = sample_face(seed, index, num_images)
-        write_bytes(Path(image_dir, face.labels.filename), render_face(face, seed=seed))
-        labels.append(face.labels)
-    return labels
+def _refuse_foreign_images(pool: ProcessPoolExecutor | None, image_dir: Path, *, seed: int, num_images: int,
+                           chunk: int) -> None:
+    """Raise unless every image already in ``image_dir`` is, byte for byte, the one this run draws.
+
+    A name alone proves nothing: ``000001.jpg`` may be the user's photo. Only a file equal to this
+    seed's drawing (left by a finished or interrupted run with the same arguments) is this run's own;
+    anything else is refused before a single file is written.
+    """
+    present = {entry.name for entry in os.scandir(image_dir)} if image_dir.is_dir() else set()
+    existing = [i for i in range(num_images) if f"{i + 1:06d}.jpg" in present]
+    same = functools.partial(_is_drawn_image, seed, num_images, str(image_dir))
+    for index, equal in zip(existing, ordered_map(pool, same, existing, chunksize=chunk)):
+        if not equal:
+            raise DifferentCelebAError(
+                f"{image_dir / f'{index + 1:06d}.jpg'} is not the image this run draws (seed {seed}, "
+                f"{num_images} images, this Pillow build), so no interrupted run with these arguments left it; "
+                "use an empty OUT_DIR or remove the old one"
+            )
 
 
-def _process_context() -> multiprocessing.context.BaseContext:
-    """fork where the platform has it: no re-import of the caller's ``__main__`` (a script without
-    a main guard works) and no start-up cost; the workers only run numpy and PIL code."""
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+def _is_drawn_image(seed: int, num_images: int, image_dir: str, index: int) -> bool:
+    """Worker: does image ``index`` in ``image_dir`` hold exactly what this seed draws for it?"""
+    face = sample_face(seed, index, num_images)
+    return Path(image_dir, face.labels.filename).read_bytes() == render_face(face, seed=seed)
 
 
-def _render_all(image_dir: Path, *, seed: int, num_images: int, workers: int) -> list[Labels]:
-    """Render every image (in worker processes if ``workers > 1``); returns the labels by index."""
-    chunk = max(8, min(256, math.ceil(num_images / (workers * 8))))
-    jobs = [(seed, num_images, s, min(s + chunk, num_images), str(image_dir)) for s in range(0, num_images, chunk)]
+def _draw_image(seed: int, num_images: int, image_dir: str, index: int) -> Labels:
+    """Worker: write image ``index`` into ``image_dir`` (unless :func:`_refuse_foreign_images` found it there
+    already, identical); returns its labels."""
+    face = sample_face(seed, index, num_images)
+    path = Path(image_dir, face.labels.filename)
+    if not path.exists():
+        write_bytes(path, render_face(face, seed=seed))
+    return face.labels
+
+
+def _render_all(pool: ProcessPoolExecutor | None, image_dir: Path, *, seed: int, num_images: int,
+                chunk: int) -> list[Labels]:
+    """Render every image (in ``pool``'s workers, or here when None); returns the labels by index."""
     report_every = max(5000, num_images // 10)
+    draw = functools.partial(_draw_image, seed, num_images, str(image_dir))
     done: list[Labels] = []
-
-    def collect(labels: list[Labels]) -> None:
-        done.extend(labels)
-        if len(done) // report_every != (len(done) - len(labels)) // report_every:
+    for labels in ordered_map(pool, draw, range(num_images), chunksize=chunk):
+        done.append(labels)
+        if len(done) % report_every == 0:
             log.info("rendered %d/%d images", len(done), num_images)
-
-    if workers == 1 or len(jobs) == 1:
-        for job in jobs:
-            collect(_render_range(job))
-    else:  # an executor, not a Pool: a worker that dies raises BrokenProcessPool instead of hanging
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=_process_context()) as pool:
-            for future in as_completed([pool.submit(_render_range, job) for job in jobs]):
-                collect(future.result())
-    return sorted(done, key=lambda labels: labels.index)
+    return done
 
 
 def make_synthetic_celeba(out_dir: str | os.PathLike[str], *, num_images: int, seed: int = 0,
                           workers: int = 1) -> Path:
     """Write a synthetic CelebA of ``num_images`` images into ``out_dir``; returns ``out_dir``.
 
-    Re-running with the same arguments rewrites identical files. Raises :class:`DifferentCelebAError`
-    if ``out_dir`` already holds other CelebA annotation files or images, ``ValueError`` on bad
+    Re-running with the same arguments keeps the images already drawn (each checked byte for byte) and
+    draws the rest. Raises :class:`DifferentCelebAError`, having written nothing, if ``out_dir`` already
+    holds other CelebA annotation files or images (any not equal to this run's), ``ValueError`` on bad
     arguments. Images come first; the text files follow, each written to a temporary name and renamed,
     ``list_attr_celeba.txt`` last, so an interrupted run never leaves a half-written text file.
     """
     _check_arguments(num_images=num_images, seed=seed, workers=workers)
     out = Path(out_dir)
     _refuse_different_celeba(out, seed=seed, num_images=num_images)
-    (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
-    labels = _render_all(out / IMAGE_DIR, seed=seed, num_images=num_images, workers=workers)
+    chunk = max(8, min(256, math.ceil(num_images / (workers * 8))))
+    with process_pool(min(workers, math.ceil(num_images / chunk))) as pool:
+        _refuse_foreign_images(pool, out / IMAGE_DIR, seed=seed, num_images=num_images, chunk=chunk)
+        (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+        labels = _render_all(pool, out / IMAGE_DIR, seed=seed, num_images=num_images, chunk=chunk)
     for name, data in annotation_files(labels).items():
         write_bytes(out / name, data)
     return out
