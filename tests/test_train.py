@@ -463,10 +463,16 @@ def test_random_sweep_members_each_have_their_own_hparams(shards, tmp_path):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    """The README's first command, small: synthetic data -> shards -> train -> test table."""
+    """The README's first command, small: synthetic data -> shards -> train -> test table. A bad override
+    fails first, in one line, before any data is made."""
     args = ["-m", "celeba_dist", "demo", "--data-dir", str(tmp_path / "data"), "--shards", str(tmp_path / "shards"),
             "--run-dir", str(tmp_path / "run"), "--num-images", "240", "--epochs", "1",
             "--set", "data.batch_size=16", "log.progress_bar=false"]
+    proc = subprocess.run([sys.executable, *args, "optim.lr=abc"], env=cpu_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == \
+        "celeba-dist demo: error: optim.lr: expected a number, got 'abc'", proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
     proc = subprocess.run([sys.executable, *args], env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "tensorboard --logdir" in proc.stdout and "Smiling" in proc.stdout
