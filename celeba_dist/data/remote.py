@@ -93,9 +93,9 @@ def open_remote(url: str) -> "_Watched":
     if url.startswith(("http://", "https://")):
         args = ["curl", "--connect-timeout", str(CONNECT_TIMEOUT_S), "-f", "-s", "-L", url]
         pipe = Pipe(args, mode="rb", bufsize=8192, ignore_status=[141, 23])  # webdataset's own: SIGPIPE, write error
-        return _Watched(pipe, "curl", stall_limit())
+        return _Watched(pipe, "curl", stall_limit(), url)
     pipe = Pipe(url[len("pipe:"):], mode="rb", shell=True, bufsize=8192, ignore_status=[141])  # as wds.gopen
-    return _Watched(pipe, "the pipe command", stall_limit())
+    return _Watched(pipe, "the pipe command", stall_limit(), url)
 
 
 class _Watched:
@@ -106,11 +106,14 @@ class _Watched:
     transfer never counts as a stall; only the time spent waiting inside a read does.
     """
 
-    def __init__(self, pipe: Pipe, reader: str, stall_s: float):
-        self.pipe, self.reader, self.stall_s = pipe, reader, stall_s
+    def __init__(self, pipe: Pipe, reader: str, stall_s: float, url: str):
+        self.pipe, self.reader, self.stall_s, self.url = pipe, reader, stall_s, url
         self.waiting_since: float | None = None
         self.stalled, self._closed = False, threading.Event()
         threading.Thread(target=self._watch, name="remote-stall", daemon=True).start()
+
+    def __str__(self) -> str:  # webdataset's tar reader names its stream in the errors it passes on
+        return self.url
 
     def _watch(self) -> None:
         while not self._closed.wait(min(1.0, self.stall_s / 4)):
