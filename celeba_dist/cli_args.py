@@ -1,9 +1,11 @@
-"""What the command-line programs share: integer argument types, and how an error is reported."""
+"""What the command-line programs share: argument types (integers, files to write), and how an error is reported."""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 
@@ -21,6 +23,22 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
 
 positive_int = int_at_least(1)
+
+
+def out_file(text: str) -> Path:
+    """An argparse ``type`` for a file to write: refused at once when it names a folder or lies under a
+    file, rather than after the work, when the rename or ``mkdir`` of its folder would fail."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a folder; give the file to write")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:  # the folder that atomic_write's mkdir starts in
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {path}: {parent} is not writable")
+    return path
 
 
 # How gloo and NCCL say that a peer rank died: this rank's error is then only a consequence.

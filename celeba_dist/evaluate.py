@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 
-from celeba_dist.cli_args import report_error
+from celeba_dist.cli_args import out_file, report_error
 from celeba_dist.config import ConfigError, add_set_argument, config_from_tree
 from celeba_dist.data.streams import ShardData, owned_workers
 from celeba_dist.diskio import write_json
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--checkpoint", help="a checkpoint file")
     parser.add_argument("--data", help="shards folder (default: the one the run trained on)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-    parser.add_argument("--out", help="write the metrics as JSON here (default RUN/eval_<split>.json with --run)")
+    parser.add_argument("--out", type=out_file,
+                        help="write the metrics as JSON here (default RUN/eval_<split>.json with --run)")
     add_set_argument(parser, "e.g. data.num_workers=4")
     args = parser.parse_args(argv)
     try:
@@ -77,9 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         return report_error("celeba-dist eval", exc)
     if metrics:
         print(format_table(metrics, title=f"{args.split}: {path}"))
-        out = Path(args.out) if args.out else (Path(args.run) / f"eval_{args.split}.json" if args.run else None)
+        out = args.out or (Path(args.run) / f"eval_{args.split}.json" if args.run else None)
         if out:
-            write_json(out, metrics)
+            try:
+                write_json(out, metrics)
+            except OSError as exc:  # --out was checked up front; this is the disk, or a race
+                return report_error("celeba-dist eval", OSError(f"cannot write the metrics to {out}: {exc}"))
             print(f"metrics written to {out}")
     return 0
 

@@ -110,6 +110,26 @@ def test_model_card_metrics_are_the_runs(run, tmp_path):
     assert "Intended use and limitations" in card and "identifying people" in card
 
 
+def test_model_card_of_another_checkpoint_says_its_weights_were_not_evaluated(run, tmp_path):
+    """metrics.json describes best.pt only: the card of any other step has no tables, no chart, and says how
+    to evaluate it; the best step's own file (not best.pt) keeps the metrics."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    steps = {int(p.stem.split("-")[1]): p for p in (run / "checkpoints").glob("step-*.pt")}
+    other = next(p for step, p in steps.items() if step != metrics["best_step"])
+    out = tmp_path / "other"
+    assert cli("export", str(other), str(out)).returncode == 0
+    card = (out / "README.md").read_text()
+    assert "### val" not in card and "### test" not in card and "Best epoch" not in card
+    assert f"These weights (step {int(other.stem.split('-')[1])}) were not evaluated" in card
+    assert f"describes its best checkpoint (step {metrics['best_step']}, epoch {metrics['best_epoch']})" in card
+    assert f"`celeba-dist eval --checkpoint {other} --split test`" in card
+    assert not (out / "accuracy.png").exists()
+    assert json.loads((out / "config.json").read_text())["step"] == int(other.stem.split("-")[1])
+    best_step = tmp_path / "best-step"
+    assert cli("export", str(steps[metrics["best_step"]]), str(best_step)).returncode == 0
+    assert "### test (" in (best_step / "README.md").read_text() and (best_step / "accuracy.png").is_file()
+
+
 def test_export_refuses_a_tampered_checkpoint_and_an_occupied_folder(run, tmp_path):
     best = torch.load(run / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
     marker = tmp_path / "code-ran"

@@ -64,7 +64,8 @@ def decode_rgb(data: bytes, *, min_size: tuple[int, int] = (0, 0)) -> Image.Imag
 
     JPEGs go through libjpeg-turbo (simplejpeg), which decodes straight to the smallest DCT
     scale n/8 that still covers ``min_size`` (3/8 of 178×218 for a 64×64 model); other formats
-    and colour spaces libjpeg-turbo cannot convert (CMYK) fall back to PIL. A JPEG that decodes
+    and colour spaces libjpeg-turbo cannot convert (CMYK) fall back to PIL; 16-bit grey (PNG, TIFF) is
+    scaled to 8 bits, 65535 → 255, where PIL's own conversion would turn it white. A JPEG that decodes
     only with libjpeg's warnings (damaged data it can work around) issues a :class:`JpegWarning`
     (or, while :func:`collect_jpeg_damage` collects, notes it there).
     Damage libjpeg cannot notice (changed bits in the compressed data) decodes without one: only
@@ -89,6 +90,9 @@ def decode_rgb(data: bytes, *, min_size: tuple[int, int] = (0, 0)) -> Image.Imag
     img = Image.open(io.BytesIO(data))
     if img.format == "JPEG" and min_size != (0, 0):
         img.draft("RGB", min_size)
+    if img.mode.startswith("I"):  # 16-bit grey (I;16*, or I from 16-bit PNG/TIFF): convert() clips at 255
+        wide = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        img = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))  # round(v / 257)
     return img if img.mode == "RGB" else img.convert("RGB")
 
 

@@ -20,15 +20,19 @@ LIMITATIONS = """\
 
 
 def model_card(*, meta: dict[str, Any], metrics: dict | None, data: dict | None, env: dict | None,
-               has_chart: bool) -> str:
-    """README.md: metadata, the model, the recipe, the training data, the metrics, hardware and time."""
+               has_chart: bool, run_metrics: dict | None = None) -> str:
+    """README.md: metadata, the model, the recipe, the training data, the metrics, hardware and time.
+    ``metrics`` are the exported weights' own (None where they were not evaluated), ``run_metrics`` the run's
+    ``metrics.json`` whichever checkpoint it evaluated (its training time holds for any of them)."""
+    run_metrics = run_metrics if run_metrics is not None else metrics
     front = {"library_name": "celeba-dist", "pipeline_tag": "image-classification",
              "tags": ["image-classification", "multi-label", "facial-attributes", "celeba", "celeba-dist",
                       meta["model"]["name"]],
              "datasets": ["celeba"], "metrics": ["accuracy", "f1", "roc_auc"]}
     parts = [f"---\n{yaml.safe_dump(front, sort_keys=False)}---", f"# {meta['model']['name']} on CelebA attributes",
-             _model_section(meta), _data_section(data), _metrics_section(metrics, has_chart),
-             _hardware_section(env, metrics), "## Intended use and limitations\n\n" + LIMITATIONS,
+             _model_section(meta), _data_section(data),
+             _metrics_section(metrics, has_chart) if metrics else _unevaluated_section(meta, run_metrics),
+             _hardware_section(env, run_metrics), "## Intended use and limitations\n\n" + LIMITATIONS,
              "## Recipe\n\nThe run's whole resolved configuration:\n\n```yaml\n"
              + yaml.safe_dump(meta["config"], sort_keys=False) + "```"]
     return "\n\n".join(p for p in parts if p) + "\n"
@@ -69,9 +73,21 @@ def _split_note(source: dict) -> str:
             "comparable with results on CelebA's official partition (the same person can be in train and test).")
 
 
-def _metrics_section(metrics: dict | None, has_chart: bool) -> str:
-    if not metrics:
-        return "## Metrics\n\nNone recorded: the run has not finished its final evaluation."
+def _unevaluated_section(meta: dict, run_metrics: dict | None) -> str:
+    """No metrics: metrics.json belongs to another checkpoint of the run, or the run has none yet."""
+    step = f" (step {meta['step']})" if meta.get("step") is not None else ""
+    if run_metrics and "best_step" in run_metrics:
+        why = (f"These weights{step} were not evaluated: the run's `metrics.json` describes its best checkpoint "
+               f"(step {run_metrics['best_step']}, epoch {run_metrics.get('best_epoch')}), not this one.")
+    elif run_metrics:
+        why = f"These weights{step} were not evaluated: the run's `metrics.json` describes its best checkpoint."
+    else:
+        why = "None recorded: the run has not finished its final evaluation."
+    return (f"## Metrics\n\n{why} To evaluate them: `celeba-dist eval --checkpoint {meta['source']} "
+            "--split test` (add `--data SHARDS` where the run's shards have moved).")
+
+
+def _metrics_section(metrics: dict, has_chart: bool) -> str:
     out = ["## Metrics", f"Best epoch {metrics.get('best_epoch')} (selected on validation)."]
     for split in ("val", "test"):
         if split not in metrics:

@@ -4,7 +4,8 @@
 input size, normalisation, version, the resolved config) and ``README.md`` (a model card with the run's
 metrics per attribute and its accuracy chart, ``accuracy.png``). It reads the checkpoint safely and the
 run folder's ``metrics.json``, ``data.json`` and ``env.json`` when present; never the training data.
-The folder appears whole or not at all.
+``metrics.json`` describes the run's best checkpoint only: the card of any other checkpoint says that its
+weights were not evaluated, and how to evaluate them. The folder appears whole or not at all.
 """
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from pathlib import Path
 from PIL import Image
 
 from celeba_dist import __version__
-from celeba_dist.cli_args import report_error
+from celeba_dist.cli_args import positive_int, report_error
 from celeba_dist.config import ConfigError
 from celeba_dist.diskio import atomic_dir
 from celeba_dist.export.card import model_card
 from celeba_dist.export.loading import EXPORT_CONFIG, EXPORT_WEIGHTS, FORMAT, Trained, read_trained
+from celeba_dist.train.checkpoint import BEST
 
 log = logging.getLogger("celeba_dist.export")
 
@@ -39,8 +41,18 @@ def export_meta(trained: Trained) -> dict:
             "attributes": trained.attributes, "thresholds": [float(t) for t in trained.thresholds],
             "input_size": list(cfg.data.image_size), "transform": cfg.data.transform,
             "normalize": cfg.data.normalize, "loss": cfg.loss.name, "source": str(trained.source),
-            "weights": trained.weights, "tta": cfg.eval.tta,
+            "weights": trained.weights, "step": trained.step, "tta": cfg.eval.tta,
             "config": cfg.to_dict()}
+
+
+def describes(metrics: dict | None, trained: Trained) -> bool:
+    """Whether the run's ``metrics.json`` evaluated these very weights: its best step and weights choice
+    (raw or EMA). A metrics.json of a version without ``best_step`` can only vouch for ``best.pt``."""
+    if not metrics:
+        return False
+    if "best_step" not in metrics:
+        return trained.source.name == BEST
+    return metrics["best_step"] == trained.step and metrics.get("weights", trained.weights) == trained.weights
 
 
 def _read_json(folder: Path | None, name: str) -> dict | None:
@@ -57,7 +69,8 @@ def export(source: Path, out: Path, *, onnx: bool = False, opset: int = 18) -> P
 
     trained = read_trained(source)
     run = run_folder(source)
-    metrics = _read_json(run, "metrics.json")
+    run_metrics = _read_json(run, "metrics.json")
+    metrics = run_metrics if describes(run_metrics, trained) else None
     meta = export_meta(trained)
     chart = metrics.get("test") or metrics.get("val") if metrics else None
     with atomic_dir(out) as tmp:
@@ -69,7 +82,7 @@ def export(source: Path, out: Path, *, onnx: bool = False, opset: int = 18) -> P
         if onnx:
             meta["onnx"] = _onnx(trained, tmp / "model.onnx", opset)
             (tmp / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-        card = model_card(meta=meta, metrics=metrics, data=_read_json(run, "data.json"),
+        card = model_card(meta=meta, metrics=metrics, run_metrics=run_metrics, data=_read_json(run, "data.json"),
                           env=_read_json(run, "env.json"), has_chart=bool(chart))
         (tmp / "README.md").write_text(card)
     log.info("exported %s to %s", trained.source, out)
@@ -95,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", help="a run folder (its checkpoints/best.pt) or a checkpoint file")
     parser.add_argument("out", help="the export folder to create (must not exist, or be empty)")
     parser.add_argument("--onnx", action="store_true", help="also model.onnx (needs the 'export' extra)")
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    parser.add_argument("--opset", type=positive_int, default=18, help="ONNX opset (default 18)")
     args = parser.parse_args(argv)
     try:
         export(Path(args.source), Path(args.out), onnx=args.onnx, opset=args.opset)

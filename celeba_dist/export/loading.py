@@ -41,6 +41,7 @@ class Trained:
     state_dict: dict[str, torch.Tensor]  # the weights the run selected (its EMA's where validation chose them)
     source: Path
     weights: str = RAW  # raw | ema: which of a run's weights these are
+    step: int | None = None  # the optimizer step the weights are from (None: an export that predates it)
 
 
 def read_trained(source: str | Path, overrides: Sequence[str] = ()) -> Trained:
@@ -55,7 +56,7 @@ def read_trained(source: str | Path, overrides: Sequence[str] = ()) -> Trained:
             raise ValueError(f"{path / EXPORT_CONFIG} is not a celeba-dist export (format {meta.get('format')!r})")
         cfg = config_from_tree(meta["config"], ["model.pretrained=none", *overrides])
         return Trained(cfg, meta["attributes"], meta["thresholds"], load_file(path / EXPORT_WEIGHTS), path,
-                       meta.get("weights", RAW))
+                       meta.get("weights", RAW), meta.get("step"))
     if path.is_dir():
         path = path / "checkpoints" / BEST
         if not path.is_file():
@@ -64,7 +65,7 @@ def read_trained(source: str | Path, overrides: Sequence[str] = ()) -> Trained:
     cfg = config_from_tree(ckpt["config"], ["model.pretrained=none", *overrides])
     attributes = ckpt["attributes"]
     return Trained(cfg, attributes, ckpt.get("thresholds") or [0.5] * len(attributes), selected_weights(ckpt), path,
-                   ckpt.get("weights") or RAW)
+                   ckpt.get("weights") or RAW, ckpt["state"].get("global_step"))
 
 
 class AttributeClassifier(torch.nn.Module):
@@ -112,10 +113,13 @@ def _as_bytes(image: Any) -> bytes:
 
 
 def build_classifier(trained: Trained) -> AttributeClassifier:
+    """The network for inference: in eval mode, and its parameters need no gradients, so probabilities
+    computed outside ``torch.no_grad()`` (a notebook's ``model(x)``) hold no autograd graph."""
     from celeba_dist.train.build import build_model_for
 
     net = build_model_for(trained.cfg, len(trained.attributes))
     net.load_state_dict(trained.state_dict)
+    net.requires_grad_(False)
     return AttributeClassifier(net, attributes=trained.attributes, thresholds=trained.thresholds,
                                loss=trained.cfg.loss.name, tta=trained.cfg.eval.tta).eval()
 

@@ -94,8 +94,11 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint file on the CPU with ``weights_only=True``; raises :class:`UnsafeCheckpointError`
-    for a file that needs more, and ``RuntimeError`` naming the file when it is unreadable."""
+    """Load a checkpoint file on the CPU with ``weights_only=True``; raises ``FileNotFoundError`` when
+    ``path`` is missing or a folder (a typo, not damage: "unreadable" would send the user hunting for
+    corruption), :class:`UnsafeCheckpointError` for a file that needs more, and ``RuntimeError`` naming
+    the file when it is unreadable."""
+    _check_is_file(path)
     try:
         ckpt = load_weights_only(path, what="checkpoint")
     except UnsafeFileError as exc:
@@ -109,6 +112,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
+def _check_is_file(path: Path) -> None:
+    if Path(path).is_dir():
+        raise FileNotFoundError(f"{path} is a folder, not a checkpoint file")
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no checkpoint file {path}")
+
+
 def load_newest_valid(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     """The newest step checkpoint that loads; broken ones are reported and skipped, an unsafe one
     (:class:`UnsafeCheckpointError`) ends the search: someone put it there."""
@@ -117,6 +127,6 @@ def load_newest_valid(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
             return path, load_checkpoint(path)
         except UnsafeCheckpointError:
             raise
-        except RuntimeError as exc:
+        except (RuntimeError, FileNotFoundError) as exc:  # damaged, or gone since it was listed
             log.error("%s; falling back to the previous checkpoint", exc)
     return None
