@@ -46,6 +46,10 @@ def evaluate_checkpoint(path: Path, *, split: str, data_dir: str | None, overrid
                                     collective_timeout_min=cfg.train.collective_timeout_min)
     setup_logging(rank=accelerator.process_index, is_main=accelerator.is_main_process)
     data = ShardData(cfg.data.root, ckpt["attributes"])
+    if not data.split(split).num_samples:  # metrics of nothing would read as accuracy 0
+        leave_process_group(accelerator)
+        raise ConfigError(f"--split {split}: the shards in {data.root} hold no {split} samples (their manifest "
+                          "lists 0); evaluate another split")
     check_data(cfg, data, accelerator, (split,))
     model = build_model_for(cfg, len(data.attributes)).to(accelerator.device)
     model.load_state_dict(selected_weights(ckpt))  # the EMA where validation chose it

@@ -235,6 +235,12 @@ def test_an_empty_eval_split_is_refused_before_training_then_the_run_without_it_
     proc, _ = run(train_cmd(shards, run_dir, "train.eval_splits=[test]"))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert json.loads((run_dir / "metrics.json").read_text())["test"]["mean"]["num_samples"] > 0
+    # `eval` of the empty split: refused the same way, not a table of zeros
+    proc, _ = run([sys.executable, "-m", "celeba_dist", "eval", "--run", str(run_dir), "--split", "val"])
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        f"celeba-dist eval: error: --split val: the shards in {shards} hold no val samples (their manifest lists 0); "
+        "evaluate another split")
+    assert not (run_dir / "eval_val.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------
