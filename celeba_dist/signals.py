@@ -61,7 +61,10 @@ class StopRequests:
             if self._first_interrupt is None:
                 self._first_interrupt = now
             elif now - self._first_interrupt >= FORCE_AFTER_S:
-                raise KeyboardInterrupt("interrupted again: stopping now, without the checkpoint")
+                if _uncut["depth"]:
+                    _uncut["pending"] = True
+                    return
+                raise KeyboardInterrupt(FORCED)
         self.received.append(signum)
         self._reasons.add(REASONS.get(signum, TERMINATE))
 
@@ -80,6 +83,26 @@ class StopRequests:
         if TERMINATE in self._reasons:
             return TERMINATE
         return PREEMPT if PREEMPT in self._reasons else None
+
+
+FORCED = "interrupted again: stopping now, without the checkpoint"
+# A forced stop waits for the end of an :func:`uncut` block (the handler runs in the main thread, wherever
+# it is, even while the signal is blocked there: another thread may take the delivery).
+_uncut = {"depth": 0, "pending": False}
+
+
+@contextlib.contextmanager
+def uncut() -> Iterator[None]:
+    """A block that Ctrl-C pressed again must not cut in half, such as a DataLoader starting its workers:
+    cut there, the half-made iterator fails once more in its ``__del__``. The interrupt comes at its end."""
+    _uncut["depth"] += 1
+    try:
+        yield
+    finally:
+        _uncut["depth"] -= 1
+        if not _uncut["depth"] and _uncut["pending"]:
+            _uncut["pending"] = False
+            raise KeyboardInterrupt(FORCED)
 
 
 def signal_names(received: list[int]) -> str:

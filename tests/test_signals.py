@@ -81,3 +81,25 @@ def test_each_run_in_a_process_reports_its_own_stop(pristine, tmp_path, harmless
     third = main(cfg)
     train = json.loads((shards / "manifest.json").read_text())["splits"]["train"]["num_samples"]
     assert third["status"] == "completed" and third["global_step"] == train // 16
+
+
+def test_ctrl_c_again_is_forced_but_waits_for_the_end_of_an_uncut_block():
+    """The first SIGINT is a stop request; one FORCE_AFTER_S later raises KeyboardInterrupt, except inside
+    ``uncut()`` (a DataLoader starting its workers), where it comes once the block is whole."""
+    import time
+
+    with signals.stop_requests(signals.RUN_SIGNALS) as stops:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(signals.FORCE_AFTER_S + 0.2)
+        assert stops.reason() == signals.TERMINATE and stops.received == [signal.SIGINT]
+        finished = False
+        with pytest.raises(KeyboardInterrupt, match="interrupted again"):
+            with signals.uncut():
+                os.kill(os.getpid(), signal.SIGINT)  # handled in this thread, at once
+                time.sleep(0.1)
+                finished = True
+        assert finished
+        with pytest.raises(KeyboardInterrupt, match="interrupted again"):  # outside a block: at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+    assert signal.getsignal(signal.SIGINT) != stops.handle  # the previous handler is back

@@ -46,6 +46,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from celeba_dist import signals
 from celeba_dist.data.remote import fetch as fetch_remote
 from celeba_dist.data.remote import RemoteReadError, is_remote, iter_remote_samples, remote_join
 from celeba_dist.data.transforms import collect_jpeg_damage, stop_collecting_jpeg_damage
@@ -590,11 +591,12 @@ class _Loader(DataLoader):
             prepare()
         if self.num_workers == 0 or threading.current_thread() is not threading.main_thread():
             return super().__iter__()
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            return super().__iter__()
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        with signals.uncut():  # a forced Ctrl-C waits until the iterator is whole
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            try:
+                return super().__iter__()
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def make_loader(dataset: IterableDataset, *, num_workers: int, pin_memory: bool = False) -> DataLoader:
