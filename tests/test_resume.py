@@ -342,6 +342,35 @@ def test_a_stop_signal_while_the_cache_fills_ends_the_run_cleanly_and_it_resumes
     assert final_state(run_dir)[0]["global_step"] == 2 * step
 
 
+def test_a_cancel_in_the_first_seconds_ends_the_run_at_once_releasing_the_folder(shards, tmp_path):
+    """SIGTERM while the run starts (here right after the shard check; under SLURM, a scancel in the job's
+    first seconds, which submitit's own handler would ignore): exit 75 before the first step, the lock
+    released at once; the same command then trains, and a save some earlier kill left half-written is gone."""
+    run_dir = tmp_path / "early"
+    cmd = train_cmd(shards, run_dir, "train.epochs=1")
+    proc = subprocess.Popen(cmd, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if "checked against the manifest" in line:
+            os.killpg(proc.pid, signal.SIGTERM)
+            sent = time.monotonic()
+            break
+    out += proc.stdout.read()
+    proc.wait(timeout=120)
+    text = "".join(out)
+    assert proc.returncode == 75, text[-3000:]
+    assert time.monotonic() - sent < 20
+    assert "stop requested by SIGTERM (terminate) before the first step" in text, text[-3000:]
+    assert not (run_dir / ".lock").exists() and not (run_dir / "checkpoints").exists()
+    partial = run_dir / "checkpoints" / ".step-000000007.pt.4242.tmp"  # what a SIGKILL during a save leaves
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"half a checkpoint")
+    run_to_end(cmd)
+    assert not partial.exists() and final_state(run_dir)[0]["global_step"] == steps_per_epoch(shards, 1)
+
+
 def _with_default_sigint() -> None:
     """In the child: SIGINT kills or is handled, even if this test runs where it is ignored (a shell's
     background job), so the child sees a Ctrl-C as a terminal would deliver it."""

@@ -78,7 +78,8 @@ def eval_loader(cfg: Config, data: ShardData, split: str, accelerator: Accelerat
 
 
 class StoppedBeforeTraining(Exception):
-    """A stop signal arrived while the training cache filled; every rank agreed on ``reason``."""
+    """A stop signal arrived before the first step (while the run started, or its cache filled); every
+    rank agreed on ``reason``."""
 
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -102,13 +103,19 @@ def train_data(cfg: Config, data: ShardData, accelerator: Accelerator,
     form = build_cached_form(cfg.data.transform, image_size=cfg.data.image_size, train=True)
     stops = stops or signals.StopRequests()
     store = cached_store(cfg, data, accelerator, stream.rank_parts(), form, what="train", stopped=stops.requested)
+    stop_if_requested(accelerator, stops)
+    return CachedTrain(stream, store, form, device=accelerator.device)
+
+
+def stop_if_requested(accelerator: Accelerator, stops: signals.StopRequests) -> None:
+    """Raise :class:`StoppedBeforeTraining` on every rank when any rank was asked to stop (one collective;
+    SIGTERM on any rank wins over SIGUSR2, as in training)."""
     preempt, terminate = all_sum(accelerator, [float(stops.reason() == signals.PREEMPT),
                                                float(stops.reason() == signals.TERMINATE)])
     if preempt or terminate:
         reason = signals.TERMINATE if terminate else signals.PREEMPT
         stops.adopt(reason)
         raise StoppedBeforeTraining(reason)
-    return CachedTrain(stream, store, form, device=accelerator.device)
 
 
 def epoch_loader(cfg: Config, train: TrainStream | CachedTrain) -> Iterable:

@@ -38,6 +38,11 @@ def step_path(ckpt_dir: Path, step: int) -> Path:
     return ckpt_dir / f"step-{step:09d}.pt"
 
 
+def step_of(path: Path | None) -> int:
+    """The optimizer step in a step checkpoint's name; 0 for None (no checkpoint yet)."""
+    return int(STEP_RE.match(path.name).group(1)) if path is not None else 0
+
+
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Step checkpoints, newest first."""
     if not ckpt_dir.is_dir():
@@ -84,6 +89,18 @@ def link_best(ckpt_dir: Path, source: Path) -> None:
 def newest_intact(ckpt_dir: Path) -> Path | None:
     """The newest step checkpoint whose zip directory is complete (a cheap check: nothing is loaded)."""
     return next((p for p in list_checkpoints(ckpt_dir) if zipfile.is_zipfile(p)), None)
+
+
+PARTIAL_SAVE = re.compile(r"\.(step-\d+\.pt|best\.pt)\.\d+\.tmp")  # diskio.temp_name of a checkpoint
+
+
+def remove_partial_saves(ckpt_dir: Path) -> None:
+    """Delete what a save killed half-way left under its temporary name (:func:`celeba_dist.diskio.temp_name`).
+    Call it only with the run folder locked: then no live writer owns them."""
+    for tmp in sorted(ckpt_dir.iterdir()) if ckpt_dir.is_dir() else []:
+        if PARTIAL_SAVE.fullmatch(tmp.name):
+            log.info("removing %s, left by a save that was killed", tmp)
+            tmp.unlink(missing_ok=True)
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:

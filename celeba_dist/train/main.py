@@ -37,8 +37,9 @@ from celeba_dist.shards.manifest import ManifestError, shards_fingerprint
 from celeba_dist.train import runlock
 from celeba_dist.train.board import Board, accuracy_bars, attention_overlay, prediction_grid
 from celeba_dist.train.build import (StoppedBeforeTraining, build_model_for, check_data, epoch_loader,
-                                     eval_batches, refuse_empty_eval_splits, train_data)
-from celeba_dist.train.checkpoint import BEST, UnsafeCheckpointError, load_checkpoint
+                                     eval_batches, refuse_empty_eval_splits, stop_if_requested, train_data)
+from celeba_dist.train.checkpoint import (BEST, UnsafeCheckpointError, load_checkpoint, newest_intact,
+                                          remove_partial_saves, step_of)
 from celeba_dist.train.distributed import build_accelerator, from_main, leave_process_group
 from celeba_dist.train.engine import (NonFiniteLossError, Predictions, TrainState, Trainer, evaluate, prepare_batch,
                                       split_metrics, supports_attention, train_one_epoch)
@@ -202,6 +203,13 @@ def main(cfg: Config, *, on_locked: Callable[[], None] | None = None) -> dict[st
     process once the lock is held, is not called then); a run whose lock another process took over
     stops at its next step check with the same error, on every rank, writing nothing more.
     """
+    # SIGTERM/SIGUSR2/SIGINT/SIGHUP are this run's stop requests from its first moment: a scancel in the
+    # first seconds of a job (submitit's own handler would ignore it) ends it as cleanly as a later one.
+    with signals.stop_requests(signals.RUN_SIGNALS) as stops:
+        return _locked_run(cfg, stops, on_locked)
+
+
+def _locked_run(cfg: Config, stops: signals.StopRequests, on_locked: Callable[[], None] | None) -> dict[str, Any]:
     accelerator = build_accelerator(precision=cfg.train.precision,
                                     collective_timeout_min=cfg.train.collective_timeout_min)
     setup_logging(rank=accelerator.process_index, is_main=accelerator.is_main_process, pending_file=True)
@@ -213,7 +221,7 @@ def main(cfg: Config, *, on_locked: Callable[[], None] | None = None) -> dict[st
         attach_log_file(cfg.run_dir / "logs", rank=accelerator.process_index)
         if on_locked is not None and accelerator.is_main_process:
             on_locked()
-        result = _train(cfg, accelerator, data, lost_lock=lock.lost if lock is not None else None)
+        result = _train(cfg, accelerator, data, stops, lost_lock=lock.lost if lock is not None else None)
     except DiskFullError as exc:
         raise exc.with_detail(resume_hint(cfg.run_dir / "checkpoints")) from exc
     finally:
@@ -225,26 +233,25 @@ def main(cfg: Config, *, on_locked: Callable[[], None] | None = None) -> dict[st
     return result
 
 
-def _train(cfg: Config, accelerator: Accelerator, data: ShardData, *,
+def _train(cfg: Config, accelerator: Accelerator, data: ShardData, stops: signals.StopRequests, *,
            lost_lock: threading.Event | None = None) -> dict[str, Any]:
-    """The run itself, with the run folder locked and the shards checked. SIGTERM/SIGUSR2/SIGINT/SIGHUP
-    become this run's stop requests from here on: during the set-up (a cache fill may take minutes) too."""
-    with signals.stop_requests(signals.RUN_SIGNALS) as stops:
-        return _set_up_and_fit(cfg, accelerator, data, stops, lost_lock=lost_lock)
-
-
-def _set_up_and_fit(cfg: Config, accelerator: Accelerator, data: ShardData, stops: signals.StopRequests, *,
-                    lost_lock: threading.Event | None = None) -> dict[str, Any]:
-    refuse_fresh_start_over_checkpoints(cfg)
-    found = checkpoint_to_resume(cfg)
-    if found is not None:  # before anything is written: the run folder keeps describing its checkpoints
-        refuse_changed_run(cfg, found, data_summary(data))
-    run_dir = build_run_dir(cfg, accelerator, data)
-    seed_everything(cfg)
+    """The run itself, with the run folder locked and the shards checked. A stop requested before the
+    first step (every rank agrees on it: after the lock, and after a cache fill) ends it there."""
+    found = None
     try:
+        stop_if_requested(accelerator, stops)  # a scancel while the job started: release the folder at once
+        refuse_fresh_start_over_checkpoints(cfg)
+        found = checkpoint_to_resume(cfg)
+        if found is not None:  # before anything is written: the run folder keeps describing its checkpoints
+            refuse_changed_run(cfg, found, data_summary(data))
+        run_dir = build_run_dir(cfg, accelerator, data)
+        if accelerator.is_main_process:
+            remove_partial_saves(run_dir / "checkpoints")
+        seed_everything(cfg)
         train_ds = train_data(cfg, data, accelerator, stops)
     except StoppedBeforeTraining as stop:  # nothing trained yet: the newest checkpoint already holds the run
-        state = TrainState(**found[1]["state"]) if found is not None else TrainState()
+        state = TrainState(**found[1]["state"]) if found is not None else TrainState(
+            global_step=step_of(newest_intact(cfg.run_dir / "checkpoints")))
         log.warning("stop requested by %s (%s) before the first step: ending with the run as its newest checkpoint "
                     "(step %d) holds it", signals.signal_names(stops.received) or "another rank", stop.reason,
                     state.global_step)
