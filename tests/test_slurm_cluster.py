@@ -600,6 +600,25 @@ def test_train_sbatch_runs_two_nodes_and_requeues_itself(shards, tmp_path, job_i
     assert stats["global_step"] == _total_steps(shards, epochs=3)
 
 
+@pytest.mark.slurm
+def test_train_sbatch_trains_on_one_node(shards, tmp_path, job_ids):
+    """One node, one process: a plain launch (accelerate's --multi_gpu refuses a single process)."""
+    run_dir = tmp_path / "sbatch-one"
+    env = {**os.environ, "PYTHON": sys.executable}
+    job_id = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--cpus-per-task=1", "--time=5",
+                             f"--output={tmp_path}/%x-%j.out", str(REPO / "jobs" / "train.sbatch"),
+                             "--config", "smiling_simple_cnn", "--data", str(shards), "--run-dir", str(run_dir),
+                             "--set", *FAST, "train.max_steps=4", "train.eval_splits=[val]"],
+                            env=env, capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    job_ids.append(job_id)
+    _wait_until(lambda: [s for _, s, _ in _sacct(job_id)][-1:] in (["COMPLETED"], ["FAILED"]),
+                f"job {job_id} ended", timeout_s=120, logs=tmp_path)
+    assert _sacct(job_id) == [(job_id, "COMPLETED", "n1")], _logs(tmp_path)
+    assert json.loads((run_dir / "env.json").read_text())["world_size"] == 1
+    assert json.loads((run_dir / "rank_stats" / "rank0.json").read_text())["global_step"] == 4
+    assert (run_dir / "metrics.json").is_file()
+
+
 # ---------------------------------------------------------------------------------------------
 # Every way a job ends: USR2 with no requeue left, scancel, scontrol requeue; `jobs` on the way
 
@@ -637,6 +656,68 @@ def test_jobs_shows_a_pending_job_and_ctrl_c_stops_only_the_waiting(shards, tmp_
     assert _squeue(job_id) == f"{job_id} PENDING"
     subprocess.run(["scancel", job_id], check=True, timeout=30)
     _wait_until(lambda: _jobs_row(run_dir, capsys)[2] == "CANCELLED", f"job {job_id} shown cancelled", timeout_s=30)
+
+
+@pytest.mark.slurm
+def test_one_run_per_folder_while_its_job_is_pending(shards, tmp_path, capsys, job_ids):
+    """A job held back (--begin) has not taken the run lock yet: a second submit, or the same sweep
+    again, is refused naming the job, queues nothing, and `jobs` keeps showing the first job."""
+    run_dir, held = tmp_path / "held", ["--slurm", "begin=now+3600", "--set", *SHORT]
+    argv = ["--config", "smiling_simple_cnn", "--data", str(shards), "--run-dir", str(run_dir), *TWO_CPU_NODES, *held]
+    assert submit_main(argv) == 0
+    job_id = _events(run_dir)[0]["job_id"]
+    capsys.readouterr()
+    assert submit_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"already has job {job_id} (PENDING)" in err and f"scancel {job_id}" in err and err.count("\n") == 1, err
+    assert [r["event"] for r in _events(run_dir)] == ["submitted"]
+    assert _jobs_row(run_dir, capsys)[1:3] == [job_id, "PENDING"]
+    sweep_dir = tmp_path / "held-sweep"
+    sweep = ["--config", "smiling_simple_cnn", "--data", str(shards), "--run-dir", str(sweep_dir), "--nodes", "1",
+             "--time", "10", "--grid", "optim.lr=1e-3,3e-4", *held]
+    assert sweep_main(sweep) == 0
+    before = (sweep_dir / "sweep.json").read_text()
+    array = json.loads(before)["members"][0]["job_id"].split("_")[0]
+    capsys.readouterr()
+    again = [*sweep[:sweep.index("optim.lr=1e-3,3e-4")], "optim.lr=1e-2", *held]  # other members, same folder
+    for argv in (sweep, again):
+        assert sweep_main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"already has job {array}_0 (PENDING) (and 1 more folder(s))" in err, err
+        assert f"scancel {array}_0 {array}_1" in err
+    assert (sweep_dir / "sweep.json").read_text() == before
+    assert _squeue(array).split()[1:] == ["PENDING"] and _squeue(array).startswith(f"{array}_[0-1")
+
+
+@pytest.mark.slurm
+def test_sbatch_refusal_is_one_line_and_leaves_no_files(shards, tmp_path, capsys, job_ids):
+    run_dir, sweep_dir = tmp_path / "nosuch", tmp_path / "nosuch-sweep"
+    common = ["--config", "smiling_simple_cnn", "--data", str(shards), *TWO_CPU_NODES, "--partition", "nosuch"]
+    assert submit_main([*common, "--run-dir", str(run_dir)]) == 2
+    assert sweep_main([*common, "--run-dir", str(sweep_dir), "--grid", "optim.lr=1e-3,3e-4"]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 2 and all("sbatch refused the job: " in e and "invalid partition" in e for e in errors), errors
+    left = [p for p in tmp_path.rglob("*") if p.suffix == ".pkl" or p.name.startswith(".submission_file_")]
+    assert left == [] and not (run_dir / "slurm_jobs.json").exists() and not (sweep_dir / "sweep.json").exists()
+
+
+@pytest.mark.slurm
+def test_submit_wait_reports_the_tasks_error_in_one_line(shards, tmp_path, job_ids):
+    """A training that fails on the node (its shards are gone): the task's own error and the log's path,
+    not submitit's report with the whole traceback, and the job's final state."""
+    data = tmp_path / "no-shards"
+    data.mkdir()
+    (data / "manifest.json").write_text((shards / "manifest.json").read_text())
+    run_dir = tmp_path / "crash"
+    cmd = _submit_cmd(data, run_dir, "--wait", overrides=SHORT)
+    cmd[cmd.index("--nodes") + 1] = "1"
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    job_id = _events(run_dir)[0]["job_id"]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(f"job {job_id} failed")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith(f"job {job_id} failed (FAILED): celeba_dist.data.streams.ShardCheckError: "), lines[0]
+    assert lines[0].endswith(f"; log: {run_dir / 'slurm' / job_id / f'{job_id}_0_log.err'}")
 
 
 @pytest.mark.slurm

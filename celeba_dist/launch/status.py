@@ -20,6 +20,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,9 +58,27 @@ def record_job(run_dir: Path, event: str, **fields: Any) -> None:
         write_json(path, records)
 
 
+class JobRecordsError(ValueError):
+    """``slurm_jobs.json`` is not a list of job records (empty, cut short, edited by hand)."""
+
+
 def read_jobs(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's job records, [] before its first submission.
+
+    A file that is not a list of records raises :class:`JobRecordsError` naming it: read as empty,
+    it would hide the folder's jobs from ``submit``'s one-run-per-folder check.
+    """
     path = Path(run_dir) / JOBS_FILE
-    return json.loads(path.read_text()) if path.is_file() else []
+    if not path.is_file():
+        return []
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise JobRecordsError(f"{path} is unreadable ({exc}); repair it or move it aside") from None
+    if not (isinstance(records, list) and all(isinstance(r, dict) and "event" in r for r in records)
+            and all("job_id" in r for r in records if r["event"] == "submitted")):
+        raise JobRecordsError(f"{path} is not a list of job records; repair it or move it aside")
+    return records
 
 
 def last_submission(run_dir: Path) -> dict[str, Any] | None:
@@ -74,9 +93,33 @@ def job_events(run_dir: Path, job_id: str | None) -> list[dict[str, Any]]:
 
 
 def slurm_job_ids(run_dirs: list[Path]) -> list[str]:
-    """The newest SLURM job id of each run (local runs have process ids, not job ids)."""
-    subs = [last_submission(d) for d in run_dirs]
+    """The newest SLURM job id of each run (local runs have process ids, not job ids); runs whose
+    records are unreadable have none."""
+    subs = []
+    for run_dir in run_dirs:
+        with contextlib.suppress(JobRecordsError):
+            subs.append(last_submission(run_dir))
     return [str(s["job_id"]) for s in subs if s and s.get("executor", "slurm") == "slurm"]
+
+
+def active_jobs(run_dirs: list[Path]) -> dict[Path, tuple[str, str]]:
+    """Run folder → (job id, state) of its last submitted job, where that job is still queued or running.
+
+    A second job on such a folder would stop on the run lock once it starts (or take the folder
+    from a job still pending), and ``jobs`` would show only the second.
+    """
+    states = scheduler_states(slurm_job_ids(run_dirs))
+    active = {}
+    for run_dir in run_dirs:
+        submission = last_submission(run_dir)
+        if not submission:
+            continue
+        job_id = str(submission["job_id"])
+        local = submission.get("executor") == "local"
+        state = _local_state(job_id) if local else states.get(job_id)
+        if state in ACTIVE_STATES or state == "RUNNING(local)":
+            active[run_dir] = (job_id, state)
+    return active
 
 
 def _local_state(pid: str) -> str:
@@ -201,6 +244,7 @@ class RunInfo:
     best: float | None
     best_epoch: int | None
     overrides: list[str]
+    error: str | None = None  # why the run folder's records could not be read
 
     def progress(self) -> str:
         step = "-" if self.step is None else f"step {self.step}"
@@ -254,7 +298,8 @@ def run_state(scheduler: str | None, events: list[dict[str, Any]], *, finished: 
     A job pending after it has started before was requeued (by ``submit``'s USR2 path or by SLURM)
     and shows ``PENDING(requeued)``; a job that ended after a USR2 with ``run.max_requeues`` reached
     shows ``PREEMPTED(not requeued)``. Where neither sacct nor scontrol knows the job, the run
-    folder answers (``COMPLETED(folder)`` when ``metrics.json`` is there).
+    folder answers (``COMPLETED(folder)`` when ``metrics.json`` is there). A job cancelled after
+    its run wrote ``metrics.json`` shows ``COMPLETED(cancelled after finishing)``.
     """
     starts = sum(e["event"] == "started" for e in events)
     last = next((e["event"] for e in reversed(events) if e["event"] != "submitted"), None)
@@ -266,6 +311,8 @@ def run_state(scheduler: str | None, events: list[dict[str, Any]], *, finished: 
         return "PENDING(requeued)"
     if scheduler == "COMPLETED" and last == "preempted":
         return "PREEMPTED(not requeued)"
+    if scheduler == "CANCELLED" and finished:  # a scancel during the last moments: the run is whole
+        return "COMPLETED(cancelled after finishing)"
     return scheduler
 
 
@@ -310,6 +357,23 @@ def run_info(run_dir: Path, states: dict[str, str], *, name: str | None = None,
                    overrides=list(overrides or []))
 
 
+def unreadable_info(run_dir: Path, error: JobRecordsError, *, name: str,
+                    overrides: list[str] | None = None) -> RunInfo:
+    """The row of a run whose records cannot be read: shown as such, so the other runs still list."""
+    return RunInfo(name=name, run_dir=run_dir, job_id=None, state="UNREADABLE", starts=0, last_event="-",
+                   step=None, epoch=None, epochs=None, metric="accuracy", best=None, best_epoch=None,
+                   overrides=list(overrides or []), error=str(error))
+
+
+def safe_run_info(run_dir: Path, states: dict[str, str], *, name: str,
+                  overrides: list[str] | None = None) -> RunInfo:
+    """:func:`run_info`, or :func:`unreadable_info` where the records cannot be read."""
+    try:
+        return run_info(run_dir, states, name=name, overrides=overrides)
+    except JobRecordsError as exc:
+        return unreadable_info(run_dir, exc, name=name, overrides=overrides)
+
+
 # ---------------------------------------------------------------------------------------------
 # Finding runs and printing
 
@@ -333,7 +397,7 @@ def sweep_table(sweep_dir: Path, *, metric: str | None = None) -> tuple[str, lis
     members = sweep["members"]
     run_dirs = [sweep_dir / m["name"] for m in members]
     states = scheduler_states(slurm_job_ids(run_dirs))
-    infos = [run_info(d, states, name=m["name"], overrides=m["overrides"]) for d, m in zip(run_dirs, members)]
+    infos = [safe_run_info(d, states, name=m["name"], overrides=m["overrides"]) for d, m in zip(run_dirs, members)]
     if metric:
         for info in infos:
             if info.metric != metric:
@@ -350,7 +414,7 @@ def sweep_table(sweep_dir: Path, *, metric: str | None = None) -> tuple[str, lis
 def runs_table(root: Path) -> tuple[str, list[RunInfo]]:
     run_dirs = find_runs(root)
     states = scheduler_states(slurm_job_ids(run_dirs))
-    infos = [run_info(d, states, name=str(d.relative_to(root)) if d != root else d.name) for d in run_dirs]
+    infos = [safe_run_info(d, states, name=str(d.relative_to(root)) if d != root else d.name) for d in run_dirs]
     rows = [[i.name, i.job_id or "-", i.state, str(i.starts), i.progress(), i.best_text(), i.last_event]
             for i in infos]
     return format_table(rows, ["RUN", "JOB", "STATE", "STARTS", "PROGRESS", "BEST VAL", "LAST EVENT"]), infos
@@ -370,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         sweep_dir = Path(args.sweep) if (Path(args.sweep) / SWEEP_FILE).is_file() else args.run_dir / args.sweep
         if not (sweep_dir / SWEEP_FILE).is_file():
             parser.error(f"no {SWEEP_FILE} in {sweep_dir}")
-        table, _ = sweep_table(sweep_dir, metric=args.metric)
+        table, infos = sweep_table(sweep_dir, metric=args.metric)
         logdir = sweep_dir
     else:
         if not args.run_dir.is_dir():
@@ -382,4 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         logdir = args.run_dir
     print(table)
     print(f"\nTensorBoard: tensorboard --logdir {logdir.resolve()}")
-    return 0
+    for info in infos:
+        if info.error:
+            print(f"celeba-dist jobs: error: {info.error}", file=sys.stderr)
+    return 1 if any(info.error for info in infos) else 0

@@ -21,6 +21,8 @@ same folder resumes it), a job SLURM requeues resumes when SLURM restarts it.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import os
 import shlex
@@ -28,13 +30,14 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import submitit
 
 from celeba_dist.config import add_set_argument
 from celeba_dist.launch import cluster_env
-from celeba_dist.launch.status import ACTIVE_STATES, record_job, scheduler_states, wait_until_ended
+from celeba_dist.launch.status import (ACTIVE_STATES, active_jobs, record_job, scheduler_states,
+                                      wait_until_ended)
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +187,11 @@ def slurm_parameters(args: argparse.Namespace, *, job_name: str) -> dict[str, An
     """submitit ``SlurmExecutor`` parameters (sbatch names) for the parsed resource options."""
     if args.nodes < 1 or args.gpus_per_node < 0:
         raise ValueError("--nodes must be >= 1 and --gpus-per-node >= 0")
+    if args.time < 1:  # sbatch reads --time=0 (and submitit a negative one) as no limit at all
+        raise ValueError(f"--time {args.time}: the time limit must be at least 1 minute")
+    if not 0 <= args.signal_delay < args.time * 60:  # else every start gets USR2 at once and requeues
+        raise ValueError(f"--signal-delay {args.signal_delay}: must be >= 0 and under --time "
+                         f"({args.time} min = {args.time * 60} s)")
     params: dict[str, Any] = {
         "job_name": job_name,
         "nodes": args.nodes,
@@ -244,8 +252,9 @@ def wait_for(jobs: Sequence[submitit.Job]) -> list[dict[str, Any] | None]:
     """
     slurm = all(isinstance(job, submitit.SlurmJob) for job in jobs)
     ended = {job.job_id: _wait_slurm(job) for job in jobs} if slurm else {}
-    if slurm:
-        wait_until_ended([job.job_id for job in jobs])  # the tasks are gone; sacct and `jobs` agree
+    if slurm:  # the tasks are gone; sacct and `jobs` agree; the state polled before the result may be stale
+        final = wait_until_ended([job.job_id for job in jobs])
+        ended.update({job_id: final[job_id] for job_id in ended if final.get(job_id)})
     results: list[dict[str, Any] | None] = []
     for job in jobs:
         if ended.get(job.job_id) == "CANCELLED":
@@ -257,9 +266,20 @@ def wait_for(jobs: Sequence[submitit.Job]) -> list[dict[str, Any] | None]:
             results.append(job.results()[0])
         except submitit.core.utils.UncompletedJobError as exc:  # FailedJobError included
             state = f" ({ended[job.job_id]})" if ended.get(job.job_id) else ""
-            print(f"job {job.job_id} failed{state}: {exc}", file=sys.stderr)
+            print(f"job {job.job_id} failed{state}: {failure_line(exc)}; log: {job.paths.stderr}",
+                  file=sys.stderr)
             results.append(None)
     return results
+
+
+def failure_line(exc: Exception) -> str:
+    """The task's own error from submitit's report: the first line of the exception its traceback
+    ends with (a message may go on over several lines), not the whole report."""
+    lines = str(exc).splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith('  File "')]
+    after = lines[frames[-1] + 1:] if frames else []
+    return next((line.strip() for line in after if line.strip() and not line.startswith(" ")),
+                next((line.strip() for line in reversed(lines) if line.strip()), str(exc)))
 
 
 def stopped_waiting(jobs: Sequence[submitit.Job], status: str) -> int:
@@ -307,6 +327,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse a run folder that cannot be made here (under a file, or not writable) before anything is queued."""
+    run_dir = run_dir.resolve()
+    existing = next(p for p in [run_dir, *run_dir.parents] if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--run-dir {run_dir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--run-dir {run_dir}: {existing} is not writable")
+
+
+def check_runs_free(run_dirs: Sequence[Path], *, stale_s: float) -> None:
+    """One run per folder: refuse a folder whose lock a live run holds, or whose last job is still
+    queued or running. That job takes the lock only once it starts: a second job queued meanwhile
+    would stop on the lock (or take the folder from the pending one), and ``jobs`` would show only it.
+    Reads ``slurm_jobs.json``, so a damaged one is refused here, before anything is queued."""
+    from celeba_dist.train import runlock
+
+    for run_dir in run_dirs:
+        holder = runlock.live_holder(run_dir, stale_s=stale_s)
+        if holder is not None:  # its tasks would stop at once
+            raise ValueError(runlock.locked_message(run_dir, holder, stale_s=stale_s))
+    active = active_jobs(list(run_dirs))
+    if active:
+        run_dir, (job_id, state) = next(iter(active.items()))
+        more = f" (and {len(active) - 1} more folder(s))" if len(active) > 1 else ""
+        ids = " ".join(job for job, _ in active.values())
+        how = f"kill {ids}" if state.endswith("(local)") else f"scancel {ids}"
+        raise ValueError(f"run folder {run_dir} already has job {job_id} ({state}){more}: one run per folder; "
+                         f"wait for it to end, or cancel it: {how}")
+
+
+@contextlib.contextmanager
+def sbatch_refusal(folder: Path) -> Iterator[None]:
+    """sbatch's refusal (a bad partition or option) as a one-line ValueError; the submission script
+    and task pickles submitit wrote for it are removed, since no job will ever read them. submitit
+    also prints sbatch's stderr on a refusal: held back here, and passed on only when sbatch accepts."""
+    root = folder.parent if "%j" in folder.name else folder  # where submitit writes before the job id
+    before = set(root.iterdir()) if root.is_dir() else set()
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+        sys.stderr.write(held.getvalue())
+    except submitit.core.utils.FailedJobError as exc:
+        for path in (set(root.iterdir()) if root.is_dir() else set()) - before:
+            if path.suffix == ".pkl" or path.name.startswith(".submission_file_"):
+                path.unlink(missing_ok=True)
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ValueError(f"sbatch refused the job: {'; '.join(lines)}") from None
+
+
 def check_data(data: Path) -> None:
     """Fail before queueing when the shards are not there (the nodes would fail after waiting)."""
     if not (data / "manifest.json").is_file():
@@ -317,6 +388,7 @@ def resolve_task(config: str, overrides: Sequence[str], data: Path, run_dir: Pat
     """Validate the config here, before anything is queued; the task carries absolute paths."""
     from celeba_dist.config import load_config
 
+    check_run_dir(run_dir)
     is_file = Path(config).suffix in (".yaml", ".yml") or Path(config).exists()
     config_arg = str(Path(config).resolve()) if is_file else config  # the job may start in another folder
     task = TrainTask(config=config_arg, overrides=overrides, data_dir=str(data.resolve()),
@@ -330,7 +402,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.dry_run and args.local:
         parser.error("--dry-run prints the sbatch script: it has no meaning with --local")
-    from celeba_dist.train import runlock
     from celeba_dist.config import ConfigError
 
     try:
@@ -340,15 +411,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(sbatch_script(params, folder))
             return 0
-        holder = runlock.live_holder(cfg.run_dir, stale_s=cfg.run.lock_stale_s)
-        if holder is not None:  # its tasks would stop at once
-            raise ValueError(runlock.locked_message(cfg.run_dir, holder, stale_s=cfg.run.lock_stale_s))
+        check_runs_free([cfg.run_dir], stale_s=cfg.run.lock_stale_s)
         check_data(args.data)
         executor = build_executor(args, folder, params=params, max_requeues=cfg.run.max_requeues)
-    except (ConfigError, ValueError) as exc:
+        with sbatch_refusal(folder):
+            job = executor.submit(task)
+    except (ConfigError, ValueError, OSError) as exc:
         print(f"celeba-dist submit: error: {exc}", file=sys.stderr)
         return 2
-    job = executor.submit(task)
     record_job(cfg.run_dir, "submitted", job_id=job.job_id, executor="local" if args.local else "slurm",
                nodes=args.nodes, gpus_per_node=args.gpus_per_node, log_dir=str(job.paths.folder),
                command=" ".join(map(shlex.quote, ["celeba-dist", "submit", *(argv or sys.argv[1:])])))
@@ -357,8 +427,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  logs:        {job.paths.stdout.parent}")
     print(f"  status:      celeba-dist jobs --run-dir {cfg.run_dir}")
     print(f"  TensorBoard: tensorboard --logdir {cfg.run_dir}")
-    if not args.wait:
-        return 0
+    return wait_and_report(job, cfg) if args.wait else 0
+
+
+def wait_and_report(job: submitit.Job, cfg: Any) -> int:
+    """``--wait``: 0 once the job completed, 130 on Ctrl-C (the job stays), else 1."""
     try:
         result = wait_for([job])[0]
     except KeyboardInterrupt:

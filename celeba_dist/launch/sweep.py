@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import random
 import re
@@ -25,8 +26,9 @@ from typing import Any, Sequence
 from celeba_dist.config import add_set_argument
 from celeba_dist.diskio import write_json
 from celeba_dist.launch.status import SWEEP_FILE, record_job, sweep_table
-from celeba_dist.launch.submit import (add_resource_arguments, build_executor, check_data, log_folder, resolve_task,
-                                       sbatch_script, slurm_parameters, stopped_waiting, wait_for)
+from celeba_dist.launch.submit import (add_resource_arguments, build_executor, check_data, check_runs_free, log_folder,
+                                       resolve_task, sbatch_refusal, sbatch_script, slurm_parameters,
+                                       stopped_waiting, wait_for)
 
 
 @dataclass(frozen=True)
@@ -168,15 +170,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# {member.name}: --config {member.config} --set {' '.join([*args.set, *member.overrides])}")
             print(sbatch_script(params, folder, array_size=len(members)))
             return 0
+        check_runs_free(sweep_run_dirs(sweep_dir, [cfg.run_dir for _, cfg in resolved]),
+                        stale_s=resolved[0][1].run.lock_stale_s)
         check_data(args.data)
         max_requeues = resolved[0][1].run.max_requeues
         executor = build_executor(args, folder, params=params, max_requeues=max_requeues)
-    except (ConfigError, ValueError) as exc:
+        with sbatch_refusal(folder), executor.batch():
+            jobs = [executor.submit(task) for task, _ in resolved]
+    except (ConfigError, ValueError, OSError) as exc:
         print(f"celeba-dist sweep: error: {exc}", file=sys.stderr)
         return 2
-
-    with executor.batch():
-        jobs = [executor.submit(task) for task, _ in resolved]
     for member, job in zip(members, jobs):
         record_job(sweep_dir / member.name, "submitted", job_id=job.job_id, sweep=sweep_dir.name,
                    executor="local" if args.local else "slurm", log_dir=str(job.paths.folder))
@@ -192,6 +195,20 @@ def main(argv: list[str] | None = None) -> int:
         return stopped_waiting(jobs, f"celeba-dist jobs --run-dir {sweep_dir.parent} --sweep {sweep_dir.name}")
     print(sweep_table(sweep_dir)[0])
     return 0 if all(r is not None and r["status"] == "completed" for r in results) else 1
+
+
+def sweep_run_dirs(sweep_dir: Path, member_dirs: list[Path]) -> list[Path]:
+    """The folders a new sweep in ``sweep_dir`` must find free: its members', and those of the
+    ``sweep.json`` it would overwrite (whose members may have other names), so that an active
+    sweep keeps its table."""
+    path = sweep_dir / SWEEP_FILE
+    if not path.is_file():
+        return member_dirs
+    try:
+        old = [Path(m["run_dir"]) for m in json.loads(path.read_text())["members"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is unreadable ({exc!r}); repair it or move it aside") from None
+    return [*member_dirs, *(d for d in old if d not in member_dirs)]
 
 
 def write_sweep(sweep_dir: Path, args: argparse.Namespace, members: list[Member], job_ids: list[str]) -> None:

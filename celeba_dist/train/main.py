@@ -249,14 +249,8 @@ def _train(cfg: Config, accelerator: Accelerator, data: ShardData, stops: signal
             remove_partial_saves(run_dir / "checkpoints")
         seed_everything(cfg)
         train_ds = train_data(cfg, data, accelerator, stops)
-    except StoppedBeforeTraining as stop:  # nothing trained yet: the newest checkpoint already holds the run
-        state = TrainState(**found[1]["state"]) if found is not None else TrainState(
-            global_step=step_of(newest_intact(cfg.run_dir / "checkpoints")))
-        log.warning("stop requested by %s (%s) before the first step: ending with the run as its newest checkpoint "
-                    "(step %d) holds it", signals.signal_names(stops.received) or "another rank", stop.reason,
-                    state.global_step)
-        leave_process_group(accelerator)
-        return _result(STOPPED[stop.reason], cfg, state, {})
+    except StoppedBeforeTraining as stop:
+        return _stopped_before_training(cfg, accelerator, stops, stop.reason, found)
     model = build_model_for(cfg, len(data.attributes))
     steps_per_epoch = train_ds.steps_per_epoch
     optimizer_steps = math.ceil(steps_per_epoch / cfg.train.grad_accum_steps)
@@ -294,6 +288,18 @@ def _train(cfg: Config, accelerator: Accelerator, data: ShardData, stops: signal
         _close_run(board, run_dir, accelerator.process_index, state, checksum, failed=failed)
     leave_process_group(accelerator)
     return _result(STOPPED[stops.reason()] if status == "stopped" else "completed", cfg, state, results)
+
+
+def _stopped_before_training(cfg: Config, accelerator: Accelerator, stops: signals.StopRequests, reason: str,
+                             found: tuple[Path, dict[str, Any]] | None) -> dict[str, Any]:
+    """Nothing was trained yet: the newest checkpoint already holds the run, which ends here."""
+    state = TrainState(**found[1]["state"]) if found is not None else TrainState(
+        global_step=step_of(newest_intact(cfg.run_dir / "checkpoints")))
+    log.warning("stop requested by %s (%s) before the first step: ending with the run as its newest checkpoint "
+                "(step %d) holds it", signals.signal_names(stops.received) or "another rank", reason,
+                state.global_step)
+    leave_process_group(accelerator)
+    return _result(STOPPED[reason], cfg, state, {})
 
 
 def _fit(trainer: Trainer, data: ShardData, train_ds, state: TrainState) -> str:
