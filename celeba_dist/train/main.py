@@ -450,7 +450,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         if not isinstance(exc, expected):
             logging.getLogger("celeba_dist").debug("run failed", exc_info=True)  # the rank's log file keeps it
         return report_error("celeba-dist train", exc)
-    except KeyboardInterrupt:  # before the first step, or Ctrl-C pressed again: no checkpoint of this moment
+    except KeyboardInterrupt:  # before main() took the signals, or Ctrl-C pressed again: no checkpoint of now
         logging.getLogger("celeba_dist").debug("interrupted", exc_info=True)  # where: the rank's log file keeps it
         hint = f"; {resume_hint(cfg.run_dir / 'checkpoints', fix='')}" if cfg is not None else ""
         print(f"celeba-dist train: interrupted{hint}", file=sys.stderr)
