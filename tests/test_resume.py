@@ -311,6 +311,24 @@ def test_resuming_with_settings_the_checkpoint_overrides_or_other_shards_is_refu
     assert final_state(run_dir)[0]["global_step"] == 2 * steps_per_epoch(shards, 1)
 
 
+def signal_when_logged(cmd: list[str], marker: str, sig: signal.Signals) -> tuple[int, str, float]:
+    """Run ``cmd``; signal its process group the moment a line of its output holds ``marker``. Returns the
+    exit status, the whole output and the seconds from the signal to the end."""
+    proc = subprocess.Popen(cmd, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    out, sent = [], None
+    for line in proc.stdout:
+        out.append(line)
+        if marker in line:
+            os.killpg(proc.pid, sig)
+            sent = time.monotonic()
+            break
+    out += proc.stdout.read()
+    proc.wait(timeout=120)
+    assert sent is not None, f"no line held {marker!r}: {''.join(out)[-3000:]}"
+    return proc.returncode, "".join(out), time.monotonic() - sent
+
+
 def test_a_stop_signal_while_the_cache_fills_ends_the_run_cleanly_and_it_resumes(shards, tmp_path):
     """A preemption warning (or a cancel: the same path) during the set-up, here the data.cache fill, which
     takes minutes on full CelebA, is a stop request too: exit 75 with a line saying so, not a silent death by
@@ -320,20 +338,9 @@ def test_a_stop_signal_while_the_cache_fills_ends_the_run_cleanly_and_it_resumes
     cmd = train_cmd(shards, run_dir, "train.epochs=2", "data.cache=host")
     run_to_end(train_cmd(shards, run_dir, "train.epochs=1", "data.cache=host"))
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    proc = subprocess.Popen(cmd, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    out = []
-    for line in proc.stdout:
-        out.append(line)
-        if "cache: filling with" in line:
-            os.killpg(proc.pid, sig)
-            sent = time.monotonic()
-            break
-    out += proc.stdout.read()
-    proc.wait(timeout=120)
-    text = "".join(out)
-    assert proc.returncode == 75, text[-3000:]
-    assert time.monotonic() - sent < 30
+    returncode, text, took = signal_when_logged(cmd, "cache: filling with", sig)
+    assert returncode == 75, text[-3000:]
+    assert took < 30
     step = steps_per_epoch(shards, 1)
     assert f"stop requested by {sig.name}" in text and f"before the first step: ending with the run as its newest " \
         f"checkpoint (step {step}) holds it" in text, text[-3000:]
@@ -348,20 +355,9 @@ def test_a_cancel_in_the_first_seconds_ends_the_run_at_once_releasing_the_folder
     released at once; the same command then trains, and a save some earlier kill left half-written is gone."""
     run_dir = tmp_path / "early"
     cmd = train_cmd(shards, run_dir, "train.epochs=1")
-    proc = subprocess.Popen(cmd, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    out = []
-    for line in proc.stdout:
-        out.append(line)
-        if "checked against the manifest" in line:
-            os.killpg(proc.pid, signal.SIGTERM)
-            sent = time.monotonic()
-            break
-    out += proc.stdout.read()
-    proc.wait(timeout=120)
-    text = "".join(out)
-    assert proc.returncode == 75, text[-3000:]
-    assert time.monotonic() - sent < 20
+    returncode, text, took = signal_when_logged(cmd, "checked against the manifest", signal.SIGTERM)
+    assert returncode == 75, text[-3000:]
+    assert took < 20
     assert "stop requested by SIGTERM (terminate) before the first step" in text, text[-3000:]
     assert not (run_dir / ".lock").exists() and not (run_dir / "checkpoints").exists()
     partial = run_dir / "checkpoints" / ".step-000000007.pt.4242.tmp"  # what a SIGKILL during a save leaves
