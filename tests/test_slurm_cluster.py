@@ -571,15 +571,19 @@ def test_sweep_runs_as_one_job_array(shards, tmp_path, capsys, job_ids):
     assert values == sorted(values, reverse=True)  # best first
 
 
+def _sbatch_train(shards: Path, run_dir: Path, log_dir: Path, resources: list[str], overrides: list[str]) -> str:
+    """sbatch jobs/train.sbatch with ``resources`` for the smiling recipe; returns the job id."""
+    return subprocess.run(["sbatch", "--parsable", *resources, f"--output={log_dir}/%x-%j.out",
+                           str(REPO / "jobs" / "train.sbatch"), "--config", "smiling_simple_cnn", "--data", str(shards),
+                           "--run-dir", str(run_dir), "--set", *overrides],
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=60,
+                          check=True).stdout.strip()
+
+
 @pytest.mark.slurm
 def test_train_sbatch_runs_two_nodes_and_requeues_itself(shards, tmp_path, job_ids):
     run_dir = tmp_path / "sbatch-run"
-    env = {**os.environ, "PYTHON": sys.executable}
-    submit = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--cpus-per-task=2", "--time=10",
-                             f"--output={tmp_path}/%x-%j.out", str(REPO / "jobs" / "train.sbatch"),
-                             "--config", "smiling_simple_cnn", "--data", str(shards), "--run-dir", str(run_dir),
-                             "--set", *SHORT], env=env, capture_output=True, text=True, timeout=60, check=True)
-    job_id = submit.stdout.strip()
+    job_id = _sbatch_train(shards, run_dir, tmp_path, ["--nodes=2", "--cpus-per-task=2", "--time=10"], SHORT)
     job_ids.append(job_id)
     deadline = time.monotonic() + 120
     while not (run_dir / "checkpoints" / "step-000000003.pt").exists():
@@ -604,12 +608,8 @@ def test_train_sbatch_runs_two_nodes_and_requeues_itself(shards, tmp_path, job_i
 def test_train_sbatch_trains_on_one_node(shards, tmp_path, job_ids):
     """One node, one process: a plain launch (accelerate's --multi_gpu refuses a single process)."""
     run_dir = tmp_path / "sbatch-one"
-    env = {**os.environ, "PYTHON": sys.executable}
-    job_id = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--cpus-per-task=1", "--time=5",
-                             f"--output={tmp_path}/%x-%j.out", str(REPO / "jobs" / "train.sbatch"),
-                             "--config", "smiling_simple_cnn", "--data", str(shards), "--run-dir", str(run_dir),
-                             "--set", *FAST, "train.max_steps=4", "train.eval_splits=[val]"],
-                            env=env, capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    job_id = _sbatch_train(shards, run_dir, tmp_path, ["--nodes=1", "--cpus-per-task=1", "--time=5"],
+                           [*FAST, "train.max_steps=4", "train.eval_splits=[val]"])
     job_ids.append(job_id)
     _wait_until(lambda: [s for _, s, _ in _sacct(job_id)][-1:] in (["COMPLETED"], ["FAILED"]),
                 f"job {job_id} ended", timeout_s=120, logs=tmp_path)
