@@ -44,6 +44,8 @@ def out_file(text: str) -> Path:
 # How gloo and NCCL say that a peer rank died: this rank's error is then only a consequence.
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
              "Broken pipe")
+# How gloo and NCCL say that a collective waited past the run's timeout: a peer hangs (or died silently).
+TIMED_OUT = ("Timed out waiting", "collective operation timeout")
 
 
 def report_error(prog: str, exc: BaseException) -> int:
@@ -58,6 +60,9 @@ def report_error(prog: str, exc: BaseException) -> int:
         text = f"{lines[0].removeprefix('Caught ').rstrip('.')}: {lines[-1].partition(': ')[2]}"
     elif any(marker in text for marker in PEER_GONE):
         text = f"another process of this run ended (its own error, printed above or in its log, says why): {text}"
+    elif any(marker in text for marker in TIMED_OUT):
+        text = ("a collective waited longer than train.collective_timeout_min: another process of this run "
+                f"hangs or died without a word (raise the timeout if a step really takes that long): {text}")
     logger = logging.getLogger("celeba_dist")
     if logger.handlers:  # the run's log file keeps it too; unconfigured, logging would print it a second time
         logger.error("%s: %s", type(exc).__name__, text)

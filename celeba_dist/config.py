@@ -97,7 +97,7 @@ class TrainConfig:
     compile: bool = False
     log_every_steps: int = 50
     sync_every_steps: int = 10  # how often ranks agree on stop requests and a finite loss
-    collective_timeout_min: int = 30  # a collective that waits longer (a dead or hung rank) is an error
+    collective_timeout_min: float = 30.0  # a collective that waits longer (a dead or hung rank) is an error
     checkpoint_every_steps: int = 500  # 0: only at epoch ends
     keep_last: int = 2
     select_metric: str = "accuracy"  # mean validation metric that picks the best epoch
@@ -436,14 +436,15 @@ RANGES: dict[str, tuple[float, float | None]] = {
     "data.image_size": (8, None), "data.shuffle_buffer": (0, None), "data.train_subset": (0, None),
     "train.epochs": (1, None), "train.max_steps": (0, None), "train.seed": (0, 2**32 - 1),
     "train.grad_accum_steps": (1, None), "train.clip_grad_norm": (0, None), "train.log_every_steps": (1, None),
-    "train.sync_every_steps": (1, None), "train.collective_timeout_min": (1, None),
+    "train.sync_every_steps": (1, None), "train.collective_timeout_min": (0, None),
     "train.checkpoint_every_steps": (0, None), "train.keep_last": (1, None),
     "optim.lr": (0, None), "optim.weight_decay": (0, None), "optim.momentum": (0, 1), "optim.betas": (0, 1),
     "sched.warmup_steps": (0, None), "sched.step_size_epochs": (1, None), "sched.gamma": (0, None),
     "sched.min_lr": (0, None), "sched.base_lr": (0, None), "sched.cycle_epochs": (0, None),
     "sched.pct_start": (0, 1), "run.max_requeues": (0, None),
 }
-ABOVE_LOW = {"optim.lr", "sched.gamma", "sched.cycle_epochs", "sched.pct_start"}  # the lowest is not valid itself
+# The lowest is not valid itself:
+ABOVE_LOW = {"optim.lr", "train.collective_timeout_min", "sched.gamma", "sched.cycle_epochs", "sched.pct_start"}
 
 
 def _check_ranges(config: Config) -> None:

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from celeba_dist.train.checkpoint import list_checkpoints
+from celeba_dist.train.runlock import LOCK_NAME
 from shardkit import synthetic_shards
 from test_train import accelerate_cmd, cpu_env
 
@@ -317,6 +318,32 @@ def test_sigkill_of_one_rank_ends_the_other_and_the_run_resumes(pristine, tmp_pa
     newest = list_checkpoints(run_dir / "checkpoints")[0]
     saved = torch.load(newest, map_location="cpu", weights_only=False)["state"]["global_step"]
     assert 0 < saved < total_steps(pristine, world=2, epochs=2)
+    proc, _ = run(cmd)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert f"resumed from {newest}" in proc.stdout + proc.stderr
+    assert finished_step(run_dir) == total_steps(pristine, world=2, epochs=2)
+
+
+def test_a_hung_rank_ends_the_run_after_collective_timeout_min_naming_it_then_resumes(pristine, tmp_path):
+    """A rank that stops answering (SIGSTOP: a stuck filesystem, a deadlock) holds its peer in a collective:
+    after ``train.collective_timeout_min`` the peer fails with an error naming that key, the launcher ends
+    the stuck rank, and the same command resumes from the last checkpoint."""
+    run_dir, timeout_s = tmp_path / "run", 15
+    cmd = train_cmd(pristine, run_dir, "train.epochs=2", f"train.collective_timeout_min={timeout_s / 60}", processes=2)
+    def stop_rank_1(launcher: subprocess.Popen) -> None:
+        victim = _rank_pid(launcher, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGSTOP)
+
+    code, out, seconds = fault_after_first_checkpoint(cmd, run_dir, stop_rank_1)
+    assert code != 0, out[-3000:]
+    assert "train.collective_timeout_min" in out, out[-3000:]
+    # the timeout, then the launcher's 30 s between its SIGTERM and SIGKILL to the stuck rank
+    assert timeout_s - 1 < seconds < timeout_s + 30 + 25, seconds
+    assert not (run_dir / "metrics.json").exists()
+    assert not (run_dir / LOCK_NAME).exists()  # released by the rank that failed
+    assert_no_leftover_processes(run_dir)
+    newest = list_checkpoints(run_dir / "checkpoints")[0]
     proc, _ = run(cmd)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert f"resumed from {newest}" in proc.stdout + proc.stderr
