@@ -162,6 +162,8 @@ def test_zip_member_with_a_bad_crc_is_a_bad_image(tmp_path, capsys):
     err = run_failing(src.source, tmp_path / "out", capsys)
     assert f"image 000005 ({archive}:img_align_celeba/000005.jpg): cannot read the image: Bad CRC-32" in err
     assert "--skip-bad" in err and "Traceback" not in err
+    left = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*"))
+    assert not [name for name in left if name.startswith("train") or name.endswith(".tmp")], left
 
     out = tmp_path / "skipping"
     assert main([str(src.source), str(out), "--workers", "2", "--skip-bad"]) == 0

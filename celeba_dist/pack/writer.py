@@ -6,6 +6,7 @@ never see half of one.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections import defaultdict
@@ -107,3 +108,5 @@ class ShardWriter:
             pass
         finally:
             self.tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the split's folder, when this was to be its first shard
+                self.path.parent.rmdir()
