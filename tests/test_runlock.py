@@ -317,3 +317,35 @@ def test_a_run_whose_lock_is_taken_over_stops_at_its_next_step_check(shards, tmp
     assert f"another process took the lock of {run_dir} over" in err
     assert read_holder(run_dir / LOCK_NAME) == other  # left to its new holder
     assert not (run_dir / "metrics.json").exists()
+
+
+@pytest.mark.slurm
+def test_the_lock_of_an_ended_slurm_job_on_another_node_is_taken_over_at_once(slurm_cluster, tmp_path, caplog):
+    """A job SIGKILLed on another node (a node failure, an OOM kill, ``scancel -s KILL``) leaves a fresh
+    lock that no pid check here can judge; once the scheduler says that job has ended, a new run (here, or
+    a job of its own) takes the folder over at once instead of after ``run.lock_stale_s``."""
+    from celeba_dist.launch.status import ACTIVE_STATES, scheduler_states, wait_until_ended
+
+    job = subprocess.run(["sbatch", "--parsable", "--output=/dev/null", "--wrap", "sleep 120"], capture_output=True,
+                         text=True, timeout=60, check=True).stdout.strip().split(";")[0]
+    try:
+        deadline = time.monotonic() + 60
+        while scheduler_states([job]).get(job) not in ACTIVE_STATES:
+            assert time.monotonic() < deadline, f"job {job} never showed up"
+            time.sleep(0.5)
+        held = write_lock(tmp_path, job_id=job)  # refreshed now, on a host that is not this one
+        for environ in ({}, {"SLURM_JOB_ID": str(int(job) + 1000), "SLURM_RESTART_COUNT": "0"}):
+            with pytest.raises(RunLockedError, match=f"SLURM job {job} "):
+                acquire(tmp_path, stale_s=300, environ=environ)
+        assert read_holder(tmp_path / LOCK_NAME) == held
+    finally:
+        subprocess.run(["scancel", "--signal=KILL", "--full", job], capture_output=True, timeout=30)
+    assert wait_until_ended([job], timeout_s=60).get(job) not in ACTIVE_STATES
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="celeba_dist.train.runlock"):
+        lock = acquire(tmp_path, stale_s=300, environ={})
+    assert time.monotonic() - started < 30
+    assert f"because its SLURM job {job} has ended (CANCELLED)" in caplog.text
+    assert lock.holder.job_id is None and read_holder(tmp_path / LOCK_NAME).token == lock.holder.token
+    lock.release()
+    assert list(tmp_path.iterdir()) == []

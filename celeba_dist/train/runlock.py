@@ -12,7 +12,8 @@ A lock is stale, and taken over with a warning, when its holder ran on this host
 gone, when it was not refreshed for ``stale_s`` seconds (``run.lock_stale_s``; the hosts' clocks
 must agree to well within that, as NTP keeps them), or when it belongs to an earlier start of the
 same SLURM job (same ``SLURM_JOB_ID``, lower ``SLURM_RESTART_COUNT``: a requeued job takes over
-from its old incarnation). Two processes taking over the same stale lock cannot both win: each
+from its old incarnation), or when its holder's SLURM job has ended as the scheduler tells (a job
+SIGKILLed on another node frees its folder at once, not after ``stale_s``). Two processes taking over the same stale lock cannot both win: each
 renames the lock file to a name of its own and goes on only when what it moved is exactly the
 record it judged stale (else it puts the file back); the new lock is then linked as above.
 Releasing uses the same rename-and-check, so a run never deletes a lock that is not its own.
@@ -116,13 +117,27 @@ def stale_reason(holder: Holder, me: Holder, *, stale_s: float, now: float | Non
         return f"process {holder.pid} no longer runs on {holder.host}"
     if now - holder.refreshed > stale_s:
         return f"it was not refreshed for {now - holder.refreshed:.0f} s (run.lock_stale_s={stale_s:g})"
+    if holder.job_id and holder.job_id != me.job_id:
+        ended = _slurm_job_ended(holder.job_id)
+        if ended:
+            return f"its SLURM job {holder.job_id} has ended ({ended})"
     return None
+
+
+def _slurm_job_ended(job_id: str) -> str | None:
+    """The final state of SLURM job ``job_id`` (``CANCELLED``, ``FAILED``...) once the scheduler says it
+    has ended; None while it is queued or runs (a requeued job is pending: it will want its folder back),
+    and where no scheduler answers (no SLURM client here, a job it has forgotten)."""
+    from celeba_dist.launch.status import ACTIVE_STATES, scheduler_states  # SLURM's clients, only when asked
+
+    state = scheduler_states([job_id]).get(job_id)
+    return state if state and state not in ACTIVE_STATES else None
 
 
 def locked_message(run_dir: Path, holder: Holder, *, stale_s: float) -> str:
     return (f"run folder {run_dir} is in use by another run: {holder.describe()}. Use another --run-dir, or wait "
             f"for that run to end; a lock whose holder died is taken over once it is {stale_s:g} s old "
-            f"(run.lock_stale_s), or at once on the holder's host; delete {run_dir / LOCK_NAME} only if you are "
+            f"(run.lock_stale_s), at once on the holder's host or once its SLURM job has ended; delete {run_dir / LOCK_NAME} only if you are "
             f"sure that run is gone")
 
 
