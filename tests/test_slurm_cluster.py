@@ -701,6 +701,35 @@ def test_sbatch_refusal_is_one_line_and_leaves_no_files(shards, tmp_path, capsys
     assert left == [] and not (run_dir / "slurm_jobs.json").exists() and not (sweep_dir / "sweep.json").exists()
 
 
+def finished_then_lingering() -> dict:
+    """Stand-in for a run that has finished (its result is written) and whose process lingers on its way out."""
+    import atexit
+    atexit.register(time.sleep, 60)
+    return {"status": "completed", "run_dir": "n/a"}
+
+
+@pytest.mark.slurm
+def test_submit_wait_reports_a_job_cancelled_after_its_run_finished_as_whole(slurm_folder, job_ids, capsys):
+    """A scancel that lands after rank 0's result is written: --wait returns that result, and says the
+    results are whole instead of "was cancelled … resumes it"."""
+    from celeba_dist.launch.submit import wait_for
+
+    executor = submitit.AutoExecutor(folder=slurm_folder / "%j", cluster="slurm")
+    executor.update_parameters(nodes=1, tasks_per_node=1, cpus_per_task=1, timeout_min=10, name="linger")
+    job = executor.submit(finished_then_lingering)
+    job_ids.append(job.job_id)
+    deadline = time.monotonic() + 120
+    while not job.task(0).paths.result_pickle.exists():
+        assert time.monotonic() < deadline, f"job {job.job_id} wrote no result:\n{_logs(slurm_folder)}"
+        time.sleep(0.5)
+    subprocess.run(["scancel", job.job_id], capture_output=True, timeout=30, check=True)
+    assert wait_for([job]) == [{"status": "completed", "run_dir": "n/a"}]
+    err = capsys.readouterr().err
+    assert f"job {job.job_id} was cancelled after its run had finished: the results are whole" in err, err
+    assert "resumes it" not in err
+    assert _final_state(job).startswith("CANCELLED")
+
+
 @pytest.mark.slurm
 def test_submit_wait_reports_the_tasks_error_in_one_line(shards, tmp_path, job_ids):
     """A training that fails on the node (its shards are gone): the task's own error and the log's path,

@@ -258,9 +258,14 @@ def wait_for(jobs: Sequence[submitit.Job]) -> list[dict[str, Any] | None]:
     results: list[dict[str, Any] | None] = []
     for job in jobs:
         if ended.get(job.job_id) == "CANCELLED":
-            print(f"job {job.job_id} was cancelled: it is not requeued; its run folder keeps the newest "
-                  "checkpoint, and `celeba-dist submit` with the same --run-dir resumes it", file=sys.stderr)
-            results.append(None)
+            finished = _finished_result(job)
+            if finished is None:
+                print(f"job {job.job_id} was cancelled: it is not requeued; its run folder keeps the newest "
+                      "checkpoint, and `celeba-dist submit` with the same --run-dir resumes it", file=sys.stderr)
+            else:
+                print(f"job {job.job_id} was cancelled after its run had finished: the results are whole",
+                      file=sys.stderr)
+            results.append(finished)
             continue
         try:
             results.append(job.results()[0])
@@ -270,6 +275,16 @@ def wait_for(jobs: Sequence[submitit.Job]) -> list[dict[str, Any] | None]:
                   file=sys.stderr)
             results.append(None)
     return results
+
+
+def _finished_result(job: submitit.Job) -> dict[str, Any] | None:
+    """Rank 0's result of a cancelled job whose run had finished (a scancel in its last moments), else None
+    (a run the cancel stopped also leaves a result: ``status`` tells them apart)."""
+    try:
+        result = job.results()[0]
+    except submitit.core.utils.UncompletedJobError:
+        return None
+    return result if isinstance(result, dict) and result.get("status") == "completed" else None
 
 
 def failure_line(exc: Exception) -> str:
