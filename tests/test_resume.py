@@ -307,6 +307,17 @@ def test_resuming_with_settings_the_checkpoint_overrides_or_other_shards_is_refu
         assert "Traceback" not in proc.stderr
         assert {name: (run_dir / name).read_bytes() for name in files} == files, what
         assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == checkpoints, what
+    # submit refuses the same on the login node, before queueing a job that would only refuse at its start
+    for what, data, sets in (("changed", shards, ["optim.lr=0.05"]), ("other shards", other, []),
+                             ("fresh start", shards, ["run.resume=none"])):
+        proc = subprocess.run([sys.executable, "-m", "celeba_dist", "submit", "--config", "smiling_simple_cnn",
+                               "--data", str(data), "--run-dir", str(run_dir), "--set", *COMMON, *sets],
+                              env=cpu_env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, (what, proc.stdout[-2000:] + proc.stderr[-2000:])
+        assert proc.stderr.startswith("celeba-dist submit: error: ") and "Traceback" not in proc.stderr, proc.stderr
+        assert ("already holds checkpoints" if what == "fresh start" else "cannot be resumed") in proc.stderr, what
+        assert not (run_dir / "slurm_jobs.json").exists() and not (run_dir / "slurm").exists(), what
+    assert {name: (run_dir / name).read_bytes() for name in files} == files
     run_to_end(train_cmd(shards, run_dir, "train.epochs=2"))
     assert final_state(run_dir)[0]["global_step"] == 2 * steps_per_epoch(shards, 1)
 

@@ -399,6 +399,21 @@ def check_data(data: Path) -> None:
         raise ValueError(f"{data} holds no manifest.json; pack shards first: celeba-dist pack SOURCE {data}")
 
 
+def check_resumable(cfg: Any) -> None:
+    """Refuse before queueing a run the job would refuse at its start: a resume with settings its checkpoint
+    overrides or other shards, a fresh start over checkpoints, a ``run.resume`` file that does not load."""
+    ckpt_dir = cfg.run_dir / "checkpoints"
+    if cfg.run.resume == "auto" and not (ckpt_dir.is_dir() and any(ckpt_dir.glob("step-*.pt"))):
+        return  # a new run: nothing to compare (and no torch import on the login node)
+    from celeba_dist.safeload import UnsafeFileError
+    from celeba_dist.train.main import check_resumable as refuse_unresumable
+
+    try:
+        refuse_unresumable(cfg)
+    except UnsafeFileError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def resolve_task(config: str, overrides: Sequence[str], data: Path, run_dir: Path) -> tuple[TrainTask, Any]:
     """Validate the config here, before anything is queued; the task carries absolute paths."""
     from celeba_dist.config import load_config
@@ -428,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         check_runs_free([cfg.run_dir], stale_s=cfg.run.lock_stale_s)
         check_data(args.data)
+        check_resumable(cfg)
         executor = build_executor(args, folder, params=params, max_requeues=cfg.run.max_requeues)
         with sbatch_refusal(folder):
             job = executor.submit(task)

@@ -26,9 +26,9 @@ from typing import Any, Sequence
 from celeba_dist.config import add_set_argument
 from celeba_dist.diskio import write_json
 from celeba_dist.launch.status import SWEEP_FILE, record_job, sweep_table
-from celeba_dist.launch.submit import (add_resource_arguments, build_executor, check_data, check_runs_free, log_folder,
-                                       resolve_task, sbatch_refusal, sbatch_script, slurm_parameters,
-                                       stopped_waiting, wait_for)
+from celeba_dist.launch.submit import (add_resource_arguments, build_executor, check_data, check_resumable,
+                                       check_runs_free, log_folder, resolve_task, sbatch_refusal, sbatch_script,
+                                       slurm_parameters, stopped_waiting, wait_for)
 
 
 @dataclass(frozen=True)
@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         check_runs_free(sweep_run_dirs(sweep_dir, [cfg.run_dir for _, cfg in resolved]),
                         stale_s=resolved[0][1].run.lock_stale_s)
         check_data(args.data)
+        for _, member_cfg in resolved:
+            check_resumable(member_cfg)
         max_requeues = resolved[0][1].run.max_requeues
         executor = build_executor(args, folder, params=params, max_requeues=max_requeues)
         with sbatch_refusal(folder), executor.batch():

@@ -106,6 +106,15 @@ def data_summary(data: ShardData) -> dict[str, Any]:
             "manifest_sha256": data.manifest_sha256, "shards_sha256": shards_fingerprint(data.manifest)}
 
 
+def check_resumable(cfg: Config) -> None:
+    """Refuse what the run would refuse before its first step because of the checkpoint it continues:
+    ``submit`` and ``sweep`` call this on the login node, so a refused resume does not wait in the queue first."""
+    refuse_fresh_start_over_checkpoints(cfg)
+    found = checkpoint_to_resume(cfg)
+    if found is not None:
+        refuse_changed_run(cfg, found, data_summary(ShardData(cfg.data.root, cfg.data.attributes)))
+
+
 def environment(accelerator: Accelerator) -> dict[str, Any]:
     """Versions, world and devices, git commit: what someone needs to reproduce the run."""
     import accelerate
