@@ -317,6 +317,14 @@ def test_resuming_with_settings_the_checkpoint_overrides_or_other_shards_is_refu
         assert proc.stderr.startswith("celeba-dist submit: error: ") and "Traceback" not in proc.stderr, proc.stderr
         assert ("already holds checkpoints" if what == "fresh start" else "cannot be resumed") in proc.stderr, what
         assert not (run_dir / "slurm_jobs.json").exists() and not (run_dir / "slurm").exists(), what
+    # and so does a sweep whose member folder holds this run (member 00-lr0.05, linked to it)
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "00-lr0.05").symlink_to(run_dir)
+    proc = subprocess.run([sys.executable, "-m", "celeba_dist", "sweep", "--config", "smiling_simple_cnn", "--data",
+                           str(shards), "--run-dir", str(tmp_path / "sweep"), "--grid", "optim.lr=0.05,0.01",
+                           "--set", *COMMON], env=cpu_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "optim.lr: 0.001 in the checkpoint, 0.05 now" in proc.stderr, proc.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["00-lr0.05"]  # no sweep.json, no logs
     assert {name: (run_dir / name).read_bytes() for name in files} == files
     run_to_end(train_cmd(shards, run_dir, "train.epochs=2"))
     assert final_state(run_dir)[0]["global_step"] == 2 * steps_per_epoch(shards, 1)
