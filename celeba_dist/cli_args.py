@@ -60,6 +60,9 @@ def report_error(prog: str, exc: BaseException) -> int:
         text = f"{lines[0].removeprefix('Caught ').rstrip('.')}: {lines[-1].partition(': ')[2]}"
     elif any(marker in text for marker in PEER_GONE):
         text = f"another process of this run ended (its own error, printed above or in its log, says why): {text}"
+    elif text.startswith("DataLoader worker") and text.endswith("killed by signal: Killed."):
+        text = (f"{text.rstrip('.')}: a SIGKILL, most often the kernel's out-of-memory killer (`dmesg` tells); "
+                "fewer data.num_workers or a smaller data.shuffle_buffer take less memory")
     elif any(marker in text for marker in TIMED_OUT):
         text = ("a collective waited longer than train.collective_timeout_min: another process of this run "
                 f"hangs or died without a word (raise the timeout if a step really takes that long): {text}")

@@ -348,3 +348,33 @@ def test_a_hung_rank_ends_the_run_after_collective_timeout_min_naming_it_then_re
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert f"resumed from {newest}" in proc.stdout + proc.stderr
     assert finished_step(run_dir) == total_steps(pristine, world=2, epochs=2)
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+def test_a_loader_worker_killed_mid_epoch_ends_the_run_naming_it_then_resumes(pristine, tmp_path):
+    """The kernel's OOM killer (here a SIGKILL) takes one loader worker: the run ends at once with an error
+    that says a loader worker was killed, keeps its checkpoints, and the same command resumes."""
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(pristine, run_dir, "train.epochs=2")
+    def kill_a_worker(launcher: subprocess.Popen) -> None:
+        workers = _children(launcher.pid)
+        assert workers, "no loader worker runs"
+        os.kill(workers[0], signal.SIGKILL)
+
+    code, out, seconds = fault_after_first_checkpoint(cmd, run_dir, kill_a_worker)
+    assert code == 1, out[-3000:]
+    assert seconds < ENDS_WITHIN_S, seconds
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("celeba-dist train: error: DataLoader worker (pid ") and "killed by signal" in last, last
+    assert "out-of-memory killer" in last and "data.num_workers" in last, last
+    assert "Traceback" not in out
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / LOCK_NAME).exists()
+    assert_no_leftover_processes(run_dir)
+    newest = list_checkpoints(run_dir / "checkpoints")[0]
+    proc, _ = run(cmd)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert f"resumed from {newest}" in proc.stdout + proc.stderr
+    assert finished_step(run_dir) == total_steps(pristine, epochs=2)
