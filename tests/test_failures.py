@@ -302,15 +302,19 @@ def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
     return None
 
 
+def signal_rank(rank: int, sig: signal.Signals) -> Callable[[subprocess.Popen], None]:
+    """A fault for :func:`fault_after_first_checkpoint`: ``sig`` to the training process of ``rank``."""
+    def fault(launcher: subprocess.Popen) -> None:
+        victim = _rank_pid(launcher, rank)
+        assert victim is not None
+        os.kill(victim, sig)
+    return fault
+
+
 def test_sigkill_of_one_rank_ends_the_other_and_the_run_resumes(pristine, tmp_path):
     run_dir = tmp_path / "run"
     cmd = train_cmd(pristine, run_dir, "train.epochs=2", processes=2)
-    def kill_rank_1(launcher: subprocess.Popen) -> None:
-        victim = _rank_pid(launcher, 1)
-        assert victim is not None
-        os.kill(victim, signal.SIGKILL)
-
-    code, out, seconds = fault_after_first_checkpoint(cmd, run_dir, kill_rank_1)
+    code, out, seconds = fault_after_first_checkpoint(cmd, run_dir, signal_rank(1, signal.SIGKILL))
     assert code != 0, out[-3000:]
     assert seconds < ENDS_WITHIN_S, seconds
     assert not (run_dir / "metrics.json").exists()
@@ -330,12 +334,7 @@ def test_a_hung_rank_ends_the_run_after_collective_timeout_min_naming_it_then_re
     the stuck rank, and the same command resumes from the last checkpoint."""
     run_dir, timeout_s = tmp_path / "run", 15
     cmd = train_cmd(pristine, run_dir, "train.epochs=2", f"train.collective_timeout_min={timeout_s / 60}", processes=2)
-    def stop_rank_1(launcher: subprocess.Popen) -> None:
-        victim = _rank_pid(launcher, 1)
-        assert victim is not None
-        os.kill(victim, signal.SIGSTOP)
-
-    code, out, seconds = fault_after_first_checkpoint(cmd, run_dir, stop_rank_1)
+    code, out, seconds = fault_after_first_checkpoint(cmd, run_dir, signal_rank(1, signal.SIGSTOP))
     assert code != 0, out[-3000:]
     assert "train.collective_timeout_min" in out, out[-3000:]
     # the timeout, then the launcher's 30 s between its SIGTERM and SIGKILL to the stuck rank
