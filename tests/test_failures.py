@@ -233,9 +233,14 @@ def test_an_empty_eval_split_is_refused_before_training_then_the_run_without_it_
         "lists 0): leave val out, --set train.eval_splits=[test]; without val, each epoch's weights replace the "
         "last as the run's best")
     assert not run_dir.exists()
-    proc, _ = run(train_cmd(shards, run_dir, "train.eval_splits=[test]"))
+    proc, _ = run(train_cmd(shards, run_dir, "train.eval_splits=[test]", "train.epochs=2"))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert json.loads((run_dir / "metrics.json").read_text())["test"]["mean"]["num_samples"] > 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test"]["mean"]["num_samples"] > 0
+    # as the error said: without val, each epoch's weights replace the last as the run's best (and best.pt follows)
+    assert (metrics["best_epoch"], metrics["best_step"]) == (1, total_steps(shards, epochs=2))
+    best = torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
+    assert best["state"]["global_step"] == metrics["best_step"]
     # `eval` of the empty split: refused the same way, not a table of zeros
     proc, _ = run([sys.executable, "-m", "celeba_dist", "eval", "--run", str(run_dir), "--split", "val"])
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (

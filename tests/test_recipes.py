@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import pytest
 import torch
 
@@ -54,3 +55,13 @@ def test_resnext_recipe_freezes_six_children():
     children = list(model.children()) if not hasattr(model, "backbone") else list(model.backbone.children())
     frozen = [all(not p.requires_grad for p in c.parameters()) for c in children[:6]]
     assert all(frozen) and any(p.requires_grad for c in children[6:] for p in c.parameters())
+
+
+def test_positive_weights_are_the_negative_to_positive_ratio_clipped():
+    """loss.pos_weight: a rare attribute's positives weigh more (neg/pos), a common one's less; a rate of 0 is
+    clipped instead of dividing by zero."""
+    weights = positive_weights([0.2, 0.5, 0.8, 0.0])
+    torch.testing.assert_close(weights, torch.tensor([4.0, 1.0, 0.25, 100.0]))
+    loss = build_loss("bce", pos_weight=weights[:1])
+    # one positive sample at logit 0: BCE's -log(sigmoid(0)) = log 2, weighted by the attribute's 4
+    assert float(loss(torch.zeros(1, 1), torch.ones(1, 1))) == pytest.approx(4 * math.log(2))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -19,6 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from celeba_dist import signals
 from celeba_dist.train.checkpoint import list_checkpoints, load_newest_valid
+from celeba_dist.train.resume import resume_hint
 from shardkit import synthetic_shards
 from test_train import accelerate_cmd, cpu_env
 
@@ -221,6 +223,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(shards, tmp_path):
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated
     path, ckpt = load_newest_valid(run_dir / "checkpoints")
     assert path == ckpts[1]
+    # what a failed run tells the user to resume from (a full disk, Ctrl-C pressed twice) skips it too
+    assert resume_hint(run_dir / "checkpoints").startswith(f"the newest intact checkpoint is {ckpts[1]}: ")
     previous = ckpt["state"]["global_step"]
     proc = subprocess.run(train_cmd(shards, run_dir, "train.epochs=1"), env=cpu_env(), capture_output=True, text=True,
                           timeout=600)
@@ -296,6 +300,9 @@ def test_resuming_with_settings_the_checkpoint_overrides_or_other_shards_is_refu
                      "optim.lr: 0.001 in the checkpoint, 0.05 now"]),
         "other shards": (train_cmd(other, run_dir, "train.epochs=2"),
                          [f"the shards: {other} holds other samples than {shards}"]),
+        # as many attributes as before: the weights would load, and the Smiling head would learn Male's labels
+        "other attributes": (train_cmd(shards, run_dir, "train.epochs=2", "data.attributes=[Male]"),
+                             ["the attributes: [Smiling] in the checkpoint, [Male] now (data.attributes)"]),
     }
     for what, (cmd, expected) in attempts.items():
         started = time.monotonic()
@@ -328,6 +335,27 @@ def test_resuming_with_settings_the_checkpoint_overrides_or_other_shards_is_refu
     assert {name: (run_dir / name).read_bytes() for name in files} == files
     run_to_end(train_cmd(shards, run_dir, "train.epochs=2"))
     assert final_state(run_dir)[0]["global_step"] == 2 * steps_per_epoch(shards, 1)
+
+
+def test_resumed_with_another_batch_size_it_continues_the_epoch_and_the_schedule_where_they_were(shards, tmp_path):
+    """A run continued with a larger data.batch_size (another allocation's memory) goes on where it stopped: the
+    epoch's position converted to the new batches (3 batches of 8 done: 1 of 16), the learning-rate schedule at
+    its step (cosine here, as TensorBoard shows it), not restarted from its first step."""
+    run_dir = tmp_path / "run"
+    extra = ("sched.name=cosine", "train.log_every_steps=1", "train.eval_splits=[val]")
+    run_to_end(train_cmd(shards, run_dir, *extra, "train.max_steps=3"))
+    proc = subprocess.run(train_cmd(shards, run_dir, *extra, "train.max_steps=6", "data.batch_size=16"), env=cpu_env(),
+                          capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "processes × batch 8 on 1 × 16: RNG states reseeded, epoch 0 continues at batch 1" in out, out[-3000:]
+    state, _ = final_state(run_dir)
+    assert (state["epoch"], state["batch_in_epoch"], state["global_step"], state["batch_size"]) == (0, 4, 6, 16)
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    lr = {e.step: e.value for e in acc.Scalars("train/lr")}
+    for step in (4, 5, 6):  # cosine over the 6 steps of train.max_steps, from optim.lr = 1e-3 down to 0
+        assert lr[step] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * step / 6)), abs=1e-9), (step, lr)
 
 
 def signal_when_logged(cmd: list[str], marker: str, sig: signal.Signals) -> tuple[int, str, float]:
@@ -366,6 +394,22 @@ def test_a_stop_signal_while_the_cache_fills_ends_the_run_cleanly_and_it_resumes
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
     run_to_end(cmd)
     assert final_state(run_dir)[0]["global_step"] == 2 * step
+
+
+def test_a_stop_agreed_at_the_last_step_of_max_steps_still_lets_the_same_command_finish(shards, tmp_path):
+    """The ranks agree on stop requests at the train.max_steps step at the latest: a SIGTERM pending then is
+    checkpointed there, before that step's validation. The same command must validate it and finish, not skip
+    to the final test and fail for want of a best.pt (every rerun the same)."""
+    run_dir = tmp_path / "last"
+    # no stop check before the last step: a SIGTERM at any moment of the training is agreed at step 10
+    cmd = train_cmd(shards, run_dir, "train.max_steps=10", "train.sync_every_steps=1000", "train.log_every_steps=1000",
+                    "train.checkpoint_every_steps=0", "train.eval_splits=[val]")
+    returncode, text, _ = signal_when_logged(cmd, "optimizer steps", signal.SIGTERM)
+    assert returncode == 75 and "stop requested by SIGTERM (terminate): checkpointing at step 10" in text, text[-3000:]
+    assert not (run_dir / "checkpoints" / "best.pt").exists()
+    run_to_end(cmd)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [h["step"] for h in metrics["history"]] == [10] and metrics["best_step"] == 10
 
 
 def test_a_cancel_in_the_first_seconds_ends_the_run_at_once_releasing_the_folder(shards, tmp_path):

@@ -208,6 +208,21 @@ def test_acquire_refresh_and_release(tmp_path):
     assert live_holder(run_dir, stale_s=300) is None
 
 
+def test_a_live_run_keeps_its_lock_fresh_well_within_lock_stale_s(tmp_path):
+    """The refresh interval follows run.lock_stale_s (a quarter of it, 30 s at most): however small lock_stale_s
+    is, a live run's lock never looks stale, so no second run takes its folder over."""
+    lock = acquire(tmp_path, stale_s=1.0)
+    try:
+        time.sleep(2.5)  # lock_stale_s, two and a half times over
+        with pytest.raises(RunLockedError, match=f"pid {os.getpid()} on host {HOST}"):
+            acquire(tmp_path, stale_s=1.0).release()
+        assert lock.is_ours() and not lock.lost.is_set()
+        assert time.time() - read_holder(tmp_path / LOCK_NAME).refreshed < 1.0
+    finally:
+        lock.release()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_lock_taken_away_is_reported_lost_and_left_to_its_new_holder(tmp_path):
     records: list[logging.LogRecord] = []
     handler = logging.Handler()

@@ -103,3 +103,20 @@ def test_ctrl_c_again_is_forced_but_waits_for_the_end_of_an_uncut_block():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.5)
     assert signal.getsignal(signal.SIGINT) != stops.handle  # the previous handler is back
+
+
+def test_a_hangup_is_a_cancel_and_a_ctrl_c_delivered_twice_at_once_is_one_stop():
+    """SIGHUP (the terminal or SSH session closed) and SIGINT ask to terminate, never to be requeued as SIGUSR2
+    does; a Ctrl-C that reaches the process twice at once (from the terminal, and from a wrapper in its group that
+    forwards it) stays one stop request with its checkpoint, not a forced stop without one."""
+    import time
+
+    for sig in (signal.SIGHUP, signal.SIGINT):
+        with signals.stop_requests(signals.RUN_SIGNALS) as stops:
+            try:
+                os.kill(os.getpid(), sig)
+                os.kill(os.getpid(), sig)  # well within FORCE_AFTER_S of the first
+                time.sleep(0.1)
+            except KeyboardInterrupt:
+                pytest.fail(f"{sig.name} delivered twice at once forced the stop, giving up the checkpoint")
+            assert (stops.reason(), stops.received) == (signals.TERMINATE, [sig, sig]), sig.name

@@ -160,6 +160,12 @@ def test_two_process_ddp_on_cpu_with_accelerate_launch(shards, tmp_path):
     assert metrics["history"][0]["step"] == steps
     # the log line of every epoch is printed once, by rank 0 only
     assert proc.stdout.count("epoch 0: val") == 1
+    # and TensorBoard is written by rank 0 alone: one event file, every scalar once per step
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(2, steps + 1, 2))  # train.log_every_steps=2
+    assert [e.step for e in acc.Scalars("val/accuracy")] == [steps]
     # both ranks tore the process group down together before exiting (an exit with a live Gloo group can hang)
     for r in (0, 1):
         assert f"rank {r} left the process group" in (run_dir / "logs" / f"rank{r}.log").read_text()
@@ -168,7 +174,9 @@ def test_two_process_ddp_on_cpu_with_accelerate_launch(shards, tmp_path):
 def test_eval_one_and_two_processes_count_identically(trained, shards, tmp_path):
     run_dir, _ = trained
     one, two = tmp_path / "one.json", tmp_path / "two.json"
-    base = ["--run", str(run_dir), "--data", str(shards), "--split", "test", "--set", "data.num_workers=2"]
+    # val: 29 samples, an odd count, so the two ranks' shares differ in size (gathering pads the shorter one)
+    assert manifest_count(shards, "val") % 2
+    base = ["--run", str(run_dir), "--data", str(shards), "--split", "val", "--set", "data.num_workers=2"]
     p1 = subprocess.run([sys.executable, "-m", "celeba_dist.evaluate", *base[:-2], "--out", str(one)],
                         env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert p1.returncode == 0, p1.stderr[-3000:]
@@ -177,7 +185,7 @@ def test_eval_one_and_two_processes_count_identically(trained, shards, tmp_path)
     assert p2.returncode == 0, p2.stderr[-3000:]
     m1, m2 = json.loads(one.read_text()), json.loads(two.read_text())
     assert m2["world_size"] == 2 and m1["world_size"] == 1
-    assert m1["mean"]["num_samples"] == m2["mean"]["num_samples"] == manifest_count(shards, "test")
+    assert m1["mean"]["num_samples"] == m2["mean"]["num_samples"] == manifest_count(shards, "val")
     for name, v in m1["attributes"].items():
         assert (v["tp"], v["fp"], v["tn"], v["fn"]) == tuple(m2["attributes"][name][k] for k in ("tp", "fp", "tn", "fn"))
         assert v["auroc"] == pytest.approx(m2["attributes"][name]["auroc"], abs=1e-9)
@@ -288,7 +296,7 @@ def test_accumulation_bf16_channels_last_ema_tta_and_tuned_thresholds(shards, tm
     from celeba_dist.train.metrics import tuned_thresholds
 
     attributes = ["Smiling", "Male"]
-    variants = [*FAST, "train.grad_accum_steps=3", "train.channels_last=true", "train.tune_thresholds=balanced_accuracy",
+    variants = [*FAST, "train.grad_accum_steps=4", "train.channels_last=true", "train.tune_thresholds=balanced_accuracy",
                 "train.ema_decay=0.5", "eval.tta=flip",  # under bf16 autocast too
                 f"data.attributes=[{', '.join(attributes)}]", "train.keep_last=5", "log.image_grid_size=0"]
     run_dir = tmp_path / "variants"
@@ -297,7 +305,9 @@ def test_accumulation_bf16_channels_last_ema_tta_and_tuned_thresholds(shards, tm
            "--run-dir", str(run_dir), "--set", *variants, "train.epochs=2", "train.precision=bf16"]
     proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    per_epoch = -(-(manifest_count(shards, "train") // 16) // 3)  # optimizer steps: ceil(micro-batches / 3)
+    micro = manifest_count(shards, "train") // 16
+    assert micro % 4, "each epoch should end with a shorter accumulation group"
+    per_epoch = -(-micro // 4)  # optimizer steps: ceil(micro-batches / 4), the last group's step taken too
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [h["step"] for h in metrics["history"]] == [per_epoch, 2 * per_epoch]
 
@@ -394,6 +404,40 @@ def test_clip_grad_norm_bounds_the_step(shards, tmp_path):
     assert moved == pytest.approx(0.001, rel=1e-3)  # unclipped, the gradient's norm is far larger
 
 
+def test_grad_accumulation_takes_the_step_of_the_whole_batch(shards, tmp_path):
+    """Two micro-batches of 8 accumulated take the step one batch of the same 16 images takes: plain SGD at lr 1
+    from the same weights (no dropout) moves them by the same gradient, the mean over the 16, not by twice it."""
+    from celeba_dist.models import build_model
+
+    start = build_model("simple_cnn", num_attributes=1, dropout=0.0).state_dict()
+    torch.save(start, tmp_path / "start.pt")
+    base = [*FAST, "data.num_workers=0", "train.max_steps=1", "optim.name=sgd", "optim.lr=1.0", "optim.momentum=0.0",
+            "model.dropout=0.0", f"model.pretrained={tmp_path / 'start.pt'}", "log.image_grid_size=0",
+            "train.eval_splits=[val]"]
+    moved = {}
+    for name, extra in {"whole": ["data.batch_size=16"], "accumulated": ["data.batch_size=8", "train.grad_accum_steps=2"]}.items():
+        run_dir = tmp_path / name
+        assert main(load_config("smiling_simple_cnn", [*base, *extra], data_dir=str(shards), run_dir=str(run_dir)))["global_step"] == 1
+        end = load_checkpoint(list_checkpoints(run_dir / "checkpoints")[0])["model"]
+        moved[name] = {k: end[k] - start[k] for k in start}
+    for k in start:
+        assert moved["whole"][k].abs().max() > 0, k
+        torch.testing.assert_close(moved["accumulated"][k], moved["whole"][k], rtol=1e-4, atol=1e-7)
+
+
+def test_best_checkpoint_is_the_epoch_with_the_best_validation(trained):
+    """best_epoch, best.pt and the final test follow train.select_metric's highest validation value (the first
+    epoch that reached it), whichever epoch that was."""
+    run_dir, result = trained
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    values = [h["val"]["accuracy"] for h in metrics["history"]]
+    best = values.index(max(values))
+    assert metrics["best_epoch"] == result["best"]["epoch"] == best
+    assert metrics["select_metric_value"] == max(values)
+    assert metrics["best_step"] == metrics["history"][best]["step"]
+    assert load_checkpoint(run_dir / "checkpoints" / "best.pt")["state"]["global_step"] == metrics["best_step"]
+
+
 def last_run_log(run_dir) -> str:
     """The lines of the run folder's latest run (a run's first line is its model's 'built ...')."""
     runs = re.split(r"celeba_dist\.models[.\w]*: built ", (run_dir / "logs" / "rank0.log").read_text())
@@ -422,6 +466,11 @@ def test_resume_from_a_given_checkpoint_or_from_none(trained, shards, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     assert cli_main([*args[:5], str(elsewhere), *args[6:], "--resume", str(older)]) == 0
     assert (elsewhere / "checkpoints" / "best.pt").is_file() and (elsewhere / "metrics.json").is_file()
+    # ... and stays the best unless a later epoch beats it: the best so far (epoch 0's) lies before the resume point
+    before, after = load_checkpoint(older)["state"], json.loads((elsewhere / "metrics.json").read_text())
+    assert before["best_step"] <= spe < step
+    assert after["select_metric_value"] == max(before["best_metric"], after["history"][-1]["val"]["accuracy"])
+    assert load_checkpoint(elsewhere / "checkpoints" / "best.pt")["state"]["global_step"] == after["best_step"]
     # --resume none over a folder with checkpoints would mix two runs: refused, nothing touched
     before = sorted(p.name for p in (copy / "checkpoints").iterdir())
     assert cli_main([*args, "train.max_steps=3", "--resume", "none"]) == 1

@@ -323,6 +323,10 @@ def _fit(trainer: Trainer, data: ShardData, train_ds, state: TrainState) -> str:
         if status == "done":
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         _end_of_epoch(trainer, data, state, time.perf_counter() - started)
+    if cfg.train.max_steps and state.global_step >= cfg.train.max_steps and (
+            not state.history or state.history[-1]["step"] != state.global_step):
+        # a stop agreed at the last step checkpointed it before its validation (the loop above ends at once)
+        _end_of_epoch(trainer, data, state, 0.0)
     return "done"
 
 

@@ -133,8 +133,8 @@ def refuse_changed_run(cfg: Config, found: tuple[Path, dict[str, Any]], data_now
     changed = [f"{key}: {old[key]!r} in the checkpoint, {new[key]!r} now"
                for key in sorted(old.keys() & new.keys()) if old[key] != new[key]]  # keys of both versions
     if ckpt.get("attributes") is not None and list(ckpt["attributes"]) != list(data_now["attributes"]):
-        changed.append(f"the attributes: {len(ckpt['attributes'])} in the checkpoint, {len(data_now['attributes'])} "
-                       f"now ({', '.join(data_now['attributes'][:3])}...)")
+        changed.append(f"the attributes: {_few(ckpt['attributes'])} in the checkpoint, {_few(data_now['attributes'])} "
+                       "now (data.attributes)")
     data_then = _data_summary_of(path)
     for key in ("shards_sha256", "manifest_sha256"):  # the content-only fingerprint first (older runs lack it)
         if data_then.get(key) and data_now.get(key):
@@ -146,6 +146,11 @@ def refuse_changed_run(cfg: Config, found: tuple[Path, dict[str, Any]], data_now
         raise ConfigError(f"{path} cannot be resumed with these settings, which the checkpoint's own would "
                           "override or break: " + "; ".join(changed) + ". Put them back, or train a new run in "
                           f"another --run-dir (model.pretrained={path} starts one from these weights)")
+
+
+def _few(names: list[str]) -> str:
+    """``[Male]``, or the count and the first names of a long list."""
+    return f"[{', '.join(names)}]" if len(names) <= 4 else f"{len(names)} [{', '.join(names[:3])}, ...]"
 
 
 def _kept_settings(config: dict[str, Any]) -> dict[str, Any]:
