@@ -269,3 +269,69 @@ def test_a_fill_forks_its_workers_only_once_the_order_thread_is_idle(shards, mon
     assert idle_at_fork == [True]
     assert len(epoch_batches(train, 1)) == train.steps_per_epoch  # the order worked out ahead is the one used
     train.close()
+
+
+def test_a_sample_skipped_by_the_fill_is_never_served_and_is_reported_once_an_epoch(shards, tmp_path):
+    """``data.skip_bad_samples`` with a cache: the undecodable sample's empty slot is never gathered into a
+    batch (its key, or a blank image under key ""), and the fill's issues come with one batch of each epoch."""
+    import shutil
+
+    from test_damaged_samples import damage_jpeg, wipe_header
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    bad = damage_jpeg(copy / "train" / "celeba-train-000000.tar", 3, wipe_header)
+    data = ShardData(str(copy), ["Smiling", "Male"])
+    kw = dict(batch_size=8, rank=0, world_size=1, num_workers=0, seed=5, shuffle_buffer=50)
+    stream = train_stream(data, build_transform("imagenet", image_size=(32, 32), train=True), skip_bad=True, **kw)
+    form = build_cached_form("imagenet", image_size=(32, 32), train=True)
+    store = fill_store(stream.rank_parts(), data.decoder(form.base, skip_bad=True), size=form.size,
+                       num_attributes=2, device=torch.device("cpu"), pin=False, num_workers=0, where="test")
+    assert len(store.missing) == 1 and bad not in store.keys
+    cache = CachedTrain(stream, store, form, device=torch.device("cpu"))
+    for epoch in (0, 1):
+        batches = epoch_batches(cache, epoch)
+        keys = [k for b in batches for k in b.keys]
+        assert len(batches) == stream.steps_per_epoch and len(keys) == stream.steps_per_epoch * 8
+        assert "" not in keys and bad not in keys
+        assert [[key for key, _ in b.issues.skipped] for b in batches if b.issues] == [[bad]]
+    cache.close()
+
+
+def test_a_stop_request_ends_the_fill_after_its_current_chunk(shards):
+    """A stop signal while the cache fills (``stopped()`` turning true) ends the fill at once, leaving the
+    store unfinished for the caller to stop on, rather than decoding the whole share first."""
+    from celeba_dist.data.cache import part_size
+
+    data = ShardData(str(shards), "all")
+    form = build_cached_form("crop178_resize", image_size=(16, 16), train=False)
+    parts = deal_shards(data.split("train").shards, 1, 0)
+    asked = []
+    store = fill_store(parts, data.decoder(form.base), size=form.size, num_attributes=40, device=torch.device("cpu"),
+                       pin=False, num_workers=0, where="test", stopped=lambda: bool(asked.append(1)) or len(asked) > 1)
+    first = part_size(parts[0])
+    assert len(asked) == 2
+    assert [bool(k) for k in store.keys] == [True] * first + [False] * (len(store.keys) - first)
+
+
+def test_cached_evaluation_leaves_out_a_sample_the_fill_skipped(shards, tmp_path):
+    """An evaluation split cached with ``data.skip_bad_samples``: the undecodable sample is not evaluated (no
+    blank image under key "" with all-zero labels), every other sample is, once, and the skip is reported."""
+    import shutil
+
+    from test_damaged_samples import damage_jpeg, wipe_header
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    bad = damage_jpeg(copy / "val" / "celeba-val-000000.tar", 1, wipe_header)
+    data = ShardData(str(copy), "all")
+    form = build_cached_form("crop178_resize", image_size=(32, 32), train=False)
+    parts = deal_shards(data.split("val").shards, 1, 0)
+    store = fill_store(parts, data.decoder(form.base, skip_bad=True), size=form.size, num_attributes=40,
+                       device=torch.device("cpu"), pin=False, num_workers=0, where="val")
+    batches = list(CachedEval(store, batch_size=7, device=torch.device("cpu")))
+    keys = [k for b in batches for k in b.keys]
+    assert bad not in keys and "" not in keys
+    assert len(keys) == len(set(keys)) == data.split("val").num_samples - 1
+    assert sum(len(b.labels) for b in batches) == sum(len(b.images) for b in batches) == len(keys)
+    assert [[key for key, _ in b.issues.skipped] for b in batches if b.issues] == [[bad]]

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from celeba_dist.data.transforms import JpegWarning, decode_rgb
@@ -139,3 +140,28 @@ def test_silent_damage_decodes_without_a_word_and_only_sha256_catches_it(shards,
     assert proc.returncode == 1 and seconds < ENDS_WITHIN_S
     assert "train/celeba-train-000002.tar" in proc.stderr and "sha256" in proc.stderr, proc.stderr[-2000:]
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_too_many_undecodable_samples_end_an_evaluation_even_when_skipping(shards):
+    """``data.skip_bad_samples`` is for a few bad images: two are skipped and counted, but a shard whose
+    JPEGs are mostly undecodable is damaged, and reading it ends naming the last one rather than
+    evaluating whatever is left."""
+    from celeba_dist.data.streams import DataError, ShardData, eval_stream, make_loader
+    from celeba_dist.data.transforms import build_transform
+
+    target = shard(shards, "val")
+    data = ShardData(str(shards), "all")
+    transform = build_transform("crop178_resize", image_size=(16, 16), train=False)
+
+    def evaluate():
+        stream = eval_stream(data, "val", transform, batch_size=4, rank=0, world_size=1, skip_bad=True)
+        return list(make_loader(stream, num_workers=0))
+
+    keys = [damage_jpeg(target, i, wipe_header) for i in range(2)]
+    batches = evaluate()
+    assert [key for b in batches for key, _ in b.issues.skipped] == keys
+    assert sum(len(b.keys) for b in batches) == data.split("val").num_samples - 2
+    keys += [damage_jpeg(target, i, wipe_header) for i in range(2, 16)]  # the whole shard
+    with pytest.raises(DataError, match=f"5 samples could not be decoded against 0 that could \\(the last: "
+                                        f"{keys[4]} of {target}: .*the shards look damaged"):
+        evaluate()

@@ -195,6 +195,31 @@ def test_a_shard_changed_under_its_index_is_an_error_naming_it(shards, tmp_path)
         next(index.samples())
 
 
+def test_a_shard_replaced_by_one_of_the_same_size_is_an_error_naming_it(shards, tmp_path):
+    """A shard rewritten with the same size but another layout (its samples in another order, as a new pack
+    may write them): the index's offsets would cut the new file's members wrongly and pair keys with other
+    samples' bytes; its modification time tells, and the read raises ShardChangedError naming the file."""
+    import shutil
+
+    from celeba_dist.data.streams import SAMPLE_FIELDS
+    from celeba_dist.pack.verify import read_tar_samples
+    from celeba_dist.pack.writer import SHARD_MODE, SHARD_MTIME, SHARD_USER
+    from celeba_dist.shards.tario import ShardChangedError, index_shard
+
+    manifest = json.loads((shards / "manifest.json").read_text())
+    source = shards / manifest["splits"]["train"]["shards"][0]["file"]
+    copy = tmp_path / "shard.tar"
+    shutil.copyfile(source, copy)
+    index = index_shard(str(copy), SAMPLE_FIELDS)
+    with open(copy, "wb") as fh, wds.TarWriter(fh, user=SHARD_USER, group=SHARD_USER, mode=SHARD_MODE,
+                                               mtime=SHARD_MTIME, encoder=False) as writer:  # as the packer writes
+        for key, members in read_tar_samples(str(source))[::-1]:
+            writer.write({"__key__": key, **members})
+    assert copy.stat().st_size == source.stat().st_size and copy.read_bytes() != source.read_bytes()
+    with pytest.raises(ShardChangedError, match=f"{copy}: changed on disk since the run indexed it"):
+        list(index.samples())
+
+
 def test_a_shard_cut_short_during_a_walk_is_an_error_naming_it(shards, tmp_path, monkeypatch):
     """The walk reads a window at a time; a shard cut short in place between two windows is a TarFormatError
     naming the file and the offset where it ends now, never a SIGBUS."""
@@ -303,3 +328,81 @@ def test_training_deals_samples_so_an_epoch_never_repeats_one_at_any_scale(per_s
             assert repeated == 0, (world, workers)
             assert total - read < 16 * world, (world, workers, read)
             assert read / total >= 0.985
+
+
+def test_the_leading_attributes_alone_get_only_their_own_labels(shards):
+    """The manifest's first attributes, in its order (the compact-label fast path's case): each row holds
+    those labels alone, never every label the shard stores."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    names = manifest["attributes"][:2]
+    data = ShardData(str(shards), names)
+    urls = [str(shards / s["file"]) for s in manifest["splits"]["val"]["shards"]]
+    truth = {s["__key__"]: json.loads(s["attr.json"])[:2] for s in wds.WebDataset(urls, shardshuffle=False)}
+    stream = eval_stream(data, "val", build_transform("imagenet", image_size=(16, 16), train=False),
+                         batch_size=4, rank=0, world_size=1)
+    seen = 0
+    for _, labels, keys, _ in make_loader(stream, num_workers=0):
+        assert labels.shape == (len(keys), 2)
+        assert labels.tolist() == [truth[key] for key in keys]
+        seen += len(keys)
+    assert seen == len(truth) == data.split("val").num_samples
+
+
+def test_the_samples_an_epoch_leaves_out_differ_from_epoch_to_epoch(shards):
+    """Only the remainder of equal batches sits an epoch out, and a different one each epoch: no training
+    sample is left out of every epoch of a run."""
+    data = ShardData(str(shards), "all")
+    transform = build_transform("crop178_resize", image_size=(16, 16), train=True)
+    train = set(manifest_ids(shards, "train"))
+    left_out = []
+    for epoch in range(4):
+        ds = train_stream(data, transform, batch_size=7, rank=0, world_size=1, num_workers=0, seed=3,
+                          shuffle_buffer=20)
+        ds.epoch = epoch
+        keys = [k for b in make_loader(ds, num_workers=0) for k in b.keys]
+        assert len(keys) == len(set(keys)) == ds.steps_per_epoch * 7
+        left_out.append(frozenset(train - set(keys)))
+    assert all(len(s) == len(train) % 7 for s in left_out)
+    assert len(set(left_out)) > 1, left_out
+    assert not frozenset.intersection(*left_out)
+
+
+@pytest.mark.parametrize("world_size, workers", [(1, 0), (2, 2)])
+def test_a_training_subset_reads_its_first_samples_and_no_others(shards, world_size, workers):
+    """``data.train_subset=N``: an epoch reads only the split's first N samples (in manifest order), each once,
+    though N ends inside a shard."""
+    data = ShardData(str(shards), "all")
+    first = manifest_ids(shards, "train")[:50]
+    assert data.split("train").shards[0][1] < 50 and 50 % 8  # the subset ends inside a shard
+    transform = build_transform("crop178_resize", image_size=(16, 16), train=True)
+    keys = []
+    for rank in range(world_size):
+        ds = train_stream(data, transform, batch_size=5, rank=rank, world_size=world_size, num_workers=workers,
+                          seed=3, shuffle_buffer=20, subset=50)
+        keys += [k for b in make_loader(ds, num_workers=workers) for k in b.keys]
+    assert len(keys) == len(set(keys)) == 50 // (5 * world_size) * 5 * world_size
+    assert set(keys) <= set(first), sorted(set(keys) - set(first))
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_the_ranks_sha256_shares_check_every_shard_once(shards, tmp_path, processes):
+    """``data.check_shards=sha256`` hashes one share of the shards per rank (``part=(rank, ranks)``): together
+    the shares name every damaged shard exactly once, whatever the number of ranks."""
+    import shutil
+
+    from celeba_dist.shards.manifest import shard_problems
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    files = [s["file"] for split in ("train", "val") for s in manifest["splits"][split]["shards"]]
+    damaged = files[::4]
+    for name in damaged:  # same size: only the hash tells
+        data = bytearray((copy / name).read_bytes())
+        data[1500] ^= 0xFF
+        (copy / name).write_bytes(bytes(data))
+    assert shard_problems(manifest, copy, ["train", "val"]) == []
+    found = [p for rank in range(processes)
+             for p in shard_problems(manifest, copy, ["train", "val"], sha256=True, part=(rank, processes))]
+    assert sorted(found) == sorted(f"{name}: sha256 differs from the manifest (damaged or replaced)"
+                                   for name in damaged)

@@ -321,6 +321,85 @@ def test_verify_names_a_damaged_shard(tmp_path, capsys):
     assert "val/celeba-val-000000.tar: missing" in err
 
 
+def test_resume_rewrites_a_shard_damaged_in_place(tmp_path):
+    """A finished shard whose bytes changed but not its size (a bit flipped on disk): the re-run finds it by
+    its sha256 and writes it again, as it does a lost one."""
+    src = write_celeba(tmp_path / "src", num_images=30)
+    out = tmp_path / "out"
+    pack(src.source, out, "--samples-per-shard", "4")
+    before = tars(out)
+    damaged = out / "train" / "celeba-train-000001.tar"
+    data = bytearray(damaged.read_bytes())
+    data[1500] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    state = tree_state(out)
+    pack(src.source, out, "--samples-per-shard", "4")
+    after = tree_state(out)
+    rewritten = {name for name in after if state.get(name) != after[name]}
+    assert rewritten == {"train/celeba-train-000001.tar", MANIFEST_NAME, ".pack-progress.json"}
+    assert tars(out) == before
+    assert verify_main([str(out), "--workers", "1"]) == 0
+
+
+def _rewrite_shard(out: Path, file: str, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    """Write ``samples`` as shard ``file`` and make the manifest's bytes and sha256 match it (its sample
+    count stays): damage that only a sample-level check can find."""
+    import webdataset as wds
+
+    from celeba_dist.shards.manifest import file_sha256
+
+    with open(out / file, "wb") as fh, wds.TarWriter(fh, encoder=False) as writer:
+        for key, members in samples:
+            writer.write({"__key__": key, **members})
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    for split in SPLITS:
+        for entry in manifest["splits"][split]["shards"]:
+            if entry["file"] == file:
+                entry["bytes"], entry["sha256"] = (out / file).stat().st_size, file_sha256(out / file)
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+def test_verify_checks_every_sample_not_only_the_hashes(tmp_path, capsys):
+    """Shards whose bytes match the manifest but whose samples do not (what a packer bug would write): verify
+    names each wrong sample count, member set, label list, image size, key order within and across
+    shards, and a shard file the manifest does not list."""
+    from celeba_dist.pack.verify import read_tar_samples
+    from helpers_celeba import tiny_image
+
+    src = write_celeba(tmp_path / "src", num_images=40)
+    out = tmp_path / "out"
+    pack(src.source, out, "--samples-per-shard", "4")
+    assert verify_main([str(out), "--workers", "1"]) == 0
+    shard = {i: f"train/celeba-train-{i:06d}.tar" for i in range(5)}
+    read = {i: read_tar_samples(str(out / name)) for i, name in shard.items()}
+    bad_label, bad_size = read[0][1][0], read[0][2][0]
+    labels = json.loads(read[0][1][1]["attr.json"])
+    read[0][1][1]["attr.json"] = json.dumps([2, *labels[1:]]).encode()
+    read[0][2][1]["jpg"] = tiny_image(7, (100, 120))
+    no_identity, members = read[0][3][0], sorted(read[0][3][1])
+    del read[0][3][1]["identity.txt"]
+    _rewrite_shard(out, shard[0], read[0])
+    _rewrite_shard(out, shard[1], read[1][:-1])  # one sample short of the manifest's count
+    _rewrite_shard(out, shard[2], read[2][::-1])  # keys in descending order
+    _rewrite_shard(out, shard[3], read[4])  # shards 3 and 4 swapped: each in order, the split not
+    _rewrite_shard(out, shard[4], read[3])
+    shutil.copyfile(out / shard[1], out / "train" / "celeba-train-000099.tar")
+    capsys.readouterr()
+    assert verify_main([str(out), "--workers", "2"]) == 1
+    err = capsys.readouterr().err
+    for problem in (f"{shard[0]}: sample {bad_label}: attr.json is not a list of 40 values 0/1",
+                    f"{shard[0]}: sample {bad_size}: image is 100x120, the manifest says 178x218",
+                    f"{shard[0]}: sample {no_identity}: members {sorted(set(members) - {'identity.txt'})}, "
+                    f"expected {members}",
+                    f"{shard[1]}: 3 samples, the manifest says 4",
+                    f"{shard[2]}: keys are not unique and in ascending order",
+                    f"{shard[4]}: key {read[3][0][0]} does not follow {read[4][-1][0]} of the previous shard",
+                    "train/celeba-train-000099.tar: a shard file the manifest does not list"):
+        assert f"celeba-dist verify: {problem}\n" in err, (problem, err)
+    assert "sha256" not in err and "bytes, the manifest says" not in err
+    assert "celeba-dist verify: " + str(out) + ": 7 problem(s)" in err
+
+
 def test_cli_and_tool_script(tmp_path):
     src = write_celeba(tmp_path / "src", num_images=8)
     assert cli.main(["pack", str(src.source), str(tmp_path / "a"), "--workers", "1"]) == 0
@@ -348,6 +427,21 @@ def test_manifest_api_rejects_bad_manifests(tmp_path):
         split_shards(manifest, out, "dev")
     with pytest.raises(ManifestError, match="no manifest"):
         load_manifest(tmp_path / "nowhere")
+
+
+def test_a_manifest_whose_split_count_disagrees_with_its_shards_is_refused(tmp_path):
+    """A split's ``num_samples`` (what the evaluation counts and the empty-split check trust) must be the sum
+    of its shards' counts (what the loader deals): a manifest where they differ is an error naming the key."""
+    src = write_celeba(tmp_path / "src", num_images=8)
+    out = tmp_path / "out"
+    pack(src.source, out)
+    manifest = load_manifest(out)
+    held = sum(s["num_samples"] for s in manifest["splits"]["train"]["shards"])
+    manifest["splits"]["train"]["num_samples"] = held + 1
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match=rf"manifest.json: key 'splits.train.num_samples' is {held + 1} but "
+                                            rf"its shards hold {held}"):
+        load_manifest(out)
 
 
 def test_default_shard_size_feeds_512_loader_slots():

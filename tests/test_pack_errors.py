@@ -76,6 +76,19 @@ def test_all_row_problems_are_listed_together(src, tmp_path, capsys):
     assert "2 problem(s)" in err and f"{ATTR} line 5" in err and f"{ATTR} line 23: image 000021.jpg" in err
 
 
+def test_two_labelled_images_with_one_id_are_refused(tmp_path, capsys):
+    """000005.jpg and 000005.png both labelled: a shard keys its samples by id, so the two would become one
+    sample (or two with one key); the pack refuses before writing, naming the line."""
+    src = write_celeba(tmp_path / "src", num_images=12, extras=False)
+    (src.folder / "img_align_celeba" / "000005.png").write_bytes(tiny_image(99, fmt="PNG"))
+    append_line(src.file(ATTR), label_row(list(src.labels[4]), "000005.png"))
+    replace_line(src.file(ATTR), 1, "13")
+    append_line(src.file("list_eval_partition.txt"), "000005.png 0")
+    err = run_failing(src.source, tmp_path / "out", capsys)
+    assert f"{ATTR} line 15: 000005.png has the id of line 7" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_header_that_is_not_the_celeba_names(src, tmp_path, capsys):
     header = src.file(ATTR).read_text().splitlines()[1].replace("Male", "Man")
     replace_line(src.file(ATTR), 2, header)
@@ -147,6 +160,22 @@ def test_truncated_or_corrupt_jpeg(src, tmp_path, capsys, damage):
     assert "000005" not in [s["__key__"] for s in read_split(out, "train")]
     assert manifest["splits"]["train"]["num_samples"] == 20
     assert verify_main([str(out)]) == 0
+
+
+def test_positive_rates_leave_out_an_image_skipped_as_bad(src, tmp_path):
+    """``--skip-bad``: an image that does not decode is out of its split's positive rates too, so the
+    manifest's rates (what class weights are made from) are those of the labels in the shards."""
+    path = src.image_path(4)  # 000005.jpg, in train
+    path.write_bytes(b"\xff\xd8\xff\xe0" + bytes(500))
+    out = tmp_path / "out"
+    assert main([str(src.source), str(out), "--workers", "1", "--skip-bad"]) == 0
+    manifest = load_manifest(out)
+    assert [s["id"] for s in manifest["splits"]["train"]["skipped"]] == ["000005"]
+    for split in ("train", "val", "test"):
+        rows = [json.loads(s["attr.json"]) for s in read_split(out, split)]
+        assert len(rows) == manifest["splits"][split]["num_samples"]
+        shards = {a: round(sum(row[i] for row in rows) / len(rows), 6) for i, a in enumerate(manifest["attributes"])}
+        assert manifest["splits"][split]["positive_rates"] == pytest.approx(shards, abs=1e-6), split
 
 
 def test_zip_member_with_a_bad_crc_is_a_bad_image(tmp_path, capsys):

@@ -71,6 +71,37 @@ def test_ids_in_a_nested_folder_are_unique_and_name_their_files(run, images, tmp
     assert single == {"a": rows["good/a.png"]}
 
 
+def test_an_id_never_repeats_another_files_path(tmp_path):
+    """``x.jpg.png`` beside ``x.jpg`` and ``sub/x.jpg``: the two ``x`` files are named by their paths, so the
+    third, whose stem is ``x.jpg``, is too; every id is unique and names one file."""
+    from celeba_dist.data.folder import find_images
+
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("x.jpg", "sub/x.jpg", "x.jpg.png"):
+        (folder / name).write_bytes(b"image")
+    assert dict(find_images(folder)) == {"x.jpg": folder / "x.jpg", "sub/x.jpg": folder / "sub" / "x.jpg",
+                                         "x.jpg.png": folder / "x.jpg.png"}
+
+
+def test_predict_with_loader_workers_writes_each_image_once(run, images, tmp_path):
+    """``data.num_workers`` (2 by default) splits the images between the loader workers: one row per image,
+    with the probabilities of a run without workers."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(1, 8):
+        shutil.copyfile(images / f"{i:06d}.jpg", folder / f"{i:06d}.jpg")
+    rows = {}
+    for workers in (0, 2):
+        out = tmp_path / f"p{workers}.csv"
+        assert predict_main(["--checkpoint", str(run), "--input", str(folder), "--out", str(out),
+                             "--set", f"data.num_workers={workers}"]) == 0
+        with open(out, newline="") as fh:
+            rows[workers] = [(row["id"], float(row["Smiling_prob"])) for row in csv.DictReader(fh)]
+    assert sorted(i for i, _ in rows[2]) == [f"{i:06d}" for i in range(1, 8)]
+    assert dict(rows[2]) == pytest.approx(dict(rows[0]), abs=1e-5)
+
+
 def test_a_16_bit_png_reads_as_its_8_bit_image_not_white(run, images, tmp_path):
     grey = np.asarray(Image.open(images / "000005.jpg").convert("L"))
     folder = tmp_path / "png"

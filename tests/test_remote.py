@@ -323,3 +323,40 @@ def test_the_stall_limit_counts_only_the_time_a_read_waits(tmp_path, monkeypatch
         with open_remote(f"pipe:head -c 100 {data}; sleep 30") as stream:
             stream.read()
     assert time.monotonic() - started < 5  # the shell and its sleep are killed: the pipe closes at once
+
+
+FAILS_ONCE = """#!/bin/sh
+# cat "$1", but the first read of each shard sends half of it and fails, as a connection cut mid-file would
+tries="$(dirname "$0")/tries-$(basename "$1")"
+n=$(cat "$tries" 2>/dev/null || echo 0)
+echo $((n + 1)) > "$tries"
+case "$1" in *.tar) if [ "$n" = 0 ]; then head -c $(( $(wc -c < "$1") / 2 )) "$1"; exit 1; fi;; esac
+exec cat "$1"
+"""
+
+
+def test_a_read_cut_mid_shard_is_retried_and_every_sample_comes_once(pristine, tmp_path, monkeypatch):
+    """A remote shard whose first read fails half-way: the retry reads it again from its start and delivers
+    only the samples after those already delivered, so evaluation sees the local folder's samples, each once,
+    with the same labels."""
+    import torch
+
+    from celeba_dist.data import remote
+    from celeba_dist.data.streams import ShardData, eval_stream, make_loader
+    from celeba_dist.data.transforms import build_transform
+
+    monkeypatch.setattr(remote, "BACKOFF_S", 0.01)
+    script = tmp_path / "fails_once.sh"
+    script.write_text(FAILS_ONCE)
+    transform = build_transform("crop178_resize", image_size=(16, 16), train=False)
+    got = {}
+    for name, root in (("local", str(pristine)), ("pipe", f"pipe:sh {script} {pristine}/{{}}")):
+        data = ShardData(root, ["Smiling", "Male"])
+        batches = list(make_loader(eval_stream(data, "val", transform, batch_size=5, rank=0, world_size=1),
+                                   num_workers=0))
+        got[name] = ([k for b in batches for k in b.keys], torch.cat([b.labels for b in batches]))
+    assert got["pipe"][0] == got["local"][0] and len(got["local"][0]) == data.split("val").num_samples
+    assert torch.equal(got["pipe"][1], got["local"][1])
+    shards = sorted(p.name for p in (pristine / "val").glob("*.tar"))
+    assert sorted(p.name for p in tmp_path.glob("tries-*.tar")) == [f"tries-{s}" for s in shards]
+    assert all((tmp_path / f"tries-{s}").read_text().strip() == "2" for s in shards)  # each failed once
