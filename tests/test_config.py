@@ -78,6 +78,9 @@ def test_config_file_and_model_options(tmp_path):
     (["train.seed=-1"], "train.seed must be an integer in [0, 4294967295], got -1"),
     (["train.keep_last=0"], "train.keep_last must be >= 1, got 0"),
     (["optim.betas=[0.9, 1.5]"], "optim.betas must be >= 0 and <= 1, got (0.9, 1.5)"),
+    # a fraction where a count is meant is refused, never truncated (2.5 would silently train at batch 2)
+    (["data.batch_size=2.5"], "data.batch_size: expected an integer, got 2.5"),
+    (["train.eval_splits=[val, tset]"], "train.eval_splits: ['tset'] not in ['val', 'test']"),
 ])
 def test_bad_configs_name_the_key_and_choices(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)) as info:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -187,3 +188,29 @@ def test_eval_predict_and_export_use_the_selected_weights_and_tta(ema_run, shard
         net = classifier.net
         torch.testing.assert_close(classifier(x), (torch.sigmoid(net(x)) + torch.sigmoid(net(x.flip(3)))) / 2)
     assert "mirrored image" in (out / "README.md").read_text()
+
+
+def test_eval_and_the_card_follow_the_checkpoints_weights_choice(ema_run, tmp_path):
+    """Whichever weights a checkpoint names (raw or EMA), `eval` scores those; and the run's metrics.json only
+    describes the export of the very weights it evaluated, not the other half of the same step."""
+    run_dir, _ = ema_run
+    best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    assert any(not torch.equal(best["ema"][k], best["model"][k]) for k in best["model"])  # two different models
+    paths = {}
+    for name, ckpt in (("ema", {**best, "weights": "ema"}), ("raw", {**best, "weights": "raw"}),
+                       ("ema_as_raw", {**best, "model": best["ema"], "weights": "raw"})):
+        paths[name] = tmp_path / "checkpoints" / f"{name}.pt"
+        paths[name].parent.mkdir(exist_ok=True)
+        torch.save(ckpt, paths[name])
+    scored = {name: evaluate_checkpoint(path, split="val", data_dir=None, overrides=["eval.tta=none"])
+              for name, path in paths.items()}
+    assert scored["ema"]["attributes"] == scored["ema_as_raw"]["attributes"]
+    assert scored["ema"]["mean"]["auroc"] != scored["raw"]["mean"]["auroc"]
+    # the card: metrics.json evaluated best.pt's choice; the same step's other weights were not evaluated
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    other = "raw" if metrics["weights"] == "ema" else "ema"
+    shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("tensorboard", "logs"))
+    swapped = tmp_path / "run" / "checkpoints" / "other.pt"
+    torch.save({**best, "weights": other}, swapped)
+    card = (export(swapped, tmp_path / "export") / "README.md").read_text()
+    assert "were not evaluated" in card and "### test" not in card

@@ -177,3 +177,36 @@ def test_onnx_export_matches_pytorch_and_a_mismatch_keeps_nothing(run, pristine,
     with pytest.raises(export_onnx.OnnxMismatchError, match="differ from PyTorch's"):
         export_cli.export(run, tmp_path / "bad", onnx=True)
     assert not (tmp_path / "bad").exists()
+
+
+def read_decisions(path: Path) -> dict[str, list[int]]:
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    decided = [i for i, name in enumerate(rows[0][1:], 1) if not name.endswith("_prob")]
+    return {row[0]: [int(row[i]) for i in decided] for row in rows[1:]}
+
+
+def test_decisions_use_the_runs_tuned_thresholds_from_every_source(run, pristine, tmp_path):
+    """The CSV's 0/1 columns are probability >= the run's tuned threshold (not 0.5), whether predict reads
+    the export, the run or the checkpoint; and the export's loaded classifier decides with the same thresholds."""
+    out = tmp_path / "export"
+    assert cli("export", str(run), str(out)).returncode == 0
+    thresholds = torch.load(run / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)["thresholds"]
+    decisions = {}
+    for name, flag, source in (("export", "--model", out), ("checkpoint", "--checkpoint", run / "checkpoints" / "best.pt")):
+        path = tmp_path / f"{name}.csv"
+        proc = cli("predict", flag, str(source), "--input", str(pristine), "--out", str(path))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        probs, decisions[name] = read_csv(path), read_decisions(path)
+        for key, row in probs.items():  # the CSV rounds to 1e-6; a tuned threshold is a validation image's score
+            assert [d for d, p, t in zip(decisions[name][key], row, thresholds) if abs(p - t) > 1e-6] == [
+                int(p >= t) for p, t in zip(row, thresholds) if abs(p - t) > 1e-6], key
+    assert decisions["export"] == decisions["checkpoint"]
+    data = ShardData(str(pristine))  # a shards folder without --split: one row for every image of every split
+    assert len(probs) == sum(data.split(s).num_samples for s in ("train", "val", "test")) == 300
+    at_half = {key: [int(p >= 0.5) for p in row] for key, row in probs.items()}
+    assert decisions["export"] != at_half  # the tuned thresholds decide some images otherwise than 0.5 would
+    model, _ = celeba_dist.load(out)
+    assert model.thresholds.tolist() == pytest.approx(thresholds)
+    probs_tensor = torch.tensor([[0.5] * 3, thresholds])
+    assert model.decide(probs_tensor)[1].tolist() == [1, 1, 1]

@@ -3,6 +3,7 @@ made, damaged ``slurm_jobs.json`` files; each a one-line error with exit 2 befor
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,32 @@ def test_a_job_cancelled_after_its_run_finished_shows_completed():
     started = {"event": "started"}
     assert run_state("CANCELLED", [started], finished=True) == "COMPLETED(cancelled after finishing)"
     assert run_state("CANCELLED", [started], finished=False) == "CANCELLED"
+
+
+def _fake_slurm_clients(tmp_path: Path, monkeypatch, sacct_output: str) -> None:
+    """`sacct` printing recorded --parsable2 text, and an `scontrol` that knows no job (as after MinJobAge)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sacct.txt").write_text(sacct_output)
+    (bin_dir / "sacct").write_text(f"#!/bin/sh\ncat {bin_dir / 'sacct.txt'}\n")
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 'slurm_load_jobs error: Invalid job id specified' >&2\nexit 1\n")
+    for name in ("sacct", "scontrol"):
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+def test_jobs_reads_sacct_states_and_array_members(capsys, tmp_path, monkeypatch):
+    """sacct's own text: "CANCELLED by 0" is CANCELLED, a pending array range counts for each member."""
+    from celeba_dist.launch.status import scheduler_states
+
+    _fake_slurm_clients(tmp_path, monkeypatch, "1234|CANCELLED by 0\n1240_0|COMPLETED\n1240_[1-2%2]|PENDING\n"
+                                               "1250|RUNNING\n")
+    assert scheduler_states(["1234", "1240_0", "1240_1", "1240_2", "1250"]) == {
+        "1234": "CANCELLED", "1240_0": "COMPLETED", "1240_1": "PENDING", "1240_2": "PENDING", "1250": "RUNNING"}
+    runs = tmp_path / "runs"
+    record_job(runs / "cancelled", "submitted", job_id="1234", executor="slurm")
+    record_job(runs / "cancelled", "started", job_id="1234", restart=0)
+    record_job(runs / "queued", "submitted", job_id="1240_2", executor="slurm")
+    assert status_main(["--run-dir", str(runs)]) == 0
+    rows = {line.split()[0]: line.split()[1:4] for line in capsys.readouterr().out.splitlines()[1:3]}
+    assert rows == {"cancelled": ["1234", "CANCELLED", "1"], "queued": ["1240_2", "PENDING", "0"]}

@@ -229,3 +229,38 @@ def test_pretrained_files_never_run_code_and_safetensors_load(tmp_path: Path) ->
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(weights))
     loaded = build_model("simple_cnn", num_attributes=N, pretrained=str(weights))
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), source.state_dict().values()))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+def test_lstm_attention_model_is_the_documented_pipeline(pooling: str) -> None:
+    """ResNet-18 regions -> BiLSTM -> self-attention with residual + LayerNorm -> the chosen pooling -> head,
+    recomputed by hand from the model's own layers (a 64x64 input: a 2x2 map of 4 regions)."""
+    model = build_model("resnet18_lstm_attn", num_attributes=N, pooling=pooling, lstm_hidden=16).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        regions = model.trunk(x).flatten(2).transpose(1, 2)  # (B, 4, 512), raster order
+        seq, _ = model.lstm(model.proj(regions))
+        assert seq.shape == (3, 4, 32) and model.lstm.bidirectional
+        ctx, _ = model.attn(seq, seq, seq)
+        refined = model.norm(seq + ctx)
+        pooled = refined.mean(dim=1) if pooling == "mean" else refined.amax(dim=1)
+        torch.testing.assert_close(model(x), model.head(pooled), rtol=1e-5, atol=1e-5)
+        other = refined.amax(dim=1) if pooling == "mean" else refined.mean(dim=1)
+        assert not torch.allclose(model.head(other), model(x))  # the two poolings really differ here
+
+
+def test_squeezenet_head_gives_negative_logits() -> None:
+    """SqueezeNet's classifier ends Conv -> ReLU: kept, every logit would be >= 0 and every attribute predicted
+    positive (sigmoid >= 0.5). The ReLU after the replaced conv goes."""
+    model = build_model("torchvision:squeezenet1_0", num_attributes=N).eval()
+    assert isinstance(model.classifier[1], nn.Conv2d) and isinstance(model.classifier[2], nn.Identity)
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, 96, 96))
+    assert logits.shape == (2, N) and (logits < 0).any()
+
+
+def test_auxiliary_heads_are_dropped_so_training_gets_plain_logits() -> None:
+    model = build_model("torchvision:googlenet", num_attributes=N).train()  # built with its aux classifiers
+    out = model(torch.randn(2, 3, 96, 96))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, N)
+    assert model.aux1 is None and model.aux2 is None

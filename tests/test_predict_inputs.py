@@ -4,6 +4,7 @@ outputs, inputs and checkpoints refused in one line before any work, with nothin
 from __future__ import annotations
 
 import csv
+import json
 import io
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ from PIL import Image
 
 import celeba_dist
 from celeba_dist.config import load_config
+from celeba_dist.data.streams import ShardData
 from celeba_dist.data.transforms import decode_rgb
 from celeba_dist.evaluate import main as eval_main
 from celeba_dist.export.cli import main as export_main
@@ -204,3 +206,20 @@ def test_loaded_model_gives_probabilities_without_an_autograd_graph(run, images)
     probs = model(preprocess([images / "000001.jpg"]))  # no torch.no_grad() here, as in a notebook
     assert probs.grad_fn is None and not probs.requires_grad
     assert torch.all((probs >= 0) & (probs <= 1))
+
+
+def test_eval_of_a_run_scores_its_best_checkpoint_on_the_split_asked(run, pristine, tmp_path, capsys):
+    """`eval --run RUN --split val` evaluates RUN's best.pt, not its newest checkpoint, on val: every val sample
+    once, and the metrics the run itself recorded for val."""
+    copy = Path(shutil.copytree(run, tmp_path / "run"))
+    best = torch.load(copy / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
+    newer = {**best, "model": {k: -v if v.is_floating_point() else v for k, v in best["model"].items()}}
+    torch.save(newer, copy / "checkpoints" / "step-999999999.pt")  # a later checkpoint that validation never chose
+    assert eval_main(["--run", str(copy), "--split", "val"]) == 0
+    capsys.readouterr()
+    got = json.loads((copy / "eval_val.json").read_text())
+    recorded = json.loads((run / "metrics.json").read_text())["val"]
+    assert got["split"] == "val" and got["checkpoint"] == str(copy / "checkpoints" / "best.pt")
+    assert got["mean"]["num_samples"] == ShardData(str(pristine)).split("val").num_samples == recorded["mean"]["num_samples"]
+    assert got["attributes"] == recorded["attributes"] and got["mean"] == recorded["mean"]
+

@@ -65,3 +65,16 @@ def test_positive_weights_are_the_negative_to_positive_ratio_clipped():
     loss = build_loss("bce", pos_weight=weights[:1])
     # one positive sample at logit 0: BCE's -log(sigmoid(0)) = log 2, weighted by the attribute's 4
     assert float(loss(torch.zeros(1, 1), torch.ones(1, 1))) == pytest.approx(4 * math.log(2))
+
+
+def test_mse_pm1_regresses_plus_minus_one_and_decides_at_output_zero():
+    """The ResNeXt recipe's loss: MSE against the 0/1 labels mapped to -1/+1, and scores that put the decision
+    at output 0 (score 0.5), -1 at 0 and +1 at 1, clamped beyond."""
+    spec = LOSSES["mse_pm1"]
+    outputs = torch.tensor([[1.0, -1.0, 0.5], [-0.5, 0.25, 3.0]])
+    targets = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    by_hand = sum((o - (2 * t - 1)) ** 2 for o, t in zip(outputs.flatten().tolist(), targets.flatten().tolist())) / 6
+    assert float(build_loss("mse_pm1")(outputs, targets)) == pytest.approx(by_hand)
+    assert float(build_loss("mse_pm1")(torch.tensor([[1.0, -1.0]]), torch.tensor([[1.0, 0.0]]))) == 0.0
+    assert spec.to_prob(torch.tensor([-3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0])).tolist() == [
+        0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
