@@ -7,6 +7,10 @@ import csv
 import json
 import io
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,7 @@ from celeba_dist.predict import main as predict_main
 from celeba_dist.train.main import cli_main as train_main
 from celeba_dist.train.main import main as train
 from test_export import cli
+from test_train import cpu_env
 
 SETTINGS = ["data.batch_size=16", "data.num_workers=0", "data.image_size=[32, 32]", "log.progress_bar=false",
             "log.image_grid_size=0", "train.epochs=1", "train.eval_splits=[val]"]
@@ -223,3 +228,22 @@ def test_eval_of_a_run_scores_its_best_checkpoint_on_the_split_asked(run, pristi
     assert got["mean"]["num_samples"] == ShardData(str(pristine)).split("val").num_samples == recorded["mean"]["num_samples"]
     assert got["attributes"] == recorded["attributes"] and got["mean"] == recorded["mean"]
 
+
+
+def test_ctrl_c_ends_predict_at_once_with_130_and_writes_nothing(run, pristine, tmp_path):
+    """A Ctrl-C in `predict` (here while it writes its rows): exit 130, one line, no traceback, no CSV and no
+    temporary file left."""
+    out = tmp_path / "p.csv"
+    proc = subprocess.Popen([sys.executable, "-m", "celeba_dist", "predict", "--checkpoint", str(run), "--input",
+                             str(pristine), "--out", str(out), "--batch-size", "1"],
+                            env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".p.csv.*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "predict ended before its rows were being written"
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "celeba-dist predict: interrupted"
+    assert "Traceback" not in stderr and "wrote" not in stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
