@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from urllib.error import URLError
 
@@ -260,7 +261,9 @@ def test_squeezenet_head_gives_negative_logits() -> None:
 
 
 def test_auxiliary_heads_are_dropped_so_training_gets_plain_logits() -> None:
-    model = build_model("torchvision:googlenet", num_attributes=N).train()  # built with its aux classifiers
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no FutureWarning about its init at each build either
+        model = build_model("torchvision:googlenet", num_attributes=N).train()  # built with its aux classifiers
     out = model(torch.randn(2, 3, 96, 96))
     assert isinstance(out, torch.Tensor) and out.shape == (2, N)
     assert model.aux1 is None and model.aux2 is None

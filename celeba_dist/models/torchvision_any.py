@@ -79,6 +79,9 @@ def build_torchvision(name: str, *, num_attributes: int, imagenet: str | None = 
     if imagenet is None and name.startswith("vit_"):
         # Without weights a ViT is built for 224; match the default input size (518 for vit_h_14).
         options = {"image_size": _default_input_size(name)[0], **options}
+    if imagenet is None and name in ("googlenet", "inception_v3"):
+        # their truncated-normal init, said explicitly: left unset, torchvision warns (FutureWarning) at every build
+        options = {"init_weights": True, **options}
     try:
         model = torchvision_model(name, imagenet=imagenet, **options)
     except TypeError as exc:
