@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from celeba_dist.train.checkpoint import list_checkpoints
-from celeba_dist.train.runlock import LOCK_NAME
+from celeba_dist.runlock import LOCK_NAME
 from shardkit import synthetic_shards
 from test_train import accelerate_cmd, cpu_env
 

@@ -115,3 +115,54 @@ def test_a_sigkilled_synth_takes_its_workers_along(tmp_path):
     command = [sys.executable, "-m", "celeba_dist", "synth", str(tmp_path / "celeba"), "--num-images", "4000",
                "--workers", "2"]
     assert _kill_parent_and_watch_workers(command, 2) == [], "workers outlived their SIGKILLed parent"
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, f"{path} never appeared (exit {proc.poll()})"
+        time.sleep(0.05)
+
+
+def test_one_pack_per_output_folder_and_a_killed_packs_lock_is_taken_over(tmp_path):
+    """A second pack into a folder a live pack writes stops at once naming it, changing nothing; the first
+    finishes untouched. The lock of a SIGKILLed pack (same host, its pid gone) is taken over by the same command."""
+    src = write_celeba(tmp_path / "src", num_images=12)
+    image = src.image_path(4)
+    jpeg = image.read_bytes()
+    image.unlink()
+    os.mkfifo(image)  # the first pack waits on it, mid-run, holding the folder
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "celeba_dist", "pack", str(src.source), str(out), "--workers", "1",
+               "--samples-per-shard", "2"]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(out / "train" / "celeba-train-000000.tar", first)  # the shard of images 1-2 is written
+        before = tree_state(out)
+        started = time.monotonic()
+        second = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1 and time.monotonic() - started < 30, second.stderr
+        assert f"celeba-dist pack: error: output folder {out} is in use by another pack: pid {first.pid} " in second.stderr
+        assert tree_state(out) == before, "the refused pack changed the folder"
+        with open(image, "wb") as fifo:
+            fifo.write(jpeg)
+        assert first.wait(timeout=60) == 0, first.stderr.read()
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert not (out / ".lock").exists() and subprocess.run(command, capture_output=True, timeout=60).returncode == 0
+
+    killed_out = tmp_path / "killed"
+    image.unlink()
+    os.mkfifo(image)
+    killed = subprocess.Popen([*command[:5], str(killed_out), *command[6:]], stderr=subprocess.PIPE, text=True)
+    _wait_for(killed_out / ".lock", killed)
+    killed.kill()
+    killed.wait(timeout=30)
+    image.unlink()
+    image.write_bytes(jpeg)
+    again = subprocess.run([*command[:5], str(killed_out), *command[6:]], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    said = again.stdout + again.stderr
+    assert f"taking over the lock of pid {killed.pid}" in said and "no longer runs" in said, said
+    assert not (killed_out / ".lock").exists()

@@ -17,7 +17,7 @@ import pytest
 
 from celeba_dist.config import ConfigError, load_config
 from celeba_dist.train.main import main
-from celeba_dist.train.runlock import LOCK_NAME, Holder, RunLockedError, acquire, live_holder, pid_alive, read_holder
+from celeba_dist.runlock import LOCK_NAME, Holder, RunLockedError, acquire, live_holder, pid_alive, read_holder
 from shardkit import synthetic_shards
 from test_resume import kill_mid_epoch
 from test_train import accelerate_cmd, cpu_env
@@ -227,7 +227,7 @@ def test_a_lock_taken_away_is_reported_lost_and_left_to_its_new_holder(tmp_path)
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
-    logger = logging.getLogger("celeba_dist.train.runlock")
+    logger = logging.getLogger("celeba_dist.runlock")
     logger.addHandler(handler)
     try:
         lock = acquire(tmp_path, stale_s=300, refresh_s=0.05)
@@ -267,7 +267,7 @@ def test_a_requeued_slurm_job_takes_over_its_earlier_start(tmp_path):
 
 
 def test_a_taker_with_an_outdated_judgment_leaves_the_newer_lock(tmp_path):
-    from celeba_dist.train.runlock import _move_aside
+    from celeba_dist.runlock import _move_aside
 
     judged = write_lock(tmp_path, refreshed=time.time() - 1000)  # what a slow taker read and judged stale
     newer = write_lock(tmp_path)  # meanwhile another taker's lock (or the holder's refresh) replaced it
@@ -357,7 +357,7 @@ def test_the_lock_of_an_ended_slurm_job_on_another_node_is_taken_over_at_once(sl
         subprocess.run(["scancel", "--signal=KILL", "--full", job], capture_output=True, timeout=30)
     assert wait_until_ended([job], timeout_s=60).get(job) not in ACTIVE_STATES
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="celeba_dist.train.runlock"):
+    with caplog.at_level(logging.WARNING, logger="celeba_dist.runlock"):
         lock = acquire(tmp_path, stale_s=300, environ={})
     assert time.monotonic() - started < 30
     assert f"because its SLURM job {job} has ended (CANCELLED)" in caplog.text

@@ -357,7 +357,7 @@ def check_runs_free(run_dirs: Sequence[Path], *, stale_s: float) -> None:
     queued or running. That job takes the lock only once it starts: a second job queued meanwhile
     would stop on the lock (or take the folder from the pending one), and ``jobs`` would show only it.
     Reads ``slurm_jobs.json``, so a damaged one is refused here, before anything is queued."""
-    from celeba_dist.train import runlock
+    from celeba_dist import runlock
 
     for run_dir in run_dirs:
         holder = runlock.live_holder(run_dir, stale_s=stale_s)

@@ -58,7 +58,8 @@ from celeba_dist.pack.encode import Encoded, ImageEncoder, encoded_images
 from celeba_dist.pack.manifest import build_manifest, log_summary, write_manifest_if_changed
 from celeba_dist.pack.options import DEFAULT_SAMPLES_PER_SHARD, PackError, PackOptions
 from celeba_dist.pack.plan import Plan, make_plan
-from celeba_dist.pack.progress import Progress, Segment, create_out_dir, open_out_dir, plan_segments
+from celeba_dist.pack.progress import (Progress, Segment, create_out_dir, locked_out_dir, open_out_dir,
+                                       plan_segments)
 from celeba_dist.pack.samples import make_sample
 from celeba_dist.pack.sources import SourceData, SourceError, open_source
 from celeba_dist.pack.verify import verify
@@ -228,16 +229,17 @@ def pack(source: str, out_dir: Path, options: PackOptions) -> dict[str, Any]:
                        identity_column=options.identity_column)
     plan = make_plan(data, options)
     log.info("%s (%s): %s", source, data.kind, ", ".join(f"{s} {len(plan.rows[s])}" for s in SPLITS))
-    progress = open_out_dir(out_dir, data, options, plan.fingerprint(data, options))
-    segments = plan_segments(plan, progress, out_dir)
-    written_from = time.monotonic()
-    if segments:
-        create_out_dir(out_dir)
-        write_segments(data, plan, options, segments, progress, out_dir)
-    else:
-        log.info("%s: every shard is already there", out_dir)
-    manifest = build_manifest(data, plan, options, progress)
-    write_manifest_if_changed(out_dir, manifest)
+    with locked_out_dir(out_dir):  # one pack per output folder
+        progress = open_out_dir(out_dir, data, options, plan.fingerprint(data, options))
+        segments = plan_segments(plan, progress, out_dir)
+        written_from = time.monotonic()
+        if segments:
+            create_out_dir(out_dir)
+            write_segments(data, plan, options, segments, progress, out_dir)
+        else:
+            log.info("%s: every shard is already there", out_dir)
+        manifest = build_manifest(data, plan, options, progress)
+        write_manifest_if_changed(out_dir, manifest)
     now = time.monotonic()
     log_summary(manifest, images=sum(s.stop - s.start for s in segments), seconds=now - written_from,
                 total_seconds=now - started)

@@ -6,13 +6,15 @@ are refused (:func:`open_out_dir`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from celeba_dist import runlock
 from celeba_dist.diskio import write_json
 from celeba_dist.pack.options import PackError, PackOptions
 from celeba_dist.pack.plan import Plan
@@ -92,12 +94,49 @@ def create_out_dir(out_dir: Path) -> None:
     A path that cannot be a folder (a file in the way, no permission, a read-only file system) is a
     :class:`PackError` naming it, not a traceback.
     """
-    try:
+    with _named_errors(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _named_errors(out_dir: Path) -> Iterator[None]:
+    try:
+        yield
     except OSError as e:
         where = f" ({e.filename})" if e.filename and Path(e.filename) != out_dir else ""
         raise PackError(f"cannot create the output folder {out_dir}: {e.strerror or e}{where}") from None
+
+
+PACK_LOCK_STALE_S = 300.0  # a pack's lock not refreshed for this long (its host died) is taken over
+
+
+@contextlib.contextmanager
+def locked_out_dir(out_dir: Path) -> Iterator[None]:
+    """One pack per output folder: ``out_dir`` is held for the block with the run lock (:mod:`celeba_dist.runlock`).
+
+    A folder another live pack holds is a :class:`PackError` naming that pack, with nothing changed; a folder
+    this pack created and left empty (it failed before its first shard) is removed again.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PackError(f"{out_dir} exists and is not a folder")
+    created = not out_dir.exists()
+    with _named_errors(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = runlock.acquire(out_dir, stale_s=PACK_LOCK_STALE_S, user=runlock.PACK)
+        except runlock.RunLockedError as e:
+            raise PackError(str(e)) from None
+    try:
+        yield
+    finally:
+        lock.release()
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only when empty
+    if lock.lost.is_set():
+        raise PackError(f"another pack took the lock of {out_dir} over during this one: their shards may be mixed; "
+                        f"check with `celeba-dist verify {out_dir}`")
 
 
 def _refuse_other_source(out_dir: Path, data: SourceData, records: dict[str, dict[str, Any] | None]) -> None:

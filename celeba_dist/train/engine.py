@@ -21,7 +21,7 @@ from celeba_dist.train.board import Board
 from celeba_dist.train.distributed import all_sum, gather_list, gather_rows
 from celeba_dist.train.ema import WeightEMA
 from celeba_dist.train.metrics import compute_metrics
-from celeba_dist.train.runlock import RunLockedError
+from celeba_dist.runlock import RunLockedError
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from celeba_dist.data.transforms import build_transform
 from celeba_dist.diskio import DiskFullError, write_json
 from celeba_dist.logs import attach_log_file, setup_logging
 from celeba_dist.shards.manifest import ManifestError, shards_fingerprint
-from celeba_dist.train import runlock
+from celeba_dist import runlock
 from celeba_dist.train.board import Board, accuracy_bars, attention_overlay, prediction_grid
 from celeba_dist.train.build import (StoppedBeforeTraining, build_model_for, check_data, epoch_loader,
                                      eval_batches, refuse_empty_eval_splits, stop_if_requested, train_data)
@@ -207,7 +207,7 @@ def write_results(run_dir: Path, results: dict[str, dict], state: TrainState, th
 def main(cfg: Config, *, on_locked: Callable[[], None] | None = None) -> dict[str, Any]:
     """Train ``cfg`` on every rank; returns {"status", "run_dir", "global_step", "best", "metrics"}.
 
-    The run folder is locked for the whole run (:mod:`celeba_dist.train.runlock`): a second run on it
+    The run folder is locked for the whole run (:mod:`celeba_dist.runlock`): a second run on it
     raises :class:`runlock.RunLockedError` before it writes anything (``on_locked``, called on the main
     process once the lock is held, is not called then); a run whose lock another process took over
     stops at its next step check with the same error, on every rank, writing nothing more.

@@ -1,4 +1,5 @@
-"""One run per folder: ``RUN/.lock`` names the process that trains in it.
+"""One run per folder: ``RUN/.lock`` names the process that trains in it (or packs into it: ``pack`` takes
+the same lock on its output folder).
 
 The lock is a small JSON record: host, pid, SLURM job id and restart count, start time, last
 refresh and a token unique to this acquisition. It is created by ``link(2)``-ing a complete
@@ -116,7 +117,7 @@ def stale_reason(holder: Holder, me: Holder, *, stale_s: float, now: float | Non
     if holder.host == me.host and not pid_alive(holder.pid):
         return f"process {holder.pid} no longer runs on {holder.host}"
     if now - holder.refreshed > stale_s:
-        return f"it was not refreshed for {now - holder.refreshed:.0f} s (run.lock_stale_s={stale_s:g})"
+        return f"it was not refreshed for {now - holder.refreshed:.0f} s (stale after {stale_s:g} s)"
     if holder.job_id and holder.job_id != me.job_id:
         ended = _slurm_job_ended(holder.job_id)
         if ended:
@@ -134,11 +135,26 @@ def _slurm_job_ended(job_id: str) -> str | None:
     return state if state and state not in ACTIVE_STATES else None
 
 
-def locked_message(run_dir: Path, holder: Holder, *, stale_s: float) -> str:
-    return (f"run folder {run_dir} is in use by another run: {holder.describe()}. Use another --run-dir, or wait "
-            f"for that run to end; a lock whose holder died is taken over once it is {stale_s:g} s old "
-            f"(run.lock_stale_s), at once on the holder's host or once its SLURM job has ended; delete {run_dir / LOCK_NAME} only if you are "
-            f"sure that run is gone")
+@dataclasses.dataclass(frozen=True)
+class User:
+    """Who locks a folder, as the messages name it: ``run`` (a training's run folder) or ``pack`` (its output)."""
+
+    noun: str  # "run", "pack"
+    folder: str  # "run folder", "output folder"
+    elsewhere: str  # how to choose another folder
+    stale_key: str = ""  # the setting of ``stale_s``, if any
+
+
+RUN = User("run", "run folder", "Use another --run-dir", "run.lock_stale_s")
+PACK = User("pack", "output folder", "Pack into another folder")
+
+
+def locked_message(run_dir: Path, holder: Holder, *, stale_s: float, user: User = RUN) -> str:
+    key = f" ({user.stale_key})" if user.stale_key else ""
+    return (f"{user.folder} {run_dir} is in use by another {user.noun}: {holder.describe()}. {user.elsewhere}, or "
+            f"wait for that {user.noun} to end; a lock whose holder died is taken over once it is {stale_s:g} s "
+            f"old{key}, at once on the holder's host or once its SLURM job has ended; delete {run_dir / LOCK_NAME} "
+            f"only if you are sure that {user.noun} is gone")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,8 +224,8 @@ class RunLock:
     another process judged it stale and took the folder over.
     """
 
-    def __init__(self, path: Path, holder: Holder, *, refresh_s: float):
-        self.path = path
+    def __init__(self, path: Path, holder: Holder, *, refresh_s: float, user: User = RUN):
+        self.path, self.user = path, user
         self.holder = holder
         self.lost = threading.Event()
         self._stop = threading.Event()
@@ -225,8 +241,9 @@ class RunLock:
         current = read_holder(self.path)
         if current is None or current.token != self.holder.token:
             if not self.lost.is_set():
-                log.error("lost the lock of run folder %s: %s; another run may be writing into this folder",
-                          self.path.parent, f"taken over by {current.describe()}" if current else "the file is gone")
+                why = f"taken over by {current.describe()}" if current else "the file is gone"
+                log.error("lost the lock of %s %s: %s; another %s may be writing into this folder", self.user.folder,
+                          self.path.parent, why, self.user.noun)
             self.lost.set()
             return False
         fresh = dataclasses.replace(self.holder, refreshed=time.time())
@@ -251,7 +268,7 @@ class RunLock:
 
 
 def acquire(run_dir: Path, *, stale_s: float, refresh_s: float | None = None,
-            environ: Mapping[str, str] | None = None) -> RunLock:
+            environ: Mapping[str, str] | None = None, user: User = RUN) -> RunLock:
     """Lock ``run_dir`` (created if missing) for this process, taking a stale lock over with a warning.
 
     Raises :class:`RunLockedError` naming the holder when a live run holds it. ``refresh_s``
@@ -267,12 +284,13 @@ def acquire(run_dir: Path, *, stale_s: float, refresh_s: float | None = None,
         if holder is None:  # released between the two steps
             continue
         if holder.token == me.token:
-            return RunLock(path, me, refresh_s=refresh_s or min(REFRESH_S, stale_s / 4))
+            return RunLock(path, me, refresh_s=refresh_s or min(REFRESH_S, stale_s / 4), user=user)
         reason = stale_reason(holder, me, stale_s=stale_s)
         if reason is None:
-            raise RunLockedError(locked_message(run_dir, holder, stale_s=stale_s))
+            raise RunLockedError(locked_message(run_dir, holder, stale_s=stale_s, user=user))
         if _move_aside(path, holder):
-            log.warning("run folder %s: taking over the lock of %s, because %s", run_dir, holder.describe(), reason)
+            log.warning("%s %s: taking over the lock of %s, because %s", user.folder, run_dir, holder.describe(),
+                        reason)
     raise RunLockedError(f"could not lock {path} in {_ATTEMPTS} attempts: other processes keep changing it")
 
 
