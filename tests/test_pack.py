@@ -30,6 +30,14 @@ def pack(source: Path, out: Path, *extra: str) -> None:
     assert main([str(source), str(out), "--workers", "1", *extra]) == 0
 
 
+def rewritten_by_pack(src, out: Path, *args: str) -> set[str]:
+    """Pack ``src`` into ``out`` again; the files under ``out`` it created or changed."""
+    state = tree_state(out)
+    pack(src.source, out, *args)
+    after = tree_state(out)
+    return {name for name in after if state.get(name) != after[name]}
+
+
 def tars(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.tar"))}
 
@@ -110,11 +118,8 @@ def test_resume_rewrites_only_the_missing_shard(tmp_path):
     lost = out / "train" / "celeba-train-000002.tar"
     lost.unlink()
     (out / MANIFEST_NAME).unlink()
-    state = tree_state(out)
 
-    pack(src.source, out, "--samples-per-shard", "4")
-    after = tree_state(out)
-    rewritten = {name for name in after if state.get(name) != after[name]}
+    rewritten = rewritten_by_pack(src, out, "--samples-per-shard", "4")
     assert rewritten == {"train/celeba-train-000002.tar", MANIFEST_NAME, ".pack-progress.json"}
     assert tars(out) == before_tars
     assert without_created(json.loads((out / MANIFEST_NAME).read_text())) == without_created(before_manifest)
@@ -332,10 +337,7 @@ def test_resume_rewrites_a_shard_damaged_in_place(tmp_path):
     data = bytearray(damaged.read_bytes())
     data[1500] ^= 0xFF
     damaged.write_bytes(bytes(data))
-    state = tree_state(out)
-    pack(src.source, out, "--samples-per-shard", "4")
-    after = tree_state(out)
-    rewritten = {name for name in after if state.get(name) != after[name]}
+    rewritten = rewritten_by_pack(src, out, "--samples-per-shard", "4")
     assert rewritten == {"train/celeba-train-000001.tar", MANIFEST_NAME, ".pack-progress.json"}
     assert tars(out) == before
     assert verify_main([str(out), "--workers", "1"]) == 0
