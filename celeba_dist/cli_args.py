@@ -44,6 +44,8 @@ def out_file(text: str) -> Path:
 # How gloo and NCCL say that a peer rank died: this rank's error is then only a consequence.
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
              "Broken pipe")
+# How PyTorch says a loader worker died without an error of its own (its SIGCHLD handler, or its poll).
+WORKER_KILLED = ("killed by signal: Killed.", "exited unexpectedly")
 # How gloo and NCCL say that a collective waited past the run's timeout: a peer hangs (or died silently).
 TIMED_OUT = ("Timed out waiting", "collective operation timeout")
 
@@ -60,9 +62,12 @@ def report_error(prog: str, exc: BaseException) -> int:
         text = f"{lines[0].removeprefix('Caught ').rstrip('.')}: {lines[-1].partition(': ')[2]}"
     elif any(marker in text for marker in PEER_GONE):
         text = f"another process of this run ended (its own error, printed above or in its log, says why): {text}"
-    elif text.startswith("DataLoader worker") and text.endswith("killed by signal: Killed."):
-        text = (f"{text.rstrip('.')}: a SIGKILL, most often the kernel's out-of-memory killer (`dmesg` tells); "
-                "fewer data.num_workers or a smaller data.shuffle_buffer take less memory")
+    elif text.startswith("DataLoader worker") and text.endswith(WORKER_KILLED):  # which one PyTorch says is a race
+        text = (f"{text.rstrip('.')}: killed without a word, most often by the kernel's out-of-memory killer "
+                "(`dmesg` tells); fewer data.num_workers or a smaller data.shuffle_buffer take less memory")
+    elif text.startswith("DataLoader timed out after"):
+        text = (f"{text.rstrip('.')} (data.loader_timeout_s): a loader worker delivered nothing for that long; "
+                "it hangs on a stuck filesystem, or deadlocked as it started")
     elif any(marker in text for marker in TIMED_OUT):
         text = ("a collective waited longer than train.collective_timeout_min: another process of this run "
                 f"hangs or died without a word (raise the timeout if a step really takes that long): {text}")

@@ -37,6 +37,7 @@ class DataConfig:
     batch_size: int = 64  # per process
     eval_batch_size: int = 0  # 0: same as batch_size
     num_workers: int = 2
+    loader_timeout_s: float = 600.0  # no batch from the workers for this long (a hung worker) is an error; 0: none
     transform: str = "crop178_resize"
     image_size: tuple[int, int] = (64, 64)  # (H, W) fed to the model
     normalize: str = "auto"  # auto (what the model's weights expect) | unit (x/255) | imagenet
@@ -433,6 +434,7 @@ def validate_choices(config: Config) -> None:
 # naming the key, instead of as an obscure error (a modulo by zero, an empty run) deep in a run.
 RANGES: dict[str, tuple[float, float | None]] = {
     "data.batch_size": (1, None), "data.eval_batch_size": (0, None), "data.num_workers": (0, None),
+    "data.loader_timeout_s": (0, None),
     "data.image_size": (8, None), "data.shuffle_buffer": (0, None), "data.train_subset": (0, None),
     "train.epochs": (1, None), "train.max_steps": (0, None), "train.seed": (0, 2**32 - 1),
     "train.grad_accum_steps": (1, None), "train.clip_grad_norm": (0, None), "train.log_every_steps": (1, None),

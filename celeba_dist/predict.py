@@ -45,10 +45,10 @@ def batches(cfg: Config, source: Path, images: list[tuple[str, Path]] | None, at
         for name in [split] if split else ["train", "val", "test"]:
             stream = eval_stream(data, name, transform, batch_size=batch_size, rank=0, world_size=1,
                                  skip_bad=cfg.data.skip_bad_samples)
-            yield from make_loader(stream, num_workers=cfg.data.num_workers)
-    else:
-        stream = ImageFolderStream(images, transform, batch_size=batch_size, num_attributes=len(attributes))
-        yield from make_loader(stream, num_workers=cfg.data.num_workers)
+            yield from make_loader(stream, num_workers=cfg.data.num_workers, timeout_s=cfg.data.loader_timeout_s)
+        return
+    stream = ImageFolderStream(images, transform, batch_size=batch_size, num_attributes=len(attributes))
+    yield from make_loader(stream, num_workers=cfg.data.num_workers, timeout_s=cfg.data.loader_timeout_s)
 
 
 @torch.no_grad()

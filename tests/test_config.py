@@ -71,6 +71,7 @@ def test_config_file_and_model_options(tmp_path):
     (["train.sync_every_steps=0"], "train.sync_every_steps must be >= 1, got 0"),
     (["train.max_steps=-1"], "train.max_steps must be >= 0, got -1"),
     (["train.collective_timeout_min=0"], "train.collective_timeout_min must be > 0, got 0.0"),
+    (["data.loader_timeout_s=-1"], "data.loader_timeout_s must be >= 0, got -1.0"),
     (["data.image_size=[0, 0]"], "data.image_size must be >= 8, got (0, 0)"),
     (["data.eval_batch_size=-3"], "data.eval_batch_size must be >= 0, got -3"),
     (["optim.lr=.inf"], "optim.lr must be > 0, got inf"),

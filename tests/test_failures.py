@@ -358,22 +358,42 @@ def _children(pid: int) -> list[int]:
     return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
 
 
-def test_a_loader_worker_killed_mid_epoch_ends_the_run_naming_it_then_resumes(pristine, tmp_path):
-    """The kernel's OOM killer (here a SIGKILL) takes one loader worker: the run ends at once with an error
-    that says a loader worker was killed, keeps its checkpoints, and the same command resumes."""
-    run_dir = tmp_path / "run"
-    cmd = train_cmd(pristine, run_dir, "train.epochs=2")
-    def kill_a_worker(launcher: subprocess.Popen) -> None:
-        workers = _children(launcher.pid)
-        assert workers, "no loader worker runs"
-        os.kill(workers[0], signal.SIGKILL)
+def kill_a_worker(launcher: subprocess.Popen) -> None:
+    """SIGKILL to one loader worker of a 1-process run, as the kernel's out-of-memory killer sends it."""
+    workers = _children(launcher.pid)
+    assert workers, "no loader worker runs"
+    os.kill(workers[0], signal.SIGKILL)
 
-    code, out, seconds = fault_after_first_checkpoint(cmd, run_dir, kill_a_worker)
+
+def hang_the_next_reads(shards: Path) -> Callable[[subprocess.Popen], None]:
+    """Every training shard becomes a FIFO nobody writes: a worker that opens its next shard waits for ever,
+    as on a hung network filesystem. The shards themselves wait beside, as ``*.aside``."""
+    def fault(_: subprocess.Popen) -> None:
+        for shard in sorted((shards / "train").glob("*.tar")):
+            shard.rename(shard.with_suffix(".aside"))
+            os.mkfifo(shard)
+    return fault
+
+
+@pytest.mark.parametrize("fault, error", [
+    ("killed", ["DataLoader worker (pid", "out-of-memory killer", "data.num_workers"]),
+    ("hung", ["DataLoader timed out after 5.0 seconds (data.loader_timeout_s): a loader worker delivered"]),
+], ids=["killed (the OOM killer)", "hung (a read that never returns)"])
+def test_a_loader_worker_killed_or_hung_mid_epoch_ends_the_run_naming_it_then_resumes(shards, tmp_path, fault, error):
+    """The kernel's OOM killer (here a SIGKILL) takes one loader worker, or the workers' reads hang (a stuck
+    filesystem): the run ends with an error that says which and what to change, at once or after
+    ``data.loader_timeout_s``, keeps its checkpoints, and the same command resumes."""
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(shards, run_dir, "train.epochs=2", "data.loader_timeout_s=5")
+    code, out, seconds = fault_after_first_checkpoint(cmd, run_dir,
+                                                      kill_a_worker if fault == "killed" else hang_the_next_reads(shards))
+    for fifo in (shards / "train").glob("*.aside"):
+        fifo.with_suffix(".tar").unlink()
+        fifo.rename(fifo.with_suffix(".tar"))
     assert code == 1, out[-3000:]
     assert seconds < ENDS_WITHIN_S, seconds
     last = out.strip().splitlines()[-1]
-    assert last.startswith("celeba-dist train: error: DataLoader worker (pid ") and "killed by signal" in last, last
-    assert "out-of-memory killer" in last and "data.num_workers" in last, last
+    assert last.startswith("celeba-dist train: error: ") and all(e in last for e in error), last
     assert "Traceback" not in out
     assert not (run_dir / "metrics.json").exists() and not (run_dir / LOCK_NAME).exists()
     assert_no_leftover_processes(run_dir)
@@ -381,4 +401,4 @@ def test_a_loader_worker_killed_mid_epoch_ends_the_run_naming_it_then_resumes(pr
     proc, _ = run(cmd)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert f"resumed from {newest}" in proc.stdout + proc.stderr
-    assert finished_step(run_dir) == total_steps(pristine, epochs=2)
+    assert finished_step(run_dir) == total_steps(shards, epochs=2)

@@ -155,3 +155,135 @@ def test_jobs_reads_sacct_states_and_array_members(capsys, tmp_path, monkeypatch
     assert status_main(["--run-dir", str(runs)]) == 0
     rows = {line.split()[0]: line.split()[1:4] for line in capsys.readouterr().out.splitlines()[1:3]}
     assert rows == {"cancelled": ["1234", "CANCELLED", "1"], "queued": ["1240_2", "PENDING", "0"]}
+
+
+@pytest.mark.parametrize("state", ["PENDING", "REQUEUED", "RUNNING"])
+def test_a_folder_whose_job_is_queued_or_running_is_refused(capsys, tmp_path, monkeypatch, state):
+    """One run per folder before the job holds the run lock: a job still queued (or requeued and queued
+    again) keeps its folder, and so does a sweep's, even against a new sweep with other member names."""
+    _fake_slurm_clients(tmp_path, monkeypatch, f"1250|{state}\n1240_0|COMPLETED\n1240_1|{state}\n")
+    (tmp_path / "bin" / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: not on this test' >&2\nexit 1\n")
+    (tmp_path / "bin" / "sbatch").chmod(0o755)  # a submission that got past the check queues nothing
+    run_dir = tmp_path / "run"
+    record_job(run_dir, "submitted", job_id="1250", executor="slurm")
+    assert submit_main(_submit(tmp_path, run_dir, "--time", "5")) == 2
+    err = _one_line_error(capsys)
+    assert f"already has job 1250 ({state})" in err and "scancel 1250" in err, err
+    assert [r["event"] for r in json.loads((run_dir / "slurm_jobs.json").read_text())] == ["submitted"]
+    sweep = tmp_path / "sw"
+    members = [{"name": n, "config": "smiling_simple_cnn", "overrides": [], "run_dir": str(sweep / n),
+                "job_id": f"1240_{i}"} for i, n in enumerate(("old-a", "old-b"))]
+    for member in members:
+        record_job(sweep / member["name"], "submitted", job_id=member["job_id"], executor="slurm")
+    (sweep / "sweep.json").write_text(json.dumps({"members": members}))
+    assert sweep_main(_sweep(tmp_path, sweep, "--time", "5")) == 2  # members 00-lr1e-3, 01-lr3e-4: new folders
+    assert f"already has job 1240_1 ({state})" in _one_line_error(capsys, "sweep")
+    assert json.loads((sweep / "sweep.json").read_text()) == {"members": members}
+    assert not (sweep / "slurm").exists()
+
+
+def test_jobs_asks_the_controller_while_sacct_still_says_requeued(capsys, tmp_path, monkeypatch):
+    """After a requeue sacct says REQUEUED for a while when the controller has the job PENDING again, and
+    RUNNING while the controller is already COMPLETING it: the controller's state is the one shown."""
+    _fake_slurm_clients(tmp_path, monkeypatch, "1250|REQUEUED\n1260|RUNNING\n1270|COMPLETED\n")
+    (tmp_path / "bin" / "scontrol").write_text(
+        "#!/bin/sh\ncase \"$4\" in\n"
+        "1250) echo 'JobId=1250 JobName=a JobState=PENDING Reason=BeginTime Restarts=1';;\n"
+        "1260) echo 'JobId=1260 JobName=b JobState=COMPLETING Restarts=0';;\n"
+        "*) echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1;;\nesac\n")
+    from celeba_dist.launch.status import scheduler_states
+
+    assert scheduler_states(["1250", "1260", "1270"]) == {"1250": "PENDING", "1260": "COMPLETING",
+                                                         "1270": "COMPLETED"}
+    runs = tmp_path / "runs"
+    record_job(runs / "requeued", "submitted", job_id="1250", executor="slurm")
+    record_job(runs / "requeued", "started", job_id="1250", restart=0)
+    record_job(runs / "requeued", "requeue", job_id="1250", restart=0, step=6)
+    assert status_main(["--run-dir", str(runs)]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[:4] == ["requeued", "1250", "PENDING(requeued)", "1"], row
+
+
+def test_submit_wait_keeps_waiting_through_a_requeue(tmp_path, monkeypatch):
+    """--wait on a job SLURM requeues: REQUEUED and PENDING again are still waiting, and so is a job the
+    scheduler does not know yet; the job's end is what ends the wait (sacct answering a new state at
+    each poll, as during a preemption)."""
+    from celeba_dist.launch import submit
+
+    _fake_slurm_clients(tmp_path, monkeypatch, "")
+    states = tmp_path / "bin" / "states"
+    states.write_text("\nRUNNING\nREQUEUED\nPENDING\nRUNNING\nCOMPLETED\n")  # not known yet at the first poll
+    (tmp_path / "bin" / "sacct").write_text(  # the next state at each call, the last one for good
+        f"#!/bin/sh\nstate=$(head -n 1 {states})\necho \"1250|$state\"\n"
+        f"[ $(wc -l < {states}) -gt 1 ] && sed -i 1d {states}\nexit 0\n")
+    monkeypatch.setattr(submit, "POLL_S", 0)
+    job = submitit.SlurmJob(folder=tmp_path / "slurm" / "%j", job_id="1250")
+    assert submit._wait_slurm(job) == "COMPLETED"
+    assert states.read_text() == "COMPLETED\n"
+
+
+def test_the_submitted_job_may_requeue_as_often_as_run_max_requeues(capsys, tmp_path, monkeypatch):
+    """A week-long job: submitit's own count of time-limit requeues (its handler refuses a requeue past
+    it, whatever the task decides) is run.max_requeues, in the pickle the job loads, not submitit's 3."""
+    _fake_slurm_clients(tmp_path, monkeypatch, "")
+    (tmp_path / "bin" / "sbatch").write_text("#!/bin/sh\necho 'Submitted batch job 1250'\n")
+    (tmp_path / "bin" / "sbatch").chmod(0o755)
+    run_dir = tmp_path / "week"
+    assert submit_main(_submit(tmp_path, run_dir, "--time", "600", "--set", "run.max_requeues=20")) == 0
+    assert "submitted job 1250" in capsys.readouterr().out
+    delayed = submitit.helpers.DelayedSubmission.load(run_dir / "slurm" / "1250" / "1250_submitted.pkl")
+    assert delayed._timeout_countdown == 20
+    assert delayed.function.run_dir == str(run_dir.resolve()) and delayed.function.overrides == ["run.max_requeues=20"]
+    assert [(r["event"], r["job_id"], r["executor"]) for r in json.loads((run_dir / "slurm_jobs.json").read_text())] \
+        == [("submitted", "1250", "slurm")]
+
+
+def test_submit_wait_returns_once_the_cancelled_tasks_are_gone(tmp_path, monkeypatch):
+    """sacct says CANCELLED at once while the controller still lets the tasks checkpoint (COMPLETING):
+    --wait waits for the controller, so that its answer holds (no task left to requeue or write)."""
+    from celeba_dist.launch.status import wait_until_ended
+
+    _fake_slurm_clients(tmp_path, monkeypatch, "1250|CANCELLED by 0\n")
+    states = tmp_path / "bin" / "controller"
+    states.write_text("COMPLETING\nCOMPLETING\nCANCELLED\n")
+    (tmp_path / "bin" / "scontrol").write_text(  # the next state at each call, the last one for good
+        f"#!/bin/sh\necho \"JobId=1250 JobName=a JobState=$(head -n 1 {states}) Restarts=0\"\n"
+        f"[ $(wc -l < {states}) -gt 1 ] && sed -i 1d {states}\nexit 0\n")
+    assert wait_until_ended(["1250"], timeout_s=30) == {"1250": "CANCELLED"}
+    assert states.read_text() == "CANCELLED\n"
+
+
+def test_each_sweep_member_records_its_own_array_task(capsys, tmp_path, monkeypatch):
+    """A sweep is one job array: each member's run folder records its own ARRAY_INDEX job id, so that
+    `jobs --sweep` shows each member's own state (here member 1 still running while member 0 is done)."""
+    _fake_slurm_clients(tmp_path, monkeypatch, "1250_0|COMPLETED\n1250_1|RUNNING\n")
+    (tmp_path / "bin" / "sbatch").write_text("#!/bin/sh\necho 'Submitted batch job 1250'\n")
+    (tmp_path / "bin" / "sbatch").chmod(0o755)
+    sweep = tmp_path / "sw"
+    assert sweep_main(_sweep(tmp_path, sweep, "--time", "5")) == 0
+    assert "submitted 2 member(s) as job array 1250" in capsys.readouterr().out
+    names = ["00-lr1e-3", "01-lr3e-4"]
+    assert [(m["name"], m["job_id"]) for m in json.loads((sweep / "sweep.json").read_text())["members"]] == [
+        (names[0], "1250_0"), (names[1], "1250_1")]
+    for i, name in enumerate(names):
+        assert [(r["event"], r["job_id"]) for r in json.loads((sweep / name / "slurm_jobs.json").read_text())] == [
+            ("submitted", f"1250_{i}")]
+    assert status_main(["--run-dir", str(tmp_path), "--sweep", "sw"]) == 0
+    rows = {line.split()[0]: line.split()[1:3] for line in capsys.readouterr().out.splitlines()[1:3]}
+    assert rows == {names[0]: ["1250_0", "COMPLETED"], names[1]: ["1250_1", "RUNNING"]}
+
+
+def test_a_sweep_checks_every_member_folder_before_queueing(capsys, tmp_path, monkeypatch):
+    """run.resume=none over a member folder that holds checkpoints (here the second member's) would mix two
+    runs: the sweep is refused naming that folder, before sbatch, and the first member's check alone
+    does not let it through."""
+    _fake_slurm_clients(tmp_path, monkeypatch, "")
+    (tmp_path / "bin" / "sbatch").write_text("#!/bin/sh\necho 'Submitted batch job 1250'\n")
+    (tmp_path / "bin" / "sbatch").chmod(0o755)
+    sweep = tmp_path / "sw"
+    (sweep / "01-lr3e-4" / "checkpoints").mkdir(parents=True)
+    (sweep / "01-lr3e-4" / "checkpoints" / "step-000000006.pt").write_bytes(b"")
+    assert sweep_main(_sweep(tmp_path, sweep, "--time", "5", "--set", "run.resume=none")) == 2
+    err = _one_line_error(capsys, "sweep")
+    assert f"run.resume=none: {sweep.resolve() / '01-lr3e-4'} already holds checkpoints" in err, err
+    assert not (sweep / "sweep.json").exists() and not (sweep / "slurm").exists()

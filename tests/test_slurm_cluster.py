@@ -400,6 +400,54 @@ def test_run_state_reads_the_records():
     assert run_state(None, [started], finished=False) == "UNKNOWN"
 
 
+def _task(run_dir: Path):
+    from celeba_dist.launch.submit import TrainTask
+    return TrainTask(config="smiling_simple_cnn", overrides=[], data_dir="unused", run_dir=str(run_dir))
+
+
+def test_usr2_requeues_only_below_max_requeues_and_only_from_rank_0(tmp_path, monkeypatch):
+    """A week-long job preempted again and again: rank 0 requeues through submitit's handler while
+    requeues are left; the other ranks leave; with run.max_requeues reached every rank returns the
+    "preempted" result and rank 0 records why (the step calls of a job, without the cluster)."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    preempted = {"status": "preempted", "global_step": 7}
+    calls = []
+    previous = signal.signal(signal.SIGUSR2, lambda sig, frame: calls.append(sig))  # stands in for submitit's
+    try:
+        for restart, rank in ((2, 0), (2, 3)):  # run.max_requeues=2 reached: nobody requeues, nobody exits
+            cluster = from_environ(_slurm_env(SLURM_PROCID=str(rank), SLURM_RESTART_COUNT=str(restart)))
+            assert _task(tmp_path)._requeue(cluster, 2, preempted) is None
+        assert calls == []
+        assert [(r["event"], r["restart"], r["step"], r["reason"]) for r in read_jobs(tmp_path)] == [
+            ("preempted", 2, 7, "run.max_requeues=2 reached, not requeued")]
+        cluster = from_environ(_slurm_env(SLURM_PROCID="3", SLURM_RESTART_COUNT="1"))
+        with pytest.raises(SystemExit) as other_rank:  # leaves without a result: the requeued job writes it
+            _task(tmp_path)._requeue(cluster, 2, preempted)
+        assert other_rank.value.code == 0 and calls == [] and len(read_jobs(tmp_path)) == 1
+        cluster = from_environ(_slurm_env(SLURM_PROCID="0", SLURM_RESTART_COUNT="1"))
+        _task(tmp_path)._requeue(cluster, 2, preempted)
+        assert calls == [signal.SIGUSR2]  # submitit's handler: pickle checkpoint(), scontrol requeue
+        assert [(r["event"], r["job_id"], r["restart"], r["step"]) for r in read_jobs(tmp_path)][1:] == [
+            ("requeue", "4242", 1, 7)]
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def test_sigterm_leaves_every_rank_without_a_result_or_a_requeue(tmp_path, monkeypatch):
+    """scancel (SIGTERM): after the checkpoint each task exits 75 instead of returning a result that would
+    tell --wait the job is over; rank 0 alone records it; outside a scheduler the result is returned."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    result = {"status": "terminated", "global_step": 9}
+    for rank in (0, 3):
+        cluster = from_environ(_slurm_env(SLURM_PROCID=str(rank), SLURM_RESTART_COUNT="1"))
+        with pytest.raises(SystemExit) as stopped:
+            _task(tmp_path)._leave_terminated(cluster, result, 75)
+        assert stopped.value.code == 75
+    assert [(r["event"], r["job_id"], r["restart"], r["step"]) for r in read_jobs(tmp_path)] == [
+        ("terminated", "4242", 1, 9)]
+    assert _task(tmp_path)._leave_terminated(from_environ({}), result, 75) is None
+
+
 def test_local_executor_runs_the_training(shards, tmp_path):
     """--local: the same task through submitit's LocalExecutor (no SLURM involved)."""
     run_dir = tmp_path / "local"
@@ -894,3 +942,29 @@ def test_train_sbatch_scancel_checkpoints_and_is_not_requeued(shards, tmp_path, 
                      if "stop requested by SIGTERM (terminate)" in line)
     stopped = int(stop_line.rsplit("checkpointing at step ", 1)[1])
     assert 3 <= stopped < _total_steps(shards, epochs=3) and _newest_checkpoint_step(run_dir) == stopped
+
+
+@pytest.mark.slurm
+def test_train_sbatch_usr2_with_max_requeues_reached_stops_resumable(shards, tmp_path, job_ids):
+    """jobs/train.sbatch with MAX_REQUEUES=0: USR2 (the time-limit warning) checkpoints and ends the job
+    without requeueing it; the run folder keeps the stop checkpoint for the same command to resume."""
+    run_dir = tmp_path / "sbatch-no-requeue"
+    cmd = ["sbatch", "--parsable", "--nodes=1", "--cpus-per-task=1", "--time=5", f"--output={tmp_path}/%x-%j.out",
+           str(REPO / "jobs" / "train.sbatch"), "--config", "smiling_simple_cnn", "--data", str(shards),
+           "--run-dir", str(run_dir), "--set", *SHORT]
+    env = {**os.environ, "PYTHON": sys.executable, "MAX_REQUEUES": "0"}
+    job_id = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    job_ids.append(job_id)
+    _wait_until(lambda: (run_dir / "checkpoints" / "step-000000003.pt").exists(), "the sbatch job training",
+                timeout_s=90, logs=tmp_path)
+    subprocess.run(["scancel", "--batch", "--signal=USR2", job_id], check=True, timeout=30)
+    info = _wait_until(lambda: (i := _scontrol(job_id)).get("JobState") not in ("RUNNING", "COMPLETING") and i,
+                       f"job {job_id} ended", timeout_s=60, logs=tmp_path)
+    assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("FAILED", "0", "75:0"), info
+    assert _squeue(job_id) == ""
+    log = next(tmp_path.glob(f"*-{job_id}.out")).read_text()
+    assert "not requeueing: MAX_REQUEUES=0 reached" in log and "requeueing job" not in log, log[-3000:]
+    stop_line = next(line for line in (run_dir / "logs" / "rank0.log").read_text().splitlines()
+                     if "checkpointing at step " in line)
+    stopped = int(stop_line.rsplit("checkpointing at step ", 1)[1])
+    assert 3 <= stopped < _total_steps(shards, world_size=1, epochs=3) and _newest_checkpoint_step(run_dir) == stopped

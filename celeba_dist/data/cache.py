@@ -193,7 +193,7 @@ class Store:
 
 
 def fill_store(parts: list[ShardPart], decoder: Decoder, *, size: tuple[int, int], num_attributes: int,
-               device: torch.device, pin: bool, num_workers: int, where: str,
+               device: torch.device, pin: bool, num_workers: int, where: str, timeout_s: float = 0.0,
                device_resample: Resample | None = None, stopped: Callable[[], bool] = lambda: False) -> Store:
     """Decode every sample of ``parts`` once, with ``num_workers`` loader workers, into a new :class:`Store`.
 
@@ -210,7 +210,8 @@ def fill_store(parts: list[ShardPart], decoder: Decoder, *, size: tuple[int, int
     for train in list(_ORDERING):
         train.settle()
     with owned_workers():
-        for item in make_loader(_FillStream(parts, decoder, raw=device_resample is not None), num_workers=num_workers):
+        stream = _FillStream(parts, decoder, raw=device_resample is not None)
+        for item in make_loader(stream, num_workers=num_workers, timeout_s=timeout_s):
             positions, batch = item if device_resample is None else _device_decoded(*item, decoder, device_resample,
                                                                                      device)
             if stopped():

@@ -599,15 +599,19 @@ class _Loader(DataLoader):
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
-def make_loader(dataset: IterableDataset, *, num_workers: int, pin_memory: bool = False) -> DataLoader:
+def make_loader(dataset: IterableDataset, *, num_workers: int, pin_memory: bool = False,
+                timeout_s: float = 0.0) -> DataLoader:
     """A DataLoader over a stream that batches itself (batch_size=None).
 
     It gets a generator of its own: starting an iterator would otherwise draw from the global
     RNG, and a run resumed mid-epoch would then see different dropout masks than an
     uninterrupted one. The streams seed their randomness themselves and do not use it.
+    ``timeout_s`` (``data.loader_timeout_s``; 0: none): waiting longer than that for the workers' next batch
+    (a worker stuck on a hung filesystem, or deadlocked as it started) raises instead of waiting for ever.
     """
     return _Loader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                    persistent_workers=False, prefetch_factor=4 if num_workers else None, collate_fn=_as_is,
+                   timeout=timeout_s if num_workers else 0,
                    generator=torch.Generator().manual_seed(0), worker_init_fn=_ignore_stop_signals)
 
 

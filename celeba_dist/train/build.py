@@ -74,7 +74,8 @@ def eval_loader(cfg: Config, data: ShardData, split: str, accelerator: Accelerat
     stream = eval_stream(data, split, transform, batch_size=cfg.data.eval_batch_size or cfg.data.batch_size,
                          rank=accelerator.process_index, world_size=accelerator.num_processes,
                          skip_bad=cfg.data.skip_bad_samples)
-    return make_loader(stream, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
+    return make_loader(stream, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
+                       timeout_s=cfg.data.loader_timeout_s)
 
 
 class StoppedBeforeTraining(Exception):
@@ -122,7 +123,8 @@ def epoch_loader(cfg: Config, train: TrainStream | CachedTrain) -> Iterable:
     """What one epoch iterates (set ``train.epoch`` and ``train.skip_batches`` first)."""
     if isinstance(train, CachedTrain):
         return train
-    return make_loader(train, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
+    return make_loader(train, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
+                       timeout_s=cfg.data.loader_timeout_s)
 
 
 def cached_store(cfg: Config, data: ShardData, accelerator: Accelerator, parts: list[ShardPart], form: CachedForm,
@@ -140,7 +142,8 @@ def cached_store(cfg: Config, data: ShardData, accelerator: Accelerator, parts: 
                                                          if len(problems) > 3 else ""))
     return fill_store(parts, data.decoder(form.base, skip_bad=cfg.data.skip_bad_samples), size=form.size,
                       num_attributes=len(data.attributes), device=device, pin=torch.cuda.is_available(),
-                      num_workers=cfg.data.num_workers, where=f"{what} (rank {accelerator.process_index})",
+                      num_workers=cfg.data.num_workers, timeout_s=cfg.data.loader_timeout_s,
+                      where=f"{what} (rank {accelerator.process_index})",
                       device_resample=form.resample if cfg.data.cache_decode == "device" else None, stopped=stopped)
 
 
