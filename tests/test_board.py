@@ -30,3 +30,10 @@ def test_grid_frames_an_image_red_when_any_attribute_is_wrong():
     grid = prediction_grid(images, probs, truth, ["Smiling", "Male"], max_lines=1)
     tile_w = grid.shape[1] // 2
     assert tuple(grid[2, 2]) == (0, 180, 0) and tuple(grid[2, tile_w + 4]) == (220, 0, 0)
+
+
+def test_a_score_exactly_at_its_tuned_threshold_is_a_positive_on_the_grid():
+    """Tuned thresholds are scores of validation samples, so a score equal to its threshold is common; it is a
+    positive prediction (as ``decide`` and the metrics say, p >= t) and shows as one, not as nothing."""
+    lines = grid_lines([0.30, 0.10], [1, 0], ["Smiling", "Male"], thresholds=[0.30, 0.5], max_lines=2)
+    assert lines == [("+ Smiling 0.30 (t=1)", True)]

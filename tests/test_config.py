@@ -60,6 +60,8 @@ def test_config_file_and_model_options(tmp_path):
     (["sched.name=warp"], "sched.name"),
     (["loss.name=hinge"], "loss.name"),
     (["data.attributes=[Smiling, Smiley]"], "Smiley"),
+    # one attribute twice would train two outputs for it and report one of them (metrics are keyed by name)
+    (["data.attributes=[Smiling, Male, Smiling]"], "data.attributes: attribute list has duplicates: ['Smiling', 'Male', 'Smiling']"),
     (["model.dropoutt=0.1"], "model.dropoutt"),
     (["data.transform=zoom"], "data.transform"),
     (["train.epochs=0"], "train.epochs"),

@@ -108,3 +108,20 @@ def test_full_disk_while_packing_names_the_shard_and_the_same_command_resumes(pr
     assert 0 < repacked < 300, "only the shards the disk could not hold are packed again"
     for shard in pristine.rglob("*.tar"):  # same shards byte for byte as a pack that never failed
         assert filecmp.cmp(shard, out / shard.relative_to(pristine), shallow=False), shard
+
+
+def test_a_checkpoint_larger_than_the_free_space_is_a_disk_full_error_naming_it(small_disk):
+    """torch.save reports a full disk as a RuntimeError ("unexpected pos") whose context is the ENOSPC: it is
+    still said as a full disk naming the file, the previous file under that name is kept, and no part is left."""
+    from celeba_dist.diskio import DiskFullError
+    from celeba_dist.train.checkpoint import atomic_save
+
+    path = small_disk / "checkpoints" / "step-000000002.pt"
+    atomic_save({"model": torch.ones(4)}, path)
+    before = path.read_bytes()
+    fill(small_disk, leave=2**20)
+    with pytest.raises(DiskFullError) as err:
+        atomic_save({"model": torch.zeros(2**20)}, path)  # 4 MiB into 1 MiB
+    assert str(err.value).startswith(f"no space left on device writing {path} (")
+    assert err.value.__cause__ is not None and "unexpected pos" in str(err.value.__cause__)
+    assert path.read_bytes() == before and not temporaries(small_disk)

@@ -177,6 +177,7 @@ def test_onnx_export_matches_pytorch_and_a_mismatch_keeps_nothing(run, pristine,
     with pytest.raises(export_onnx.OnnxMismatchError, match="differ from PyTorch's"):
         export_cli.export(run, tmp_path / "bad", onnx=True)
     assert not (tmp_path / "bad").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".bad.")]  # nor the folder it was filling
 
 
 def read_decisions(path: Path) -> dict[str, list[int]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -331,6 +332,26 @@ def test_sigkill_of_one_rank_ends_the_other_and_the_run_resumes(pristine, tmp_pa
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert f"resumed from {newest}" in proc.stdout + proc.stderr
     assert finished_step(run_dir) == total_steps(pristine, world=2, epochs=2)
+
+
+def test_a_stop_signal_to_one_rank_stops_both_at_the_same_step(pristine, tmp_path):
+    """SIGTERM to rank 1 alone (a node agent or an OOM guard signalling one process, not the whole job): the
+    ranks agree on the stop at the next sync and checkpoint together at one step, rank 0 saying another rank
+    asked; a rank stopping on its own would leave its peer in another collective until the timeout."""
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(pristine, run_dir, "train.epochs=3", "train.collective_timeout_min=0.25", processes=2)
+    code, out, seconds = fault_after_first_checkpoint(cmd, run_dir, signal_rank(1, signal.SIGTERM))
+    logs = [(run_dir / "logs" / f"rank{r}.log").read_text() for r in (0, 1)]
+    stops = [re.findall(r"stop requested by (SIGTERM|another rank) \(terminate\): checkpointing at step (\d+)", log)
+             for log in logs]
+    assert [[by for by, _ in found] for found in stops] == [["another rank"], ["SIGTERM"]], (stops, out[-3000:])
+    step = int(stops[0][0][1])
+    assert stops[1][0][1] == str(step) and step % 2 == 0  # train.sync_every_steps=2
+    assert code != 0 and seconds < 30, (code, seconds, out[-3000:])
+    saved = torch.load(list_checkpoints(run_dir / "checkpoints")[0], map_location="cpu", weights_only=False)
+    assert saved["state"]["global_step"] == step < total_steps(pristine, world=2, epochs=3)
+    assert not (run_dir / "metrics.json").exists()
+    assert_no_leftover_processes(run_dir)
 
 
 def test_a_hung_rank_ends_the_run_after_collective_timeout_min_naming_it_then_resumes(pristine, tmp_path):

@@ -247,3 +247,15 @@ def test_ctrl_c_ends_predict_at_once_with_130_and_writes_nothing(run, pristine, 
     assert stderr.strip().splitlines()[-1] == "celeba-dist predict: interrupted"
     assert "Traceback" not in stderr and "wrote" not in stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_folder_with_another_tools_config_json_is_not_read_as_an_export(tmp_path):
+    """A Hugging Face model folder (its own config.json and model.safetensors) is named as not ours, not
+    read until a KeyError or a load_state_dict error."""
+    hub = tmp_path / "vit-model"
+    hub.mkdir()
+    (hub / "config.json").write_text(json.dumps({"model_type": "vit", "num_labels": 40}))
+    (hub / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError) as err:
+        celeba_dist.load(hub)
+    assert str(err.value) == f"{hub / 'config.json'} is not a celeba-dist export (format None)"

@@ -166,6 +166,10 @@ def test_two_process_ddp_on_cpu_with_accelerate_launch(shards, tmp_path):
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(2, steps + 1, 2))  # train.log_every_steps=2
     assert [e.step for e in acc.Scalars("val/accuracy")] == [steps]
+    # train/loss is the mean over both ranks' batches (their loss sums over their step counts, added): the BCE of
+    # one attribute, near ln 2 at the start and falling; over one rank's count alone it would read twice that
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    assert 0.5 < losses[0] < 0.8 and all(0.1 < v < 0.8 for v in losses), losses
     # both ranks tore the process group down together before exiting (an exit with a live Gloo group can hang)
     for r in (0, 1):
         assert f"rank {r} left the process group" in (run_dir / "logs" / f"rank{r}.log").read_text()
@@ -186,9 +190,37 @@ def test_eval_one_and_two_processes_count_identically(trained, shards, tmp_path)
     m1, m2 = json.loads(one.read_text()), json.loads(two.read_text())
     assert m2["world_size"] == 2 and m1["world_size"] == 1
     assert m1["mean"]["num_samples"] == m2["mean"]["num_samples"] == manifest_count(shards, "val")
+    assert p2.stdout.count("metrics written to") == 1 and p2.stdout.count("val: ") == 1  # rank 0 alone reports
     for name, v in m1["attributes"].items():
         assert (v["tp"], v["fp"], v["tn"], v["fn"]) == tuple(m2["attributes"][name][k] for k in ("tp", "fp", "tn", "fn"))
         assert v["auroc"] == pytest.approx(m2["attributes"][name]["auroc"], abs=1e-9)
+
+
+def test_evaluation_refuses_a_duplicate_that_hides_a_missing_sample(trained):
+    """A loader that gives one sample twice and drops another gives the manifest's count but not its samples:
+    every metric would be biased without a word, so ``evaluate`` refuses, saying how many were distinct."""
+    from celeba_dist.train.build import eval_loader
+    from celeba_dist.train.distributed import build_accelerator
+    from celeba_dist.train.engine import evaluate
+    from celeba_dist.train.ema import selected_weights
+    from celeba_dist.train.losses import LOSSES
+
+    run_dir, _ = trained
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    cfg = config_from_tree(ckpt["config"], ["model.pretrained=none", "run.resume=none"])
+    accelerator = build_accelerator(precision=cfg.train.precision)
+    data = ShardData(cfg.data.root, ckpt["attributes"])
+    model = build_model_for(cfg, len(data.attributes))
+    model.load_state_dict(selected_weights(ckpt))
+    batches = list(eval_loader(cfg, data, "val", accelerator))
+    kwargs = dict(accelerator=accelerator, cfg=cfg, to_prob=LOSSES[cfg.loss.name].to_prob, split="val",
+                  expected=data.split("val").num_samples, num_attributes=len(data.attributes))
+    assert len(evaluate(model, batches, **kwargs).keys) == 29  # the real batches: every sample once
+    images, labels, keys, issues = batches[-1]
+    batches[-1] = (images, labels, [*keys[:-1], batches[0][2][0]], issues)  # its last sample is the first's again
+    with pytest.raises(RuntimeError, match=r"evaluation on val saw 29 samples \(28 distinct, 0 of them skipped\) "
+                                           r"across 1 processes; the manifest has 29"):
+        evaluate(model, batches, **kwargs)
 
 
 def split_ids(shards, split: str) -> list[str]:
@@ -384,6 +416,10 @@ def test_train_command_exits_1_on_bad_input(shards, tmp_path, capsys):
     assert "unknown key optim.lrr" in capsys.readouterr().err
     assert cli_main([*base, "--data", str(tmp_path / "no_shards"), "--set", *FAST]) == 1
     assert "no_shards" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # fp16 on the CPU is refused, not trained in another precision without a word
+        assert cli_main([*base, "--data", str(shards), "--set", *FAST, "train.max_steps=1", "train.precision=fp16"]) == 1
+        assert "train.precision=fp16 needs a GPU; use bf16 or no on the CPU" in capsys.readouterr().err
+        assert not list_checkpoints(tmp_path / "run" / "checkpoints")
 
 
 def test_clip_grad_norm_bounds_the_step(shards, tmp_path):
@@ -509,6 +545,22 @@ def test_random_sweep_members_each_have_their_own_hparams(shards, tmp_path):
         start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
         assert start.hparams["optim.lr"].number_value == pytest.approx(lr)
         assert "hparam/test_accuracy" in acc.Tags()["scalars"]
+
+
+def test_demo_stops_at_a_failed_pack_saying_why_once(tmp_path):
+    """A data folder the packer refuses (here an empty list_attr_celeba.txt): the demo ends with the packer's own
+    error, not by training on shards that were never written ("no manifest, pack the data first")."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "list_attr_celeba.txt").write_text("")  # present, so the demo does not make the synthetic set
+    proc = subprocess.run([sys.executable, "-m", "celeba_dist", "demo", "--data-dir", str(data), "--shards",
+                           str(tmp_path / "shards"), "--run-dir", str(tmp_path / "run")], env=cpu_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert errors == ["celeba-dist pack: error: list_attr_celeba.txt line 1: expected the number of images, got "
+                      "'an empty file'"], proc.stderr[-3000:]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "shards" / "manifest.json").exists()
 
 
 def test_demo_runs_end_to_end(tmp_path):
