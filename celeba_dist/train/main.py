@@ -25,7 +25,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from celeba_dist import __version__, signals
+from celeba_dist import __version__, runlock, signals
 from celeba_dist.cli_args import report_error
 from celeba_dist.config import Config, ConfigError, add_config_arguments, config_from_args, save_config
 from celeba_dist.data.cache import CacheMemoryError, CachedTrain
@@ -34,7 +34,6 @@ from celeba_dist.data.transforms import build_transform
 from celeba_dist.diskio import DiskFullError, write_json
 from celeba_dist.logs import attach_log_file, setup_logging
 from celeba_dist.shards.manifest import ManifestError, shards_fingerprint
-from celeba_dist import runlock
 from celeba_dist.train.board import Board, accuracy_bars, attention_overlay, prediction_grid
 from celeba_dist.train.build import (StoppedBeforeTraining, build_model_for, check_data, epoch_loader,
                                      eval_batches, refuse_empty_eval_splits, stop_if_requested, train_data)
@@ -107,7 +106,8 @@ def data_summary(data: ShardData) -> dict[str, Any]:
 
 
 def check_resumable(cfg: Config) -> None:
-    """Refuse what the run would refuse before its first step because of the checkpoint it continues:
+    """Refuse what the run would refuse before its first step because of the checkpoint it continues (the
+    checks of ``_train``, in its order: the shards are read only for a checkpoint to compare them with).
     ``submit`` and ``sweep`` call this on the login node, so a refused resume does not wait in the queue first."""
     refuse_fresh_start_over_checkpoints(cfg)
     found = checkpoint_to_resume(cfg)
