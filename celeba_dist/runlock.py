@@ -14,9 +14,10 @@ gone, when it was not refreshed for ``stale_s`` seconds (``run.lock_stale_s``; t
 must agree to well within that, as NTP keeps them), or when it belongs to an earlier start of the
 same SLURM job (same ``SLURM_JOB_ID``, lower ``SLURM_RESTART_COUNT``: a requeued job takes over
 from its old incarnation), or when its holder's SLURM job has ended as the scheduler tells (a job
-SIGKILLed on another node frees its folder at once, not after ``stale_s``). Two processes taking over the same stale lock cannot both win: each
-renames the lock file to a name of its own and goes on only when what it moved is exactly the
-record it judged stale (else it puts the file back); the new lock is then linked as above.
+SIGKILLed on another node frees its folder at once, not after ``stale_s``). Two processes taking
+over the same stale lock cannot both win: each renames the lock file to a name of its own and goes
+on only when what it moved is exactly the record it judged stale (else it puts the file back); the
+new lock is then linked as above.
 Releasing uses the same rename-and-check, so a run never deletes a lock that is not its own.
 """
 from __future__ import annotations

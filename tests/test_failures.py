@@ -406,8 +406,8 @@ def test_a_loader_worker_killed_or_hung_mid_epoch_ends_the_run_naming_it_then_re
     ``data.loader_timeout_s``, keeps its checkpoints, and the same command resumes."""
     run_dir = tmp_path / "run"
     cmd = train_cmd(shards, run_dir, "train.epochs=2", "data.loader_timeout_s=5")
-    code, out, seconds = fault_after_first_checkpoint(cmd, run_dir,
-                                                      kill_a_worker if fault == "killed" else hang_the_next_reads(shards))
+    inflict = kill_a_worker if fault == "killed" else hang_the_next_reads(shards)
+    code, out, seconds = fault_after_first_checkpoint(cmd, run_dir, inflict)
     for fifo in (shards / "train").glob("*.aside"):
         fifo.with_suffix(".tar").unlink()
         fifo.rename(fifo.with_suffix(".tar"))

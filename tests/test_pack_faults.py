@@ -142,7 +142,8 @@ def test_one_pack_per_output_folder_and_a_killed_packs_lock_is_taken_over(tmp_pa
         started = time.monotonic()
         second = subprocess.run(command, capture_output=True, text=True, timeout=60)
         assert second.returncode == 1 and time.monotonic() - started < 30, second.stderr
-        assert f"celeba-dist pack: error: output folder {out} is in use by another pack: pid {first.pid} " in second.stderr
+        refusal = f"celeba-dist pack: error: output folder {out} is in use by another pack: pid {first.pid} "
+        assert refusal in second.stderr, second.stderr
         assert tree_state(out) == before, "the refused pack changed the folder"
         with open(image, "wb") as fifo:
             fifo.write(jpeg)
