@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Mapping
 
 from celeba_dist.diskio import translate_disk_full
+from celeba_dist.scheduler import ACTIVE_STATES, scheduler_states
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +131,6 @@ def _slurm_job_ended(job_id: str) -> str | None:
     """The final state of SLURM job ``job_id`` (``CANCELLED``, ``FAILED``...) once the scheduler says it
     has ended; None while it is queued or runs (a requeued job is pending: it will want its folder back),
     and where no scheduler answers (no SLURM client here, a job it has forgotten)."""
-    from celeba_dist.launch.status import ACTIVE_STATES, scheduler_states  # SLURM's clients, only when asked
-
     state = scheduler_states([job_id]).get(job_id)
     return state if state and state not in ACTIVE_STATES else None
 

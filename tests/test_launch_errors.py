@@ -142,7 +142,7 @@ def _fake_slurm_clients(tmp_path: Path, monkeypatch, sacct_output: str) -> None:
 
 def test_jobs_reads_sacct_states_and_array_members(capsys, tmp_path, monkeypatch):
     """sacct's own text: "CANCELLED by 0" is CANCELLED, a pending array range counts for each member."""
-    from celeba_dist.launch.status import scheduler_states
+    from celeba_dist.scheduler import scheduler_states
 
     _fake_slurm_clients(tmp_path, monkeypatch, "1234|CANCELLED by 0\n1240_0|COMPLETED\n1240_[1-2%2]|PENDING\n"
                                                "1250|RUNNING\n")
@@ -191,7 +191,7 @@ def test_jobs_asks_the_controller_while_sacct_still_says_requeued(capsys, tmp_pa
         "1250) echo 'JobId=1250 JobName=a JobState=PENDING Reason=BeginTime Restarts=1';;\n"
         "1260) echo 'JobId=1260 JobName=b JobState=COMPLETING Restarts=0';;\n"
         "*) echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1;;\nesac\n")
-    from celeba_dist.launch.status import scheduler_states
+    from celeba_dist.scheduler import scheduler_states
 
     assert scheduler_states(["1250", "1260", "1270"]) == {"1250": "PENDING", "1260": "COMPLETING",
                                                          "1270": "COMPLETED"}
@@ -241,7 +241,7 @@ def test_the_submitted_job_may_requeue_as_often_as_run_max_requeues(capsys, tmp_
 def test_submit_wait_returns_once_the_cancelled_tasks_are_gone(tmp_path, monkeypatch):
     """sacct says CANCELLED at once while the controller still lets the tasks checkpoint (COMPLETING):
     --wait waits for the controller, so that its answer holds (no task left to requeue or write)."""
-    from celeba_dist.launch.status import wait_until_ended
+    from celeba_dist.scheduler import wait_until_ended
 
     _fake_slurm_clients(tmp_path, monkeypatch, "1250|CANCELLED by 0\n")
     states = tmp_path / "bin" / "controller"

@@ -1,6 +1,7 @@
-"""The package's shape holds: no import cycles, packing and the shard contract without torch, the loader
-without the models, runs of the package's own models without torchvision, one place that renames files. Read from the source, so a new import that breaks a
-rule fails here before it confuses anyone."""
+"""The package's shape holds: no import cycles, the shared modules below every subpackage, packing and the
+shard contract without torch, the loader without the models, runs of the package's own models without
+torchvision, one place that renames files. Read from the source, so a new import that breaks a rule
+fails here before it confuses anyone."""
 from __future__ import annotations
 
 import ast
@@ -97,6 +98,20 @@ def test_the_loader_never_imports_the_models():
     for name in (n for n in graph if n.startswith("celeba_dist.data")):
         bad = sorted(m for m in reachable(graph, name) if m.startswith("celeba_dist.models"))
         assert not bad, f"{name} reaches {bad}"
+
+
+BASE_LAYER = ("attributes", "cli_args", "diskio", "logs", "runlock", "safeload", "scheduler", "signals")
+
+
+@pytest.mark.parametrize("module", BASE_LAYER)
+def test_the_shared_modules_reach_no_command_package(module):
+    """The root's shared modules (used by train, pack, synth, launch...) sit below every subpackage:
+    the run lock asks the scheduler through ``scheduler.py``, never through ``launch/``."""
+    graph = import_graph()
+    name = f"celeba_dist.{module}"
+    assert name in graph, f"{name} is gone: update BASE_LAYER"
+    above = sorted(m for m in reachable(graph, name) if m.removeprefix("celeba_dist.").split(".")[0] not in BASE_LAYER)
+    assert not above, f"{name} reaches {above}"
 
 
 @pytest.mark.parametrize("package", ["celeba_dist.shards", "celeba_dist.pack"])

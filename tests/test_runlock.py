@@ -339,7 +339,7 @@ def test_the_lock_of_an_ended_slurm_job_on_another_node_is_taken_over_at_once(sl
     """A job SIGKILLed on another node (a node failure, an OOM kill, ``scancel -s KILL``) leaves a fresh
     lock that no pid check here can judge; once the scheduler says that job has ended, a new run (here, or
     a job of its own) takes the folder over at once instead of after ``run.lock_stale_s``."""
-    from celeba_dist.launch.status import ACTIVE_STATES, scheduler_states, wait_until_ended
+    from celeba_dist.scheduler import ACTIVE_STATES, scheduler_states, wait_until_ended
 
     job = subprocess.run(["sbatch", "--parsable", "--output=/dev/null", "--wrap", "sleep 120"], capture_output=True,
                          text=True, timeout=60, check=True).stdout.strip().split(";")[0]

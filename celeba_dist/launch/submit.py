@@ -36,8 +36,8 @@ import submitit
 
 from celeba_dist.config import add_set_argument
 from celeba_dist.launch import cluster_env
-from celeba_dist.launch.status import (ACTIVE_STATES, active_jobs, record_job, scheduler_states,
-                                      wait_until_ended)
+from celeba_dist.launch.status import active_jobs, record_job
+from celeba_dist.scheduler import ACTIVE_STATES, scheduler_states, wait_until_ended
 
 log = logging.getLogger(__name__)
 
