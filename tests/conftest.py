@@ -10,6 +10,7 @@ progress (``.ci/slurm.sh``, which CI runs beside the Python install) is waited f
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -17,6 +18,25 @@ import time
 from pathlib import Path
 
 import pytest
+
+_PACKAGE_LOGGER = logging.getLogger("celeba_dist")
+_PRISTINE_LOGGING = (list(_PACKAGE_LOGGER.handlers), _PACKAGE_LOGGER.propagate, _PACKAGE_LOGGER.level)
+
+
+@pytest.fixture(autouse=True)
+def package_logging_restored():
+    """Each test ends with the ``celeba_dist`` logger as the session began. An in-process command
+    (``cli_main``, ``setup_logging``; in a test or a module-scoped fixture) replaces its handlers with a
+    console bound to that test's captured stdout and a run folder's log file, and stops propagation;
+    left in place they would write a later test's records into an earlier test's run folder."""
+    yield
+    handlers, propagate, level = _PRISTINE_LOGGING
+    for handler in _PACKAGE_LOGGER.handlers:
+        if handler not in handlers and isinstance(handler, logging.FileHandler):  # not pytest's own
+            handler.close()
+    _PACKAGE_LOGGER.handlers[:] = handlers
+    _PACKAGE_LOGGER.propagate, _PACKAGE_LOGGER.level = propagate, level
+
 
 SLURM_DIR = Path(os.environ.get("CELEBA_DIST_SLURM_DIR", "/tmp/celeba-dist-slurm"))
 SLURM_NODES = ("n1", "n2")
