@@ -23,11 +23,12 @@ class UnsafeFileError(RuntimeError):
     """A torch file that holds more than tensors and plain containers: refused, never executed."""
 
 
-def load_weights_only(path: str | os.PathLike[str], *, what: str = "file") -> Any:
-    """``torch.load`` of ``path`` on the CPU that never runs code from it."""
+def load_weights_only(path: str | os.PathLike[str], *, what: str = "file", mmap: bool = False) -> Any:
+    """``torch.load`` of ``path`` on the CPU that never runs code from it; ``mmap``: the tensors stay in the
+    file, mapped, and only the pages read are fetched (a check that looks at a few fields of a large file)."""
     try:
         with torch.serialization.safe_globals(ALLOWED_NUMPY):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         wanted = re.search(r"GLOBAL (\S+)", str(exc))
         raise UnsafeFileError(

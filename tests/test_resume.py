@@ -223,6 +223,9 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(shards, tmp_path):
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated
     path, ckpt = load_newest_valid(run_dir / "checkpoints")
     assert path == ckpts[1]
+    # submit's login-node check maps the tensors instead of reading them: it skips the broken file just the same
+    mapped_path, mapped = load_newest_valid(run_dir / "checkpoints", mmap=True)
+    assert mapped_path == ckpts[1] and mapped["config"] == ckpt["config"]
     # what a failed run tells the user to resume from (a full disk, Ctrl-C pressed twice) skips it too
     assert resume_hint(run_dir / "checkpoints").startswith(f"the newest intact checkpoint is {ckpts[1]}: ")
     previous = ckpt["state"]["global_step"]

@@ -110,14 +110,14 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
         log.debug("removed old checkpoint %s", old)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint file on the CPU with ``weights_only=True``; raises ``FileNotFoundError`` when
-    ``path`` is missing or a folder (a typo, not damage: "unreadable" would send the user hunting for
-    corruption), :class:`UnsafeCheckpointError` for a file that needs more, and ``RuntimeError`` naming
-    the file when it is unreadable."""
+def load_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, Any]:
+    """Load a checkpoint file on the CPU with ``weights_only=True`` (``mmap``: tensors mapped from the file,
+    read only where used); raises ``FileNotFoundError`` when ``path`` is missing or a folder (a typo, not
+    damage: "unreadable" would send the user hunting for corruption), :class:`UnsafeCheckpointError` for a
+    file that needs more, and ``RuntimeError`` naming the file when it is unreadable."""
     _check_is_file(path)
     try:
-        ckpt = load_weights_only(path, what="checkpoint")
+        ckpt = load_weights_only(path, what="checkpoint", mmap=mmap)
     except UnsafeFileError as exc:
         raise UnsafeCheckpointError(f"{exc}; celeba-dist never writes such files: use a checkpoint written by "
                                     "celeba-dist, or delete this one") from None
@@ -136,12 +136,12 @@ def _check_is_file(path: Path) -> None:
         raise FileNotFoundError(f"no checkpoint file {path}")
 
 
-def load_newest_valid(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+def load_newest_valid(ckpt_dir: Path, *, mmap: bool = False) -> tuple[Path, dict[str, Any]] | None:
     """The newest step checkpoint that loads; broken ones are reported and skipped, an unsafe one
     (:class:`UnsafeCheckpointError`) ends the search: someone put it there."""
     for path in list_checkpoints(ckpt_dir):
         try:
-            return path, load_checkpoint(path)
+            return path, load_checkpoint(path, mmap=mmap)
         except UnsafeCheckpointError:
             raise
         except (RuntimeError, FileNotFoundError) as exc:  # damaged, or gone since it was listed

@@ -108,15 +108,16 @@ def reconcile_best(ckpt_dir: Path, state: TrainState, *, write: bool) -> None:
         state.best_metric, state.best_epoch, state.best_step = None, -1, -1
 
 
-def checkpoint_to_resume(cfg: Config) -> tuple[Path, dict[str, Any]] | None:
+def checkpoint_to_resume(cfg: Config, *, mmap: bool = False) -> tuple[Path, dict[str, Any]] | None:
     """(path, checkpoint) a run continues from: the newest valid one of its folder (``run.resume=auto``)
-    or the file ``run.resume`` names; None for a fresh start."""
+    or the file ``run.resume`` names; None for a fresh start. ``mmap``: the tensors stay mapped from the
+    file (a check that reads the configuration only)."""
     if cfg.run.resume == "none":
         return None
     if cfg.run.resume == "auto":
-        return load_newest_valid(cfg.run_dir / "checkpoints")
+        return load_newest_valid(cfg.run_dir / "checkpoints", mmap=mmap)
     path = Path(cfg.run.resume)
-    return path, load_checkpoint(path)
+    return path, load_checkpoint(path, mmap=mmap)
 
 
 # What a resume takes from the checkpoint, whatever the configuration says now: the architecture, and the
