@@ -1,5 +1,5 @@
-"""One run per folder: ``RUN/.lock`` names the process that trains in it (or packs into it: ``pack`` takes
-the same lock on its output folder).
+"""One run per folder: ``RUN/.lock`` names the process that trains in it (or writes into it: ``pack`` and
+``synth`` take the same lock on their output folder).
 
 The lock is a small JSON record: host, pid, SLURM job id and restart count, start time, last
 refresh and a token unique to this acquisition. It is created by ``link(2)``-ing a complete
@@ -137,9 +137,10 @@ def _slurm_job_ended(job_id: str) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class User:
-    """Who locks a folder, as the messages name it: ``run`` (a training's run folder) or ``pack`` (its output)."""
+    """Who locks a folder, as the messages name it: ``run`` (a training's run folder), ``pack`` or ``synth``
+    (their output)."""
 
-    noun: str  # "run", "pack"
+    noun: str  # "run", "pack", "synth"
     folder: str  # "run folder", "output folder"
     elsewhere: str  # how to choose another folder
     stale_key: str = ""  # the setting of ``stale_s``, if any
@@ -147,6 +148,7 @@ class User:
 
 RUN = User("run", "run folder", "Use another --run-dir", "run.lock_stale_s")
 PACK = User("pack", "output folder", "Pack into another folder")
+SYNTH = User("synth", "output folder", "Write into another OUT_DIR")
 
 
 def locked_message(run_dir: Path, holder: Holder, *, stale_s: float, user: User = RUN) -> str:

@@ -1,7 +1,12 @@
-"""The synthetic CelebA: official file formats, torchvision round trip, determinism, visible attributes."""
+"""The synthetic CelebA: official file formats, torchvision round trip, determinism, visible attributes, one synth
+per folder."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +16,9 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.datasets import CelebA
 
-from celeba_dist import synthetic
+from celeba_dist import runlock, synthetic
 from celeba_dist.attributes import CELEBA_ATTRIBUTES, DRAWN_ATTRIBUTES
-from celeba_dist.synthetic import DifferentCelebAError, main, make_synthetic_celeba, split_counts
+from celeba_dist.synthetic import DifferentCelebAError, main, make_synthetic_celeba, split_counts, writing
 
 TEXT_FILES = (
     "list_attr_celeba.txt", "list_eval_partition.txt", "identity_CelebA.txt",
@@ -201,6 +206,108 @@ def test_cli_rejects_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="num_images"):
         make_synthetic_celeba(tmp_path / "y", num_images=1_000_000)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def _synth(out: Path, num_images: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "celeba_dist", "synth", str(out), "--num-images", str(num_images), *extra]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """``relative path -> bytes`` of every file under ``folder``, hidden ones (a lock, temporaries) included."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _wait_for_images(proc: subprocess.Popen, image_dir: Path, count: int, timeout: float = 60) -> None:
+    """Wait until ``proc``, still running, has written ``count`` images into ``image_dir``."""
+    deadline = time.monotonic() + timeout
+    while not image_dir.is_dir() or sum(name.endswith(".jpg") for name in os.listdir(image_dir)) < count:
+        assert proc.poll() is None and time.monotonic() < deadline, f"{count} images never came (exit {proc.poll()})"
+        time.sleep(0.02)
+
+
+def test_one_synth_per_folder(tmp_path: Path) -> None:
+    """A second synth into the folder a live synth writes stops at once with one line naming that synth; the
+    first finishes a complete folder and removes its lock."""
+    out, num_images = tmp_path / "celeba", 1500  # about 5 s of drawing on a 2-core machine
+    first = subprocess.Popen(_synth(out, num_images), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_images(first, out / "img_align_celeba", 1)
+        started = time.monotonic()
+        second = subprocess.run(_synth(out, num_images), capture_output=True, text=True, timeout=60)
+        took = time.monotonic() - started
+        assert second.returncode == 1 and took < 15, (took, second.stderr)
+        assert first.poll() is None, "the first synth ended before the second one was refused"
+        errors = [line for line in second.stderr.splitlines() if " ERROR " in line]
+        assert len(errors) == 1 and second.stdout == "", second.stderr
+        assert f"output folder {out} is in use by another synth: pid {first.pid} on host " in errors[0]
+        assert "wrote" not in second.stderr
+        assert first.wait(timeout=120) == 0, first.stderr.read()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    files = _files(out)
+    assert sorted(files) == sorted([*TEXT_FILES, *(f"img_align_celeba/{i:06d}.jpg" for i in range(1, num_images + 1))])
+    assert files["list_attr_celeba.txt"].split(b"\r\n")[0] == str(num_images).encode()
+
+
+def test_a_killed_synths_lock_is_taken_over(tmp_path: Path) -> None:
+    """A SIGKILLed synth leaves its lock (and maybe unfinished temporaries); the same command takes the lock over,
+    saying why, clears only its own temporaries and ends with the bytes of an uninterrupted run."""
+    out, num_images = tmp_path / "killed", 600
+    command = _synth(out, num_images, "--seed", "5")
+    killed = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_images(killed, out / "img_align_celeba", 50)
+    finally:
+        killed.kill()
+        killed.wait(timeout=30)
+    holder = runlock.read_holder(out / ".lock")
+    assert holder is not None and holder.pid == killed.pid, "the killed synth left no lock of its own"
+    assert not (out / "list_attr_celeba.txt").exists()
+    own = [out / ".list_attr_celeba.txt.4242.tmp", out / "img_align_celeba" / f".{num_images:06d}.jpg.4242.tmp"]
+    for path in [*own, out / "notes.tmp"]:  # unfinished writes, as a kill leaves them; and a file of the user's
+        path.write_bytes(b"left over")
+    started = time.monotonic()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and time.monotonic() - started < 60, again.stderr
+    assert f"output folder {out}: taking over the lock of pid {killed.pid} on host " in again.stderr, again.stderr
+    assert f"because process {killed.pid} no longer runs" in again.stderr
+    assert (out / "notes.tmp").read_bytes() == b"left over" and not any(p.exists() for p in own)
+    (out / "notes.tmp").unlink()
+    whole = make_synthetic_celeba(tmp_path / "whole", num_images=num_images, seed=5, workers=2)
+    assert _files(out) == _files(whole), "not the bytes of an uninterrupted run"
+
+
+def test_a_held_folder_is_refused_and_left_as_it_was(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    held = tmp_path / "held"
+    lock = runlock.acquire(held, stale_s=300, user=runlock.SYNTH)
+    try:
+        assert main([str(held), "--num-images", "5"]) == 1
+        assert [p.name for p in held.iterdir()] == [".lock"], "a refused synth writes nothing"
+    finally:
+        lock.release()
+    refusals = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(refusals) == 1 and refusals[0].startswith(
+        f"output folder {held} is in use by another synth: pid {os.getpid()} on host "), refusals
+
+
+def test_a_failed_synth_leaves_no_folder_it_created(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Folders that were not there (OUT_DIR, its parents, its image folder) go again when the run drew nothing."""
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError("drawing failed")
+
+    monkeypatch.setattr(writing, "_render_all", fail)
+    with pytest.raises(OSError, match="drawing failed"):
+        make_synthetic_celeba(tmp_path / "new" / "celeba", num_images=5)
+    (tmp_path / "there").mkdir()
+    with pytest.raises(OSError, match="drawing failed"):
+        make_synthetic_celeba(tmp_path / "there", num_images=5)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["there"], "only the folder that was there before"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        make_synthetic_celeba(tmp_path / "file", num_images=5)
+    assert (tmp_path / "file").read_text() == "x"
 
 
 def test_rates_and_consistency_of_the_labels() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from celeba_dist.cli_args import int_at_least, positive_int
 from celeba_dist.pack.workers import WorkerDiedError
+from celeba_dist.runlock import RunLockedError
 from celeba_dist.synthetic.formats import MAX_IMAGES
 from celeba_dist.synthetic.writing import make_synthetic_celeba
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         out = make_synthetic_celeba(args.out_dir, num_images=args.num_images, seed=args.seed, workers=args.workers)
-    except (ValueError, OSError, WorkerDiedError) as error:  # DifferentCelebAError is an OSError
+    except (ValueError, OSError, WorkerDiedError, RunLockedError) as error:  # DifferentCelebAError is an OSError
         log.error("%s", error)
         return 1
     seconds = time.perf_counter() - start

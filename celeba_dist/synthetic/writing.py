@@ -1,16 +1,22 @@
 """Writing a synthetic CelebA into a folder: the images (in worker processes), then the text files;
 a folder that already holds a different CelebA, or any image other than this run's own drawing, is
-refused before anything is written."""
+refused before anything is written. One synth per folder: the folder is held with the run lock
+(:mod:`celeba_dist.runlock`) while it is written."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
+from celeba_dist import runlock
 from celeba_dist.diskio import write_bytes
+from celeba_dist.pack.progress import PACK_LOCK_STALE_S
 from celeba_dist.pack.workers import ordered_map, process_pool
 from celeba_dist.synthetic.drawing import render_face
 from celeba_dist.synthetic.formats import (
@@ -19,6 +25,10 @@ from celeba_dist.synthetic.formats import (
 from celeba_dist.synthetic.labels import Labels, sample_face
 
 log = logging.getLogger(__package__)  # the package's name, as in the log lines before the split
+
+SYNTH_LOCK_STALE_S = PACK_LOCK_STALE_S  # a synth's lock not refreshed for this long (its host died) is taken over
+_TEMP_NAME = re.compile(r"\.(.+)\.\d+\.tmp")  # diskio.temp_name: ".NAME.PID.tmp"
+_IMAGE_NAME = re.compile(r"\d{6}\.jpg")
 
 
 class DifferentCelebAError(FileExistsError):
@@ -39,10 +49,13 @@ def _check_arguments(*, num_images: int, seed: int, workers: int) -> None:
         raise ValueError(f"workers must be >= 1, got {workers}")
 
 
-def _refuse_different_celeba(out: Path, *, seed: int, num_images: int) -> None:
-    """Raise unless ``out`` is absent, empty, or holds exactly what this run would write (or part of it)."""
+def _refuse_a_file(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} exists and is not a directory")
+
+
+def _refuse_different_celeba(out: Path, *, seed: int, num_images: int) -> None:
+    """Raise unless ``out`` is empty or holds exactly what this run would write (or part of it)."""
     if any((out / name).exists() for name in ANNOTATION_FILES):  # a regeneration? compare before drawing
         expected = annotation_files([sample_face(seed, i, num_images).labels for i in range(num_images)])
         _refuse_different_annotations(out, expected, num_images)
@@ -135,18 +148,85 @@ def make_synthetic_celeba(out_dir: str | os.PathLike[str], *, num_images: int, s
     Re-running with the same arguments keeps the images already drawn (each checked byte for byte) and
     draws the rest. Raises :class:`DifferentCelebAError`, having written nothing, if ``out_dir`` already
     holds other CelebA annotation files or images (any not equal to this run's), ``ValueError`` on bad
-    arguments. Images come first; the text files follow, each written to a temporary name and renamed,
-    ``list_attr_celeba.txt`` last, so an interrupted run never leaves a half-written text file.
+    arguments, :class:`~celeba_dist.runlock.RunLockedError` naming the holder while another live synth
+    writes into ``out_dir``. Images come first; the text files follow, each written to a temporary name and
+    renamed, ``list_attr_celeba.txt`` last, so an interrupted run never leaves a half-written text file.
     """
     _check_arguments(num_images=num_images, seed=seed, workers=workers)
     out = Path(out_dir)
-    _refuse_different_celeba(out, seed=seed, num_images=num_images)
-    chunk = max(8, min(256, math.ceil(num_images / (workers * 8))))
-    with process_pool(min(workers, math.ceil(num_images / chunk))) as pool:
-        _refuse_foreign_images(pool, out / IMAGE_DIR, seed=seed, num_images=num_images, chunk=chunk)
-        (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
-        labels = _render_all(pool, out / IMAGE_DIR, seed=seed, num_images=num_images, chunk=chunk)
-    for name, data in annotation_files(labels).items():
-        write_bytes(out / name, data)
+    _refuse_a_file(out)
+    with _locked(out):
+        _refuse_different_celeba(out, seed=seed, num_images=num_images)
+        chunk = max(8, min(256, math.ceil(num_images / (workers * 8))))
+        with process_pool(min(workers, math.ceil(num_images / chunk))) as pool:
+            _refuse_foreign_images(pool, out / IMAGE_DIR, seed=seed, num_images=num_images, chunk=chunk)
+            _clear_temporaries(out)  # last: a refused folder is left exactly as it was
+            (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+            labels = _render_all(pool, out / IMAGE_DIR, seed=seed, num_images=num_images, chunk=chunk)
+        for name, data in annotation_files(labels).items():
+            write_bytes(out / name, data)
     return out
 
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """One synth per folder: ``out`` (created if missing) is held for the block with the run lock.
+
+    A folder another live synth holds raises :class:`~celeba_dist.runlock.RunLockedError` naming it, with
+    nothing written; the lock of a synth that died is taken over (see :func:`celeba_dist.runlock.acquire`).
+    Folders that did not exist before (``out``, its parents, its image folder) and are still empty at the end
+    (the run was refused or failed before its first image) are removed again.
+    """
+    created = _missing_folders(out / IMAGE_DIR)
+    try:
+        lock = runlock.acquire(out, stale_s=SYNTH_LOCK_STALE_S, user=runlock.SYNTH)
+        try:
+            yield
+        finally:
+            lock.release()
+    finally:
+        _remove_empty(created)
+    if lock.lost.is_set():
+        raise runlock.RunLockedError(f"another synth took the lock of {out} over during this one: its files and "
+                                     "this run's may be mixed; run the same command again to check every file")
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone): it and the folders above stay
+            return
+
+
+def _clear_temporaries(out: Path) -> None:
+    """Remove what a killed synth left under temporary names, and only that: other ``*.tmp`` files are the user's."""
+    for tmp in _own_temporaries(out):
+        log.info("removing %s, left by an interrupted run", tmp)
+        tmp.unlink()
+
+
+def _own_temporaries(out: Path) -> list[Path]:
+    """Unfinished writes (:func:`~celeba_dist.diskio.temp_name`) of the text files and of the images."""
+    texts = [out / tmp for tmp, name in _temporaries(out) if name in ANNOTATION_FILES]
+    images = [out / IMAGE_DIR / tmp for tmp, name in _temporaries(out / IMAGE_DIR) if _IMAGE_NAME.fullmatch(name)]
+    return texts + images
+
+
+def _temporaries(folder: Path) -> list[tuple[str, str]]:
+    """(temporary name, the name it was to replace) of each file in ``folder`` named like a temporary."""
+    if not folder.is_dir():
+        return []
+    found = [(entry.name, _TEMP_NAME.fullmatch(entry.name)) for entry in os.scandir(folder) if entry.is_file()]
+    return sorted((name, match[1]) for name, match in found if match)
