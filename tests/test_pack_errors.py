@@ -208,12 +208,28 @@ def test_output_path_under_a_file(src, tmp_path, capsys):
     assert err.strip() == f"celeba-dist pack: error: cannot create the output folder {blocker / 'out'}: Not a directory"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_output_path_in_a_read_only_folder(src, tmp_path, capsys):
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder nobody may write into, with the error creating something in it gives: a mode-0555 folder for a
+    user; for root (CI), whom modes do not stop, a read-only tmpfs, unmounted afterwards."""
     locked = tmp_path / "locked"
-    locked.mkdir(mode=0o555)
+    if os.geteuid() != 0:
+        locked.mkdir(mode=0o555)
+        yield locked, "Permission denied"
+        return
+    locked.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(locked)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"root, and cannot mount a read-only tmpfs here: {mounted.stderr.strip()}")
+    yield locked, "Read-only file system"
+    subprocess.run(["umount", "-l", str(locked)], check=False)
+
+
+def test_output_path_in_a_read_only_folder(src, read_only_folder, capsys):
+    locked, reason = read_only_folder
     err = run_failing(src.source, locked / "out", capsys)
-    assert err.strip() == f"celeba-dist pack: error: cannot create the output folder {locked / 'out'}: Permission denied"
+    assert err.strip() == f"celeba-dist pack: error: cannot create the output folder {locked / 'out'}: {reason}"
 
 
 def test_skip_bad_drops_bad_rows_and_missing_images(src, tmp_path):
