@@ -5,8 +5,10 @@ tests/conftest.py for how they find it and when they skip).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import time
 from pathlib import Path
 
 import cloudpickle
+import psutil
 import pytest
 import submitit
 import torch
@@ -459,6 +462,60 @@ def test_local_executor_runs_the_training(shards, tmp_path):
     assert "completed at step 4" in proc.stdout
     assert [r["event"] for r in _events(run_dir)] == ["submitted", "started"]
     assert _events(run_dir)[0]["executor"] == "local"
+
+
+def _local_ctrl_c_cmd(shards: Path, run_dir: Path) -> list[str]:
+    """`submit --local --wait` of a 10-step run whose steps take a second or more on 2 cores (128 px, batch 32):
+    longer than the second submitit's controller used to leave the task after a Ctrl-C before its SIGKILL."""
+    slow = [*FAST, "data.batch_size=32", "data.image_size=[128, 128]", "train.checkpoint_every_steps=2",
+            "train.max_steps=10", "train.eval_splits=[val]"]
+    return [sys.executable, "-m", "celeba_dist", "submit", "--config", "smiling_simple_cnn", "--data", str(shards),
+            "--run-dir", str(run_dir), "--local", "--wait", "--set", *slow]
+
+
+def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """The processes of ``procs`` still running (a zombie has ended)."""
+    alive = []
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+    return alive
+
+
+def test_ctrl_c_on_local_wait_checkpoints_and_the_same_command_resumes(shards, tmp_path):
+    """Ctrl-C on `submit --local --wait` (SIGINT to its whole process group, as a terminal sends it): submitit's
+    controller sits it out instead of SIGKILLing the task a second later, so the run checkpoints at the step it
+    reached and exits; `submit` exits 130 saying so, no process of the run is left, and the same command
+    resumes from that checkpoint and finishes."""
+    run_dir = tmp_path / "ctrl-c"
+    cmd = _local_ctrl_c_cmd(shards, run_dir)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        _wait_until(lambda: _checkpoint_steps(run_dir), "a first checkpoint", proc, logs=run_dir)
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        before, sent, sent_at = max(_checkpoint_steps(run_dir)), time.monotonic(), time.time()
+        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: submit, the controller and the task
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    took = time.monotonic() - sent
+    step = max(_checkpoint_steps(run_dir))
+    assert step > before and _newest_checkpoint_step(run_dir) == step, (before, step, _logs(run_dir))
+    assert (run_dir / "checkpoints" / f"step-{step:09d}.pt").stat().st_mtime >= sent_at
+    assert [(e["event"], e["step"]) for e in _events(run_dir) if e["event"] == "terminated"] == [("terminated", step)]
+    assert proc.returncode == 130 and took < 60, (proc.returncode, took, stderr[-3000:])
+    job_id = _events(run_dir)[0]["job_id"]
+    assert (f"job(s) {job_id} ended: a run the Ctrl-C stopped checkpointed the step it had reached first"
+            in stderr) and "Traceback" not in stderr, stderr[-3000:]
+    _wait_until(lambda: not _alive(procs), f"no process of the run left ({_alive(procs)})", timeout_s=10)
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:] + _logs(run_dir)
+    assert "completed at step 10" in resumed.stdout
+    assert re.search(rf"resumed from \S+step-{step:09d}\.pt: .*, step {step}$", (run_dir / "logs" / "rank0.log")
+                     .read_text(), re.MULTILINE), _logs(run_dir)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -38,6 +39,7 @@ from celeba_dist.config import add_set_argument
 from celeba_dist.launch import cluster_env
 from celeba_dist.launch.status import active_jobs, record_job
 from celeba_dist.scheduler import ACTIVE_STATES, scheduler_states, wait_until_ended
+from celeba_dist.signals import FORCE_AFTER_S
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +63,10 @@ class TrainTask:
 
     def __call__(self) -> dict[str, Any]:
         cluster = cluster_env.apply()
+        _stop_ends_task_until_run(cluster)
         from celeba_dist.config import load_config
-        from celeba_dist.train.main import EXIT_PREEMPTED, main
+        from celeba_dist.train.main import EXIT_INTERRUPTED, EXIT_PREEMPTED, main
+        from celeba_dist.train.resume import resume_hint
 
         cfg = load_config(self.config, self.overrides, data_dir=self.data_dir, run_dir=self.run_dir)
 
@@ -71,7 +75,12 @@ class TrainTask:
                        nodelist=os.environ.get("SLURM_JOB_NODELIST"), world_size=cluster.world_size,
                        master=f"{cluster.master_addr}:{cluster.master_port}")
 
-        result = main(cfg, on_locked=started)
+        try:
+            result = main(cfg, on_locked=started)
+        except KeyboardInterrupt:  # Ctrl-C pressed again (--local): one line, not a traceback, as `train` does
+            log.warning("rank %d: interrupted again, stopping without a checkpoint of now; %s", cluster.rank,
+                        resume_hint(cfg.run_dir / "checkpoints", fix=""))
+            raise SystemExit(EXIT_INTERRUPTED) from None
         if result["status"] == "terminated":
             self._leave_terminated(cluster, result, EXIT_PREEMPTED)
         if result["status"] == "preempted":
@@ -127,6 +136,19 @@ class TrainTask:
         record_job(Path(self.run_dir), "requeue", job_id=_job_id(), restart=cluster.restart_count, step=step)
         log.info("requeueing job %s (requeue %d of at most %d)", _job_id(), cluster.restart_count + 1, max_requeues)
         handler(sig, None)  # pickles self.checkpoint(), `scontrol requeue`s the job and exits
+
+
+def _stop_ends_task_until_run(cluster: cluster_env.ClusterEnv) -> None:
+    """``--local``: until ``main`` takes the stop signals (it imports torch first), a Ctrl-C or a ``kill``
+    ends the task at once, as it ends a plain ``celeba-dist train``; nothing is trained yet.
+
+    The task inherits an ignored SIGINT from its controller (:func:`controllers_ignore_sigint`), and
+    submitit's own SIGTERM handler only logs the signal: either would let a run stopped in its first
+    seconds train on. SLURM's tasks keep submitit's handlers (SLURM SIGKILLs after ``KillWait``).
+    """
+    if cluster.scheduler == "local":
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def preempt_signal() -> signal.Signals:
@@ -227,6 +249,30 @@ def build_executor(args: argparse.Namespace, folder: Path, *, params: dict[str, 
     return executor
 
 
+@contextlib.contextmanager
+def controllers_ignore_sigint(*, local: bool) -> Iterator[None]:
+    """With ``local``, the submissions made in the block start submitit's local controller with SIGINT ignored.
+
+    A terminal's Ctrl-C goes to its whole foreground process group: ``submit``, the controller and its
+    tasks. submitit's controller takes it as a ``KeyboardInterrupt`` and ends its tasks with a SIGINT and,
+    one second later, a SIGKILL (``Controller.kill_tasks`` in ``submitit/local/local.py``): usually before
+    the run's checkpoint. submitit has no parameter for that second, nor for the controller's process
+    group; but a signal ignored stays ignored across ``exec``, and Python leaves an ignored SIGINT alone
+    as it starts. So the controller sits a Ctrl-C out, while its tasks (which take SIGINT back, see
+    :meth:`TrainTask.__call__`) get it from the terminal, checkpoint and exit 75; ``submit --wait`` asks
+    them with a SIGTERM too and waits (:func:`stop_local`). A SIGTERM (``kill``) still reaches the tasks
+    through the controller; submitit's ``LocalJob.cancel`` (a SIGINT) no longer does.
+    """
+    if not local or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+
+
 def sbatch_script(params: dict[str, Any], folder: Path, *, array_size: int | None = None) -> str:
     """The sbatch script a submission with ``params`` would use, without submitting (``--dry-run``).
 
@@ -298,14 +344,58 @@ def failure_line(exc: Exception) -> str:
 
 
 def stopped_waiting(jobs: Sequence[submitit.Job], status: str) -> int:
-    """Ctrl-C while ``--wait`` waits: the jobs are left as they are; say how to follow or cancel them."""
+    """Ctrl-C while ``--wait`` waits: SLURM jobs are left as they are; local jobs checkpoint and stop
+    (:func:`stop_local`). Say how to follow, cancel or resume them; exit 130, as a launcher does."""
     ids = " ".join(job.job_id for job in jobs)
-    where = ("they keep running on the cluster; `scancel " + ids + "` cancels them (each checkpoints first)"
-             if all(isinstance(job, submitit.SlurmJob) for job in jobs)
-             else "submitit's local controller got the Ctrl-C too and ends its tasks (SIGKILL a second after "
-                  "a SIGINT, often before a checkpoint); the same command resumes from the newest checkpoint")
-    print(f"stopped waiting for job(s) {ids}: {where}; `{status}` shows them", file=sys.stderr)
+    if all(isinstance(job, submitit.SlurmJob) for job in jobs):
+        where = f"they keep running on the cluster; `scancel {ids}` cancels them (each checkpoints first)"
+        print(f"stopped waiting for job(s) {ids}: {where}; `{status}` shows them", file=sys.stderr)
+        return 130
+    outcome = stop_local(jobs)
+    resume = "the same command resumes from the newest checkpoint"
+    where = {"stopped": f"job(s) {ids} ended: a run the Ctrl-C stopped checkpointed the step it had reached "
+                        f"first; {resume}",
+             "again": f"stopped waiting for job(s) {ids}: Ctrl-C again stops them at once, without a checkpoint "
+                      f"of now; once they have ended {resume}",
+             "timeout": f"stopped waiting for job(s) {ids} after {LOCAL_STOP_S} s: they are still stopping (a "
+                        f"checkpoint first); `kill {ids}` asks again; once they have ended {resume}"}[outcome]
+    print(f"{where}; `{status}` shows them", file=sys.stderr)
     return 130
+
+
+# How long Ctrl-C on ``--local --wait`` waits for the local jobs to checkpoint and end; a second Ctrl-C
+# (FORCE_AFTER_S or more after the first, as the run counts it) stops the waiting at once.
+LOCAL_STOP_S = 300
+
+
+def stop_local(jobs: Sequence[submitit.Job], *, timeout_s: float = LOCAL_STOP_S) -> str:
+    """After a Ctrl-C: ask the local jobs to checkpoint and stop, and wait for them to end. Returns
+    "stopped" (all ended), "again" (Ctrl-C pressed again) or "timeout" (still running after ``timeout_s``).
+
+    The terminal's Ctrl-C reaches the tasks themselves (their controllers ignore it, see
+    :func:`controllers_ignore_sigint`): each checkpoints at its next step and exits 75. A SIGTERM to each
+    controller, which forwards it to its tasks, brings the same stop to tasks the Ctrl-C did not reach
+    (a SIGINT sent to ``submit`` alone); a run takes the two as one stop. Ctrl-C pressed again, 2 s or
+    more after the first, stops the tasks at once without that checkpoint, and this wait with them.
+    """
+    running = [job for job in jobs if not job.done()]
+    for job in running:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(job.job_id), signal.SIGTERM)
+    if running:
+        print(f"Ctrl-C: job(s) {' '.join(job.job_id for job in running)} checkpoint at their next step and stop; "
+              f"waiting up to {timeout_s:.0f} s (Ctrl-C again stops them at once, without that checkpoint)",
+              file=sys.stderr)
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        try:
+            if all(job.done() for job in running):
+                return "stopped"
+            time.sleep(0.2)
+        except KeyboardInterrupt:  # within FORCE_AFTER_S: the same Ctrl-C for the run too, keep waiting
+            if time.monotonic() - start >= FORCE_AFTER_S:
+                return "again"
+    return "timeout"
 
 
 def _wait_slurm(job: submitit.SlurmJob) -> str | None:
@@ -445,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         check_data(args.data)
         check_resumable(cfg)
         executor = build_executor(args, folder, params=params, max_requeues=cfg.run.max_requeues)
-        with sbatch_refusal(folder):
+        with sbatch_refusal(folder), controllers_ignore_sigint(local=args.local):
             job = executor.submit(task)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"celeba-dist submit: error: {exc}", file=sys.stderr)
@@ -462,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def wait_and_report(job: submitit.Job, cfg: Any) -> int:
-    """``--wait``: 0 once the job completed, 130 on Ctrl-C (the job stays), else 1."""
+    """``--wait``: 0 once the job completed, 130 on Ctrl-C (a SLURM job stays, a local one checkpoints and
+    stops), else 1."""
     try:
         result = wait_for([job])[0]
     except KeyboardInterrupt:

@@ -27,8 +27,8 @@ from celeba_dist.config import add_set_argument
 from celeba_dist.diskio import write_json
 from celeba_dist.launch.status import SWEEP_FILE, record_job, sweep_table
 from celeba_dist.launch.submit import (add_resource_arguments, build_executor, check_data, check_resumable,
-                                       check_runs_free, log_folder, resolve_task, sbatch_refusal, sbatch_script,
-                                       slurm_parameters, stopped_waiting, wait_for)
+                                       check_runs_free, controllers_ignore_sigint, log_folder, resolve_task,
+                                       sbatch_refusal, sbatch_script, slurm_parameters, stopped_waiting, wait_for)
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             check_resumable(member_cfg)
         max_requeues = resolved[0][1].run.max_requeues
         executor = build_executor(args, folder, params=params, max_requeues=max_requeues)
-        with sbatch_refusal(folder), executor.batch():
+        with sbatch_refusal(folder), controllers_ignore_sigint(local=args.local), executor.batch():
             jobs = [executor.submit(task) for task, _ in resolved]
     except (ConfigError, ValueError, OSError) as exc:
         print(f"celeba-dist sweep: error: {exc}", file=sys.stderr)
