@@ -7,8 +7,19 @@
 # but the last three: tools/bench_gpu.py, the decoded-cache benchmark, whose table (cache), fill through
 # nvJPEG against the CPU workers (decode) and 30-epoch headline run (headline) each take minutes; give
 # each its own command where a command's time is short).
+#
+# An offline GPU machine whose Python lacks this package's pure-data dependencies: put their cp312 wheels
+# in .whl/ here (the README's GPU section has the `pip download` line); they are installed into /tmp/site
+# first. Two device calls then fill in issue 11's rows, each leaving at most 8 files in $OUT (a call cut
+# at its time limit keeps the rows measured so far: bench_gpu.py rewrites its JSON after every run):
+# `bash tools/gpu_check.sh cache decode`, then `bash tools/gpu_check.sh headline`.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "gpu_check: could not install the wheels of .whl/" >&2; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
 OUT=${OUT:-/tmp/celeba-gpu-check}
 WORK=${WORK:-/tmp/celeba-gpu-work}
 PARTS=${*:-train tests bench loader}
