@@ -8,6 +8,7 @@ cache-fill line, metrics.json.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,24 @@ def test_bench_gpu_runs_every_model_cache_and_the_headline_on_the_cpu(tmp_path):
     wait = next(v for v in verdicts if v.startswith("data wait, simple_cnn"))
     assert f"{rows['simple_cnn', 'device']['data_wait']:.3f}" in wait
     assert "\n".join(["targets:", *verdicts]) in proc.stdout
+
+
+def test_a_run_that_fails_is_a_row_with_its_error_and_the_others_are_still_measured(tmp_path):
+    """On a GPU machine a carried TorchCodec may lack CUDA decoding: that row fails, the rest of the one
+    device call still measures its rows, and the exit status says a row failed."""
+    shadow = tmp_path / "shadow"  # a torchcodec that imports no decoder, first on the path
+    shadow.mkdir()
+    (shadow / "torchcodec.py").write_text('raise ImportError("this torchcodec build has no JPEG decoder")\n')
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(REPO / "tools" / "bench_gpu.py"), "--work-dir", str(tmp_path / "work"),
+           "--num-images", "100", "--steps", "3", "--log-every", "1", "--batch-size", "4", "--workers", "1",
+           "--precision", "no", "--no-channels-last", "--models", "simple_cnn", "--caches", "device-decode", "none",
+           "--out", str(out)]
+    env = {**cpu_env(), "PYTHONPATH": os.pathsep.join([str(shadow), str(REPO)])}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["cache"]: r for r in json.loads(out.read_text())["rows"]}
+    assert "this torchcodec build has no JPEG decoder" in rows["device-decode"]["error"], rows
+    assert rows["device-decode"]["img_s"] is None and "error" not in rows["none"] and rows["none"]["img_s"] > 0
+    assert "| simple_cnn | 4 | device-decode | failed: " in proc.stdout
+    assert "targets:" in proc.stdout and "Traceback" not in proc.stdout

@@ -122,6 +122,28 @@ def measure(shards: Path, work: Path, model: str, cache: str, args) -> dict:
             "epoch_s": [e["seconds"] for e in history]}
 
 
+def measure_or_fail(shards: Path, work: Path, model: str, cache: str, args) -> dict:
+    """:func:`measure`'s row, or for a run that fails (a carried TorchCodec without CUDA decoding, the GPU's
+    memory) the row with its error and no figures: the other rows are measured all the same, in the one
+    device call a GPU session has for them. The script then exits 1."""
+    try:
+        return measure(shards, work, model, cache, args)
+    except Exception as exc:  # noqa: BLE001 -- any failure of one run is that row's result
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return {"model": model, "cache": cache, "batch": args.batch_size or MODELS[model][1], "img_s": None,
+                "data_wait": None, "fill_s": None, "peak_gib": None, "seconds": None, "epoch_s": [],
+                "error": failure(exc)}
+
+
+def failure(exc: BaseException) -> str:
+    """A failed run in one line: its exception's type and first line."""
+    text = str(exc).strip().splitlines()
+    print(f"run failed: {type(exc).__name__}: {str(exc)}", file=sys.stderr, flush=True)
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 HEADLINE_BATCH, HEADLINE_LR = 512, 0.008  # Adam: 8x the recipe's 0.001 at 16x its batch of 32
 BAR = {"Smiling": 0.95, "mean": 0.90}  # the learning test's test accuracies (tests/test_learning.py)
 TARGETS = {"data_wait": 0.02, "simple_cnn_speedup": 5.0, "headline_train_s": 120.0}
@@ -165,7 +187,9 @@ def verdicts(rows: list[dict], head: dict | None) -> list[str]:
     if device and none:
         ratio = device["img_s"] / none["img_s"] if device["img_s"] and none["img_s"] else None
         judge("img/s, simple_cnn, cache=device / cache=none", ratio, TARGETS["simple_cnn_speedup"])
-    if head:
+    if head and head.get("error"):
+        lines.append(f"headline: failed ({head['error']}): MISSED")
+    elif head:
         what = f"headline training seconds ({head['epochs']} epochs, {head['train_images']} training images)"
         if (head["epochs"], head["train_images"]) == HEADLINE_RUN:
             judge(what, head["train_s"], TARGETS["headline_train_s"], below=True)
@@ -195,6 +219,9 @@ def table(rows: list[dict]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     base = {r["model"]: r for r in rows if r["cache"] == "none"}
     for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['model']} | {r['batch']} | {r['cache']} | failed: {r['error']} | | | | | |")
+            continue
         none = base.get(r["model"])
         ratio = r["img_s"] / none["img_s"] if none and r["img_s"] and none["img_s"] else None
         second = r["epoch_s"][1] if len(r["epoch_s"]) > 1 else None
@@ -237,17 +264,21 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.workers} loader workers, {args.num_images} synthetic images", flush=True)
         for model in args.models:
             for cache in args.caches:
-                rows.append(measure(shards, args.work_dir, model, cache, args))
+                rows.append(measure_or_fail(shards, args.work_dir, model, cache, args))
                 print(json.dumps(rows[-1]), flush=True)
                 save(report, args.out)  # a command stopped at its time limit keeps the rows it measured
         print(table(rows), flush=True)
     if args.headline:
-        report["headline"] = headline(args.work_dir, args)
+        try:
+            report["headline"] = headline(args.work_dir, args)
+        except Exception as exc:  # noqa: BLE001 -- reported, and the verdicts still printed
+            report["headline"] = {"error": failure(exc)}
         print("headline:", json.dumps(report["headline"]), flush=True)
     report["verdicts"] = verdicts(rows, report.get("headline"))
     print("\n".join(["targets:", *report["verdicts"]]), flush=True)
     save(report, args.out)
-    return 0
+    failed = [r for r in [*rows, report.get("headline") or {}] if r.get("error")]
+    return 1 if failed else 0
 
 
 def save(report: dict, path: Path | None) -> None:
