@@ -146,6 +146,10 @@ class User:
     stale_key: str = ""  # the setting of ``stale_s``, if any
 
 
+# A pack's or synth's lock not refreshed for this long (its host died) is taken over; a dead pid on the
+# same host frees it at once. Training has run.lock_stale_s instead.
+OUTPUT_LOCK_STALE_S = 300.0
+
 RUN = User("run", "run folder", "Use another --run-dir", "run.lock_stale_s")
 PACK = User("pack", "output folder", "Pack into another folder")
 SYNTH = User("synth", "output folder", "Write into another OUT_DIR")

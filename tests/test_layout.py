@@ -1,7 +1,7 @@
-"""The package's shape holds: no import cycles, the shared modules below every subpackage, packing and the
-shard contract without torch, the loader without the models, runs of the package's own models without
-torchvision, one place that renames files. Read from the source, so a new import that breaks a rule
-fails here before it confuses anyone."""
+"""The package's shape holds: no import cycles, the shared modules below every subpackage, the synthetic
+CelebA and the packer independent, both and the shard contract without torch, the loader without the
+models, runs of the package's own models without torchvision, one place that renames files. Read from the
+source, so a new import that breaks a rule fails here before it confuses anyone."""
 from __future__ import annotations
 
 import ast
@@ -100,7 +100,7 @@ def test_the_loader_never_imports_the_models():
         assert not bad, f"{name} reaches {bad}"
 
 
-BASE_LAYER = ("attributes", "cli_args", "diskio", "logs", "runlock", "safeload", "scheduler", "signals")
+BASE_LAYER = ("attributes", "cli_args", "diskio", "logs", "runlock", "safeload", "scheduler", "signals", "workers")
 
 
 @pytest.mark.parametrize("module", BASE_LAYER)
@@ -114,8 +114,18 @@ def test_the_shared_modules_reach_no_command_package(module):
     assert not above, f"{name} reaches {above}"
 
 
-@pytest.mark.parametrize("package", ["celeba_dist.shards", "celeba_dist.pack"])
-def test_packing_and_the_shard_contract_import_without_torch(package):
+def test_the_synthetic_celeba_and_the_packer_know_nothing_of_each_other():
+    """synth writes the official release's files, which pack reads like any other source: neither imports the
+    other (their process pool and their folder lock come from the shared layer)."""
+    graph = import_graph()
+    for package, other in (("celeba_dist.synthetic", "celeba_dist.pack"), ("celeba_dist.pack", "celeba_dist.synthetic")):
+        for name in (n for n in graph if n == package or n.startswith(package + ".")):
+            bad = sorted(m for m in reachable(graph, name) if m == other or m.startswith(other + "."))
+            assert not bad, f"{name} reaches {bad}"
+
+
+@pytest.mark.parametrize("package", ["celeba_dist.shards", "celeba_dist.pack", "celeba_dist.synthetic"])
+def test_packing_the_synthetic_celeba_and_the_shard_contract_import_without_torch(package):
     names = sorted(n for n in module_names() if n == package or n.startswith(package + "."))
     code = ("import importlib, sys\n"
             f"for name in {names!r}:\n    importlib.import_module(name)\n"

@@ -21,8 +21,8 @@ import pytest
 from PIL import Image
 
 from celeba_dist.pack.cli import main, verify_main
-from celeba_dist.pack.workers import WorkerDiedError, ordered_map, process_pool
 from celeba_dist.shards.manifest import MANIFEST_NAME, load_manifest
+from celeba_dist.workers import WorkerDiedError, ordered_map, process_pool
 from helpers_celeba import append_line, read_split, replace_line, tiny_image, tree_state, write_celeba, write_hf_celeba
 
 REPO = Path(__file__).resolve().parents[1]

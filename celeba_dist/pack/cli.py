@@ -63,10 +63,10 @@ from celeba_dist.pack.progress import (Progress, Segment, create_out_dir, locked
 from celeba_dist.pack.samples import make_sample
 from celeba_dist.pack.sources import SourceData, SourceError, open_source
 from celeba_dist.pack.verify import verify
-from celeba_dist.pack.workers import WorkerDiedError, default_workers
 from celeba_dist.pack.writer import ShardWriter, sample_member_bytes
 from celeba_dist.shards.layout import SPLITS
 from celeba_dist.shards.manifest import ManifestError, load_manifest
+from celeba_dist.workers import WorkerDiedError, default_workers
 
 __all__ = ["DEFAULT_SAMPLES_PER_SHARD", "PackError", "PackOptions", "build_parser", "build_verify_parser",
            "default_workers", "main", "pack", "verify", "verify_main"]

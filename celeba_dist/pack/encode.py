@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator
 from PIL import Image, UnidentifiedImageError
 
 from celeba_dist.pack.sources import ImageStore
-from celeba_dist.pack.workers import ordered_map, process_pool
+from celeba_dist.workers import ordered_map, process_pool
 
 RESAMPLE = "bicubic"  # the manifest's name for Image.Resampling.BICUBIC, used by --resize
 

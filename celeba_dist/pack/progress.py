@@ -108,9 +108,6 @@ def _named_errors(out_dir: Path) -> Iterator[None]:
         raise PackError(f"cannot create the output folder {out_dir}: {e.strerror or e}{where}") from None
 
 
-PACK_LOCK_STALE_S = 300.0  # a pack's lock not refreshed for this long (its host died) is taken over
-
-
 @contextlib.contextmanager
 def locked_out_dir(out_dir: Path) -> Iterator[None]:
     """One pack per output folder: ``out_dir`` is held for the block with the run lock (:mod:`celeba_dist.runlock`).
@@ -124,7 +121,7 @@ def locked_out_dir(out_dir: Path) -> Iterator[None]:
     with _named_errors(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
         try:
-            lock = runlock.acquire(out_dir, stale_s=PACK_LOCK_STALE_S, user=runlock.PACK)
+            lock = runlock.acquire(out_dir, stale_s=runlock.OUTPUT_LOCK_STALE_S, user=runlock.PACK)
         except runlock.RunLockedError as e:
             raise PackError(str(e)) from None
     try:

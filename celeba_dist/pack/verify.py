@@ -17,9 +17,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from celeba_dist.pack.samples import sample_members
-from celeba_dist.pack.workers import ordered_map, process_pool
 from celeba_dist.shards.layout import SPLITS, split_key
 from celeba_dist.shards.manifest import ManifestError, file_sha256, load_manifest
+from celeba_dist.workers import ordered_map, process_pool
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 from celeba_dist.cli_args import int_at_least, positive_int
-from celeba_dist.pack.workers import WorkerDiedError
 from celeba_dist.runlock import RunLockedError
 from celeba_dist.synthetic.formats import MAX_IMAGES
 from celeba_dist.synthetic.writing import make_synthetic_celeba
+from celeba_dist.workers import WorkerDiedError
 
 log = logging.getLogger(__package__)  # the package's name, as in the log lines before the split
 

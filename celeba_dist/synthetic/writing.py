@@ -16,17 +16,15 @@ from typing import Iterator
 
 from celeba_dist import runlock
 from celeba_dist.diskio import write_bytes
-from celeba_dist.pack.progress import PACK_LOCK_STALE_S
-from celeba_dist.pack.workers import ordered_map, process_pool
 from celeba_dist.synthetic.drawing import render_face
 from celeba_dist.synthetic.formats import (
     ANNOTATION_FILES, ATTR_FILE, BBOX_FILE, IMAGE_DIR, LANDMARKS_FILE, MAX_IMAGES, annotation_files,
 )
 from celeba_dist.synthetic.labels import Labels, sample_face
+from celeba_dist.workers import ordered_map, process_pool
 
 log = logging.getLogger(__package__)  # the package's name, as in the log lines before the split
 
-SYNTH_LOCK_STALE_S = PACK_LOCK_STALE_S  # a synth's lock not refreshed for this long (its host died) is taken over
 _TEMP_NAME = re.compile(r"\.(.+)\.\d+\.tmp")  # diskio.temp_name: ".NAME.PID.tmp"
 _IMAGE_NAME = re.compile(r"\d{6}\.jpg")
 
@@ -179,7 +177,7 @@ def _locked(out: Path) -> Iterator[None]:
     """
     created = _missing_folders(out / IMAGE_DIR)
     try:
-        lock = runlock.acquire(out, stale_s=SYNTH_LOCK_STALE_S, user=runlock.SYNTH)
+        lock = runlock.acquire(out, stale_s=runlock.OUTPUT_LOCK_STALE_S, user=runlock.SYNTH)
         try:
             yield
         finally:

@@ -1,6 +1,7 @@
-"""Worker processes for packing and verifying: how many by default, and an ordered, bounded map over them.
+"""Worker processes for packing, verifying and drawing the synthetic CelebA: how many by default, and an
+ordered, bounded map over them.
 
-One mechanism for every process pool of the package (the synthetic CelebA's too): a
+One mechanism for every process pool of the package: a
 ``concurrent.futures.ProcessPoolExecutor``, because a worker that dies (the OOM killer, a crash in a
 codec) makes it raise ``BrokenProcessPool`` at once, where ``multiprocessing.Pool.imap`` waits forever
 for the dead worker's results.
