@@ -16,10 +16,11 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -88,6 +89,18 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
 def temp_name(path: Path) -> Path:
     """The temporary name a write of ``path`` goes through: hidden, per process, ending in ``.tmp``."""
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+_TEMP_NAME = re.compile(r"\.(.+)\.\d+\.tmp")  # temp_name's: the file's name comes back as group 1
+
+
+def unfinished_writes(folder: Path, *, of: Callable[[str], object]) -> list[Path]:
+    """The :func:`temp_name` files in ``folder`` of writes that never finished (their process was killed),
+    for the file names ``of`` accepts; other ``*.tmp`` files (the user's) are never listed."""
+    if not folder.is_dir():
+        return []
+    found = ((entry, _TEMP_NAME.fullmatch(entry.name)) for entry in os.scandir(folder))
+    return sorted(Path(entry.path) for entry, match in found if match and entry.is_file() and of(match[1]))
 
 
 @contextlib.contextmanager

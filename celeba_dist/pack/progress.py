@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from celeba_dist import runlock
-from celeba_dist.diskio import write_json
+from celeba_dist.diskio import unfinished_writes, write_json
 from celeba_dist.pack.options import PackError, PackOptions
 from celeba_dist.pack.plan import Plan
 from celeba_dist.pack.sources import SourceData
@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 PROGRESS_NAME = ".pack-progress.json"
 _START_AFRESH = "pack into an empty folder or delete this one"
-_RECORD_TEMP = re.compile(rf"\.({re.escape(PROGRESS_NAME)}|{re.escape(MANIFEST_NAME)})\.\d+\.tmp")  # diskio.temp_name
 
 
 @dataclass(frozen=True)
@@ -186,7 +185,7 @@ def _clear_temporaries(out_dir: Path) -> None:
 def _own_temporaries(out_dir: Path) -> list[Path]:
     """Unfinished shards (:func:`~celeba_dist.pack.writer.shard_temp` of a shard name) and unfinished
     writes of the progress record or the manifest (:func:`~celeba_dist.diskio.temp_name`)."""
-    found = [p for p in _files(out_dir) if _RECORD_TEMP.fullmatch(p.name)]
+    found = unfinished_writes(out_dir, of=lambda name: name in (PROGRESS_NAME, MANIFEST_NAME))
     for split in SPLITS:
         for path in _files(out_dir / split):
             index = re.search(r"(\d+)\D*$", path.name)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from celeba_dist import runlock
-from celeba_dist.diskio import write_bytes
+from celeba_dist.diskio import unfinished_writes, write_bytes
 from celeba_dist.synthetic.drawing import render_face
 from celeba_dist.synthetic.formats import (
     ANNOTATION_FILES, ATTR_FILE, BBOX_FILE, IMAGE_DIR, LANDMARKS_FILE, MAX_IMAGES, annotation_files,
@@ -25,7 +25,6 @@ from celeba_dist.workers import ordered_map, process_pool
 
 log = logging.getLogger(__package__)  # the package's name, as in the log lines before the split
 
-_TEMP_NAME = re.compile(r"\.(.+)\.\d+\.tmp")  # diskio.temp_name: ".NAME.PID.tmp"
 _IMAGE_NAME = re.compile(r"\d{6}\.jpg")
 
 
@@ -217,14 +216,5 @@ def _clear_temporaries(out: Path) -> None:
 
 def _own_temporaries(out: Path) -> list[Path]:
     """Unfinished writes (:func:`~celeba_dist.diskio.temp_name`) of the text files and of the images."""
-    texts = [out / tmp for tmp, name in _temporaries(out) if name in ANNOTATION_FILES]
-    images = [out / IMAGE_DIR / tmp for tmp, name in _temporaries(out / IMAGE_DIR) if _IMAGE_NAME.fullmatch(name)]
-    return texts + images
-
-
-def _temporaries(folder: Path) -> list[tuple[str, str]]:
-    """(temporary name, the name it was to replace) of each file in ``folder`` named like a temporary."""
-    if not folder.is_dir():
-        return []
-    found = [(entry.name, _TEMP_NAME.fullmatch(entry.name)) for entry in os.scandir(folder) if entry.is_file()]
-    return sorted((name, match[1]) for name, match in found if match)
+    return [*unfinished_writes(out, of=lambda name: name in ANNOTATION_FILES),
+            *unfinished_writes(out / IMAGE_DIR, of=_IMAGE_NAME.fullmatch)]
