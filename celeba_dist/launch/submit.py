@@ -65,8 +65,7 @@ class TrainTask:
         cluster = cluster_env.apply()
         _stop_ends_task_until_run(cluster)
         from celeba_dist.config import load_config
-        from celeba_dist.train.main import EXIT_INTERRUPTED, EXIT_PREEMPTED, main
-        from celeba_dist.train.resume import resume_hint
+        from celeba_dist.train.main import EXIT_INTERRUPTED, EXIT_PREEMPTED, interrupted, main
 
         cfg = load_config(self.config, self.overrides, data_dir=self.data_dir, run_dir=self.run_dir)
 
@@ -78,8 +77,7 @@ class TrainTask:
         try:
             result = main(cfg, on_locked=started)
         except KeyboardInterrupt:  # Ctrl-C pressed again (--local): one line, not a traceback, as `train` does
-            log.warning("rank %d: interrupted again, stopping without a checkpoint of now; %s", cluster.rank,
-                        resume_hint(cfg.run_dir / "checkpoints", fix=""))
+            log.warning("rank %d: %s", cluster.rank, interrupted(cfg))
             raise SystemExit(EXIT_INTERRUPTED) from None
         if result["status"] == "terminated":
             self._leave_terminated(cluster, result, EXIT_PREEMPTED)
@@ -145,6 +143,8 @@ def _stop_ends_task_until_run(cluster: cluster_env.ClusterEnv) -> None:
     The task inherits an ignored SIGINT from its controller (:func:`controllers_ignore_sigint`), and
     submitit's own SIGTERM handler only logs the signal: either would let a run stopped in its first
     seconds train on. SLURM's tasks keep submitit's handlers (SLURM SIGKILLs after ``KillWait``).
+    Not covered: a Ctrl-C in the task's very first moments, while submitit unpickles it (before this
+    runs), is lost; the run then trains on until Ctrl-C is pressed again.
     """
     if cluster.scheduler == "local":
         signal.signal(signal.SIGINT, signal.default_int_handler)

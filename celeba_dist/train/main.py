@@ -443,6 +443,11 @@ def _write_rank_stats(run_dir: Path, rank: int, state: TrainState, checksum: dic
                                               "epoch": state.epoch, "param_checksum": checksum})
 
 
+def interrupted(cfg: Config | None) -> str:
+    """What a run stopped by a forced Ctrl-C (no checkpoint of now) says, with the checkpoint to resume from."""
+    return f"interrupted; {resume_hint(cfg.run_dir / 'checkpoints', fix='')}" if cfg is not None else "interrupted"
+
+
 def cli_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="celeba-dist train", description=__doc__.splitlines()[0])
     add_config_arguments(parser)
@@ -466,8 +471,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         return report_error("celeba-dist train", exc)
     except KeyboardInterrupt:  # before main() took the signals, or Ctrl-C pressed again: no checkpoint of now
         logging.getLogger("celeba_dist").debug("interrupted", exc_info=True)  # where: the rank's log file keeps it
-        hint = f"; {resume_hint(cfg.run_dir / 'checkpoints', fix='')}" if cfg is not None else ""
-        print(f"celeba-dist train: interrupted{hint}", file=sys.stderr)
+        print(f"celeba-dist train: {interrupted(cfg)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     if result["status"] in STOPPED.values():
         return EXIT_PREEMPTED
