@@ -138,12 +138,13 @@ def _slurm_job_ended(job_id: str) -> str | None:
 @dataclasses.dataclass(frozen=True)
 class User:
     """Who locks a folder, as the messages name it: ``run`` (a training's run folder), ``pack`` or ``synth``
-    (their output)."""
+    (their output), ``submit`` (a run folder while a job for it is being queued)."""
 
-    noun: str  # "run", "pack", "synth"
+    noun: str  # "run", "pack", "synth", "submit"
     folder: str  # "run folder", "output folder"
     elsewhere: str  # how to choose another folder
     stale_key: str = ""  # the setting of ``stale_s``, if any
+    lock_name: str = LOCK_NAME  # the lock's file in the folder
 
 
 # A pack's or synth's lock not refreshed for this long (its host died) is taken over; a dead pid on the
@@ -153,14 +154,17 @@ OUTPUT_LOCK_STALE_S = 300.0
 RUN = User("run", "run folder", "Use another --run-dir", "run.lock_stale_s")
 PACK = User("pack", "output folder", "Pack into another folder")
 SYNTH = User("synth", "output folder", "Write into another OUT_DIR")
+# submit and sweep, from their folder check until the job is recorded in slurm_jobs.json (seconds): a lock of
+# its own, since the job may start and take the run's lock meanwhile
+SUBMIT = User("submit", "run folder", "Use another --run-dir", "run.lock_stale_s", lock_name=".submit.lock")
 
 
 def locked_message(run_dir: Path, holder: Holder, *, stale_s: float, user: User = RUN) -> str:
     key = f" ({user.stale_key})" if user.stale_key else ""
     return (f"{user.folder} {run_dir} is in use by another {user.noun}: {holder.describe()}. {user.elsewhere}, or "
             f"wait for that {user.noun} to end; a lock whose holder died is taken over once it is {stale_s:g} s "
-            f"old{key}, at once on the holder's host or once its SLURM job has ended; delete {run_dir / LOCK_NAME} "
-            f"only if you are sure that {user.noun} is gone")
+            f"old{key}, at once on the holder's host or once its SLURM job has ended; delete "
+            f"{run_dir / user.lock_name} only if you are sure that {user.noun} is gone")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +286,7 @@ def acquire(run_dir: Path, *, stale_s: float, refresh_s: float | None = None,
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_NAME
+    path = run_dir / user.lock_name
     me = this_process(environ)
     for _ in range(_ATTEMPTS):
         _create(path, me)

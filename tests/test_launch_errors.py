@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import submitit
 
+from celeba_dist import runlock
 from celeba_dist.launch.status import main as status_main, record_job, run_state
 from celeba_dist.launch.submit import failure_line, main as submit_main
 from celeba_dist.launch.sweep import main as sweep_main
@@ -180,6 +181,56 @@ def test_a_folder_whose_job_is_queued_or_running_is_refused(capsys, tmp_path, mo
     assert f"already has job 1240_1 ({state})" in _one_line_error(capsys, "sweep")
     assert json.loads((sweep / "sweep.json").read_text()) == {"members": members}
     assert not (sweep / "slurm").exists()
+    assert sorted(p.name for p in sweep.iterdir()) == ["old-a", "old-b", "sweep.json"]  # no new member folder left
+
+
+def _fake_sbatch(tmp_path: Path, job_id: str) -> None:
+    (tmp_path / "bin" / "sbatch").write_text(f"#!/bin/sh\necho 'Submitted batch job {job_id}'\n")
+    (tmp_path / "bin" / "sbatch").chmod(0o755)
+
+
+def test_a_folder_another_submit_is_queueing_into_is_refused_by_name(capsys, tmp_path, monkeypatch):
+    """Two submits (or sweeps) of one folder started together: each holds RUN/.submit.lock from its folder check
+    until its job is recorded, so the second cannot also find the folder free. It is refused naming the
+    first, queues nothing and leaves the folders as they were; once the first has recorded its job, a new
+    submit is refused for that job."""
+    _fake_slurm_clients(tmp_path, monkeypatch, "1250|PENDING\n")
+    _fake_sbatch(tmp_path, "1250")
+    run_dir, sweep = tmp_path / "run", tmp_path / "sw"
+    # another submit and another sweep, each between its folder check and its job's record
+    others = [runlock.acquire(d, stale_s=600, user=runlock.SUBMIT) for d in (run_dir, sweep / "01-lr3e-4")]
+    try:
+        assert submit_main(_submit(tmp_path, run_dir, "--time", "5")) == 2
+        err = _one_line_error(capsys)
+        assert f"run folder {run_dir.resolve()} is in use by another submit: pid {os.getpid()} on host" in err, err
+        assert f"delete {run_dir.resolve() / '.submit.lock'} only if" in err, err
+        assert sweep_main(_sweep(tmp_path, sweep, "--time", "5")) == 2
+        assert f"{sweep.resolve() / '01-lr3e-4'} is in use by another submit" in _one_line_error(capsys, "sweep")
+        assert [p.name for p in run_dir.iterdir()] == [".submit.lock"]
+        assert [p.name for p in sweep.iterdir()] == ["01-lr3e-4"]  # member 00's folder, made for its lock, is gone
+    finally:
+        for lock in others:
+            lock.release()
+    assert submit_main(_submit(tmp_path, run_dir, "--time", "5")) == 0
+    capsys.readouterr()
+    assert [(r["event"], r["job_id"]) for r in json.loads((run_dir / "slurm_jobs.json").read_text())] == [
+        ("submitted", "1250")]
+    assert not (run_dir / ".submit.lock").exists()  # released once the job was recorded
+    assert submit_main(_submit(tmp_path, run_dir, "--time", "5")) == 2
+    assert "already has job 1250 (PENDING)" in _one_line_error(capsys)
+
+
+def test_a_refused_submission_leaves_no_folder_it_made(capsys, tmp_path):
+    """The submit lock makes the run folder; a submission refused after that (here: no shards) removes it."""
+    no_shards = tmp_path / "empty"
+    no_shards.mkdir()
+    run_dir = tmp_path / "new" / "deeper" / "run"
+    args = ["--config", "smiling_simple_cnn", "--data", str(no_shards), "--run-dir", str(run_dir)]
+    assert submit_main(args) == 2
+    assert "holds no manifest.json" in _one_line_error(capsys)
+    assert sweep_main([*args, "--grid", "optim.lr=1e-3,3e-4"]) == 2
+    assert "holds no manifest.json" in _one_line_error(capsys, "sweep")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
 def test_jobs_asks_the_controller_while_sacct_still_says_requeued(capsys, tmp_path, monkeypatch):

@@ -463,6 +463,53 @@ def check_runs_free(run_dirs: Sequence[Path], *, stale_s: float) -> None:
                          f"wait for it to end, or cancel it: {how}")
 
 
+class SubmitLocks:
+    """One submission per folder at a time: ``RUN/.submit.lock`` is held from the folder check until the job is
+    recorded in ``slurm_jobs.json``, so two submits started together cannot both find the folder free and
+    queue two jobs for it. Raises ValueError naming the other submit. A submission that fails removes the
+    folders it created, when they are still empty."""
+
+    def __init__(self, run_dirs: Sequence[Path], *, stale_s: float) -> None:
+        from celeba_dist import runlock
+
+        self._created = {_first_missing(d) for d in run_dirs} - {None}
+        self._locks: list[Any] = []
+        try:
+            for run_dir in sorted(set(run_dirs)):  # one order everywhere: two sweeps cannot hold a folder each
+                self._locks.append(runlock.acquire(run_dir, stale_s=stale_s, user=runlock.SUBMIT))
+        except BaseException as exc:
+            self.release(failed=True)
+            if isinstance(exc, runlock.RunLockedError):
+                raise ValueError(str(exc)) from None
+            raise
+
+    def release(self, *, failed: bool) -> None:
+        while self._locks:
+            self._locks.pop().release()
+        if failed:
+            for top in self._created:
+                _remove_empty_tree(top)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The topmost folder that creating ``path`` would make, or None where it exists."""
+    path = path.resolve()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def _remove_empty_tree(top: Path) -> None:
+    """Remove ``top`` and the folders under it while they hold no file."""
+    if not top.is_dir():
+        return
+    for folder, _, _ in sorted(os.walk(top), key=lambda entry: -len(entry[0])):  # deepest first
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
 @contextlib.contextmanager
 def sbatch_refusal(folder: Path) -> Iterator[None]:
     """sbatch's refusal (a bad partition or option) as a one-line ValueError; the submission script
@@ -531,18 +578,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(sbatch_script(params, folder))
             return 0
-        check_runs_free([cfg.run_dir], stale_s=cfg.run.lock_stale_s)
-        check_data(args.data)
-        check_resumable(cfg)
-        executor = build_executor(args, folder, params=params, max_requeues=cfg.run.max_requeues)
-        with sbatch_refusal(folder), controllers_ignore_sigint(local=args.local):
-            job = executor.submit(task)
+        locks = SubmitLocks([cfg.run_dir], stale_s=cfg.run.lock_stale_s)
+        try:
+            check_runs_free([cfg.run_dir], stale_s=cfg.run.lock_stale_s)
+            check_data(args.data)
+            check_resumable(cfg)
+            executor = build_executor(args, folder, params=params, max_requeues=cfg.run.max_requeues)
+            with sbatch_refusal(folder), controllers_ignore_sigint(local=args.local):
+                job = executor.submit(task)
+        except BaseException:
+            locks.release(failed=True)
+            raise
     except (ConfigError, ValueError, OSError) as exc:
         print(f"celeba-dist submit: error: {exc}", file=sys.stderr)
         return 2
-    record_job(cfg.run_dir, "submitted", job_id=job.job_id, executor="local" if args.local else "slurm",
-               nodes=args.nodes, gpus_per_node=args.gpus_per_node, log_dir=str(job.paths.folder),
-               command=" ".join(map(shlex.quote, ["celeba-dist", "submit", *(argv or sys.argv[1:])])))
+    try:
+        record_job(cfg.run_dir, "submitted", job_id=job.job_id, executor="local" if args.local else "slurm",
+                   nodes=args.nodes, gpus_per_node=args.gpus_per_node, log_dir=str(job.paths.folder),
+                   command=" ".join(map(shlex.quote, ["celeba-dist", "submit", *(argv or sys.argv[1:])])))
+    finally:
+        locks.release(failed=False)
     print(f"submitted job {job.job_id}: {args.nodes} node(s) x {max(args.gpus_per_node, 1)} task(s)")
     print(f"  run folder:  {cfg.run_dir}")
     print(f"  logs:        {job.paths.stdout.parent}")

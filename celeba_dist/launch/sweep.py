@@ -28,7 +28,8 @@ from celeba_dist.diskio import write_json
 from celeba_dist.launch.status import SWEEP_FILE, record_job, sweep_table
 from celeba_dist.launch.submit import (add_resource_arguments, build_executor, check_data, check_resumable,
                                        check_runs_free, controllers_ignore_sigint, log_folder, resolve_task,
-                                       sbatch_refusal, sbatch_script, slurm_parameters, stopped_waiting, wait_for)
+                                       sbatch_refusal, sbatch_script, slurm_parameters, stopped_waiting,
+                                       SubmitLocks, wait_for)
 
 
 @dataclass(frozen=True)
@@ -170,22 +171,30 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# {member.name}: --config {member.config} --set {' '.join([*args.set, *member.overrides])}")
             print(sbatch_script(params, folder, array_size=len(members)))
             return 0
-        check_runs_free(sweep_run_dirs(sweep_dir, [cfg.run_dir for _, cfg in resolved]),
-                        stale_s=resolved[0][1].run.lock_stale_s)
-        check_data(args.data)
-        for _, member_cfg in resolved:
-            check_resumable(member_cfg)
-        max_requeues = resolved[0][1].run.max_requeues
-        executor = build_executor(args, folder, params=params, max_requeues=max_requeues)
-        with sbatch_refusal(folder), controllers_ignore_sigint(local=args.local), executor.batch():
-            jobs = [executor.submit(task) for task, _ in resolved]
+        stale_s, member_dirs = resolved[0][1].run.lock_stale_s, [cfg.run_dir for _, cfg in resolved]
+        locks = SubmitLocks([sweep_dir, *member_dirs], stale_s=stale_s)  # the sweep's folder: its sweep.json
+        try:
+            check_runs_free(sweep_run_dirs(sweep_dir, member_dirs), stale_s=stale_s)
+            check_data(args.data)
+            for _, member_cfg in resolved:
+                check_resumable(member_cfg)
+            max_requeues = resolved[0][1].run.max_requeues
+            executor = build_executor(args, folder, params=params, max_requeues=max_requeues)
+            with sbatch_refusal(folder), controllers_ignore_sigint(local=args.local), executor.batch():
+                jobs = [executor.submit(task) for task, _ in resolved]
+        except BaseException:
+            locks.release(failed=True)
+            raise
     except (ConfigError, ValueError, OSError) as exc:
         print(f"celeba-dist sweep: error: {exc}", file=sys.stderr)
         return 2
-    for member, job in zip(members, jobs):
-        record_job(sweep_dir / member.name, "submitted", job_id=job.job_id, sweep=sweep_dir.name,
-                   executor="local" if args.local else "slurm", log_dir=str(job.paths.folder))
-    write_sweep(sweep_dir, args, members, [job.job_id for job in jobs])
+    try:
+        for member, job in zip(members, jobs):
+            record_job(sweep_dir / member.name, "submitted", job_id=job.job_id, sweep=sweep_dir.name,
+                       executor="local" if args.local else "slurm", log_dir=str(job.paths.folder))
+        write_sweep(sweep_dir, args, members, [job.job_id for job in jobs])
+    finally:
+        locks.release(failed=False)
     print(f"submitted {len(jobs)} member(s) as job array {jobs[0].job_id.split('_')[0]} in {sweep_dir}")
     print(f"  status:      celeba-dist jobs --run-dir {sweep_dir.parent} --sweep {sweep_dir.name}")
     print(f"  TensorBoard: tensorboard --logdir {sweep_dir}")
