@@ -483,6 +483,15 @@ class SubmitLocks:
                 raise ValueError(str(exc)) from None
             raise
 
+    @contextlib.contextmanager
+    def released_on_failure(self) -> Iterator[None]:
+        """The checks and the queueing: an exception releases the locks (and removes the folders made)."""
+        try:
+            yield
+        except BaseException:
+            self.release(failed=True)
+            raise
+
     def release(self, *, failed: bool) -> None:
         while self._locks:
             self._locks.pop().release()
@@ -579,16 +588,13 @@ def main(argv: list[str] | None = None) -> int:
             print(sbatch_script(params, folder))
             return 0
         locks = SubmitLocks([cfg.run_dir], stale_s=cfg.run.lock_stale_s)
-        try:
+        with locks.released_on_failure():
             check_runs_free([cfg.run_dir], stale_s=cfg.run.lock_stale_s)
             check_data(args.data)
             check_resumable(cfg)
             executor = build_executor(args, folder, params=params, max_requeues=cfg.run.max_requeues)
             with sbatch_refusal(folder), controllers_ignore_sigint(local=args.local):
                 job = executor.submit(task)
-        except BaseException:
-            locks.release(failed=True)
-            raise
     except (ConfigError, ValueError, OSError) as exc:
         print(f"celeba-dist submit: error: {exc}", file=sys.stderr)
         return 2

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         stale_s, member_dirs = resolved[0][1].run.lock_stale_s, [cfg.run_dir for _, cfg in resolved]
         locks = SubmitLocks([sweep_dir, *member_dirs], stale_s=stale_s)  # the sweep's folder: its sweep.json
-        try:
+        with locks.released_on_failure():
             check_runs_free(sweep_run_dirs(sweep_dir, member_dirs), stale_s=stale_s)
             check_data(args.data)
             for _, member_cfg in resolved:
@@ -182,9 +182,6 @@ def main(argv: list[str] | None = None) -> int:
             executor = build_executor(args, folder, params=params, max_requeues=max_requeues)
             with sbatch_refusal(folder), controllers_ignore_sigint(local=args.local), executor.batch():
                 jobs = [executor.submit(task) for task, _ in resolved]
-        except BaseException:
-            locks.release(failed=True)
-            raise
     except (ConfigError, ValueError, OSError) as exc:
         print(f"celeba-dist sweep: error: {exc}", file=sys.stderr)
         return 2
