@@ -103,6 +103,26 @@ def unfinished_writes(folder: Path, *, of: Callable[[str], object]) -> list[Path
     return sorted(Path(entry.path) for entry, match in found if match and entry.is_file() and of(match[1]))
 
 
+def missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first: what creating it makes."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first, as :func:`missing_folders` lists them) while they are empty: what a
+    refused or failed command made and left nothing in."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone): it and the folders above stay
+            return
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike[str], mode: str = "w", *, newline: str | None = None) -> Iterator[IO]:
     """Open a temporary file for writing; on a clean exit it replaces ``path`` (fsynced)."""

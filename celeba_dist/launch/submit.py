@@ -36,6 +36,7 @@ from typing import Any, Iterator, Sequence
 import submitit
 
 from celeba_dist.config import add_set_argument
+from celeba_dist.diskio import missing_folders, remove_empty
 from celeba_dist.launch import cluster_env
 from celeba_dist.launch.status import active_jobs, record_job
 from celeba_dist.scheduler import ACTIVE_STATES, scheduler_states, wait_until_ended
@@ -472,7 +473,7 @@ class SubmitLocks:
     def __init__(self, run_dirs: Sequence[Path], *, stale_s: float) -> None:
         from celeba_dist import runlock
 
-        self._created = {_first_missing(d) for d in run_dirs} - {None}
+        self._created = [missing_folders(Path(d)) for d in run_dirs]
         self._locks: list[Any] = []
         try:
             for run_dir in sorted(set(run_dirs)):  # one order everywhere: two sweeps cannot hold a folder each
@@ -495,28 +496,9 @@ class SubmitLocks:
     def release(self, *, failed: bool) -> None:
         while self._locks:
             self._locks.pop().release()
-        if failed:
-            for top in self._created:
-                _remove_empty_tree(top)
-
-
-def _first_missing(path: Path) -> Path | None:
-    """The topmost folder that creating ``path`` would make, or None where it exists."""
-    path = path.resolve()
-    if path.exists():
-        return None
-    while not path.parent.exists():
-        path = path.parent
-    return path
-
-
-def _remove_empty_tree(top: Path) -> None:
-    """Remove ``top`` and the folders under it while they hold no file."""
-    if not top.is_dir():
-        return
-    for folder, _, _ in sorted(os.walk(top), key=lambda entry: -len(entry[0])):  # deepest first
-        with contextlib.suppress(OSError):
-            os.rmdir(folder)
+        if failed:  # each list ends at its topmost new folder: a sweep's own goes with its last member's
+            for created in self._created:
+                remove_empty(created)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from celeba_dist import runlock
-from celeba_dist.diskio import unfinished_writes, write_bytes
+from celeba_dist.diskio import missing_folders, remove_empty, unfinished_writes, write_bytes
 from celeba_dist.synthetic.drawing import render_face
 from celeba_dist.synthetic.formats import (
     ANNOTATION_FILES, ATTR_FILE, BBOX_FILE, IMAGE_DIR, LANDMARKS_FILE, MAX_IMAGES, annotation_files,
@@ -174,7 +174,7 @@ def _locked(out: Path) -> Iterator[None]:
     Folders that did not exist before (``out``, its parents, its image folder) and are still empty at the end
     (the run was refused or failed before its first image) are removed again.
     """
-    created = _missing_folders(out / IMAGE_DIR)
+    created = missing_folders(out / IMAGE_DIR)
     try:
         lock = runlock.acquire(out, stale_s=runlock.OUTPUT_LOCK_STALE_S, user=runlock.SYNTH)
         try:
@@ -182,29 +182,10 @@ def _locked(out: Path) -> Iterator[None]:
         finally:
             lock.release()
     finally:
-        _remove_empty(created)
+        remove_empty(created)
     if lock.lost.is_set():
         raise runlock.RunLockedError(f"another synth took the lock of {out} over during this one: its files and "
                                      "this run's may be mixed; run the same command again to check every file")
-
-
-def _missing_folders(folder: Path) -> list[Path]:
-    """``folder`` and those of its parents that do not exist yet, deepest first."""
-    missing = []
-    for path in (folder, *folder.parents):
-        if path.exists():
-            break
-        missing.append(path)
-    return missing
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    """Remove ``folders`` (deepest first) while they are empty."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:  # not empty (or gone): it and the folders above stay
-            return
 
 
 def _clear_temporaries(out: Path) -> None:
