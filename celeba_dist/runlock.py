@@ -299,8 +299,8 @@ def acquire(run_dir: Path, *, stale_s: float, refresh_s: float | None = None,
         if reason is None:
             raise RunLockedError(locked_message(run_dir, holder, stale_s=stale_s, user=user))
         if _move_aside(path, holder):
-            log.warning("%s %s: taking over the lock of %s, because %s", user.folder, run_dir, holder.describe(),
-                        reason)
+            log.warning("%s %s: taking over the lock of %s, because %s (%s)", user.folder, run_dir,
+                        holder.describe(), reason, path.name)
     raise RunLockedError(f"could not lock {path} in {_ATTEMPTS} attempts: other processes keep changing it")
 
 

@@ -3,7 +3,11 @@ made, damaged ``slurm_jobs.json`` files; each a one-line error with exit 2 befor
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -338,3 +342,24 @@ def test_a_sweep_checks_every_member_folder_before_queueing(capsys, tmp_path, mo
     err = _one_line_error(capsys, "sweep")
     assert f"run.resume=none: {sweep.resolve() / '01-lr3e-4'} already holds checkpoints" in err, err
     assert not (sweep / "sweep.json").exists() and not (sweep / "slurm").exists()
+
+
+def test_the_submit_lock_of_a_killed_submit_is_taken_over_naming_it(caplog, tmp_path, monkeypatch):
+    """A submit killed between its folder check and its job's record leaves RUN/.submit.lock behind: the next
+    submit takes it over (its pid is dead on this host), says which lock and whose, and queues."""
+    _fake_slurm_clients(tmp_path, monkeypatch, "1250|PENDING\n")
+    _fake_sbatch(tmp_path, "1250")
+    run_dir = tmp_path / "run"
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, sys; from celeba_dist import runlock; "
+        "runlock.acquire(sys.argv[1], stale_s=600, user=runlock.SUBMIT); os.kill(os.getpid(), 9)"), str(run_dir)],
+        capture_output=True, text=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    dead = runlock.read_holder(run_dir / ".submit.lock")
+    assert dead is not None and not runlock.pid_alive(dead.pid)
+    with caplog.at_level(logging.WARNING):
+        assert submit_main(_submit(tmp_path, run_dir, "--time", "5")) == 0
+    said = caplog.text
+    assert f"taking over the lock of pid {dead.pid} on host" in said and "(.submit.lock)" in said, said
+    assert [r["job_id"] for r in json.loads((run_dir / "slurm_jobs.json").read_text())] == ["1250"]
+    assert not (run_dir / ".submit.lock").exists()
