@@ -2,6 +2,10 @@
 
 A short CPU training (64x64, all drawn attributes) must reach >= 0.95 test accuracy on Smiling and
 >= 0.90 mean accuracy over the drawn attributes, in one process and in two-process DDP.
+
+The bar is met at the default train.seed=0, not at every seed: measured at stop 26, the streamed run ends at
+0.609 (seed 1) and 0.921 (seed 2) on Smiling. Smiling stays at chance for some hundreds of steps and its rise
+comes late or never; see the README's tests section before changing the recipe, the seed or torch.
 """
 from __future__ import annotations
 
