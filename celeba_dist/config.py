@@ -408,6 +408,9 @@ def validate_choices(config: Config) -> None:
     if unknown and not spec.forwards_options:  # torchvision:<name> options are checked when built
         raise ConfigError(f"unknown key(s) {['model.' + k for k in unknown]} for model {config.model.name}; "
                           f"valid: {['model.' + k for k in ('name', 'pretrained', *spec.options)]}")
+    for key, valid in spec.choices.items():
+        if key in config.model.options:
+            check(f"model.{key}", config.model.options[key], list(valid))
     try:
         resolve_attributes(config.data.attributes)
     except ValueError as exc:

@@ -267,3 +267,25 @@ def test_auxiliary_heads_are_dropped_so_training_gets_plain_logits() -> None:
     out = model(torch.randn(2, 3, 96, 96))
     assert isinstance(out, torch.Tensor) and out.shape == (2, N)
     assert model.aux1 is None and model.aux2 is None
+
+
+def test_simple_cnn_kaiming_init_is_he_normal_and_a_wrong_name_is_a_config_error() -> None:
+    """``model.init=kaiming``: every conv's weights He-normal for ReLU (std sqrt(2 / fan_out)) and zero biases;
+    the default keeps PyTorch's own (uniform, std 1 / sqrt(3 fan_in)). A wrong name stops at the config."""
+    from celeba_dist.config import ConfigError, load_config
+
+    torch.manual_seed(0)
+    convs = {init: [m for m in build_model("simple_cnn", num_attributes=N, init=init).modules()
+                    if isinstance(m, nn.Conv2d)] for init in ("pytorch", "kaiming")}
+    for he, default in zip(convs["kaiming"], convs["pytorch"]):
+        fan_out = he.out_channels * he.kernel_size[0] * he.kernel_size[1]
+        fan_in = he.in_channels * he.kernel_size[0] * he.kernel_size[1]
+        assert float(he.weight.std()) == pytest.approx((2 / fan_out) ** 0.5, rel=0.1)
+        assert float(he.bias.abs().max()) == 0.0
+        assert float(default.weight.std()) == pytest.approx((1 / (3 * fan_in)) ** 0.5, rel=0.1)
+        assert float(default.bias.abs().max()) > 0.0
+    assert load_config("smiling_simple_cnn", ["model.init=kaiming"]).model.options == {"init": "kaiming"}
+    with pytest.raises(ConfigError, match=r"model\.init: unknown choice 'he'; valid: \['pytorch', 'kaiming'\]"):
+        load_config("smiling_simple_cnn", ["model.init=he"])
+    with pytest.raises(ValueError, match=r"model\.init: unknown choice 'he'"):
+        build_model("simple_cnn", num_attributes=N, init="he")

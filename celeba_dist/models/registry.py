@@ -46,6 +46,7 @@ class ModelSpec:
     factory: Callable[..., nn.Module] = field(repr=False, compare=False)
     supports_imagenet: bool = False
     forwards_options: bool = False
+    choices: dict[str, tuple[str, ...]] = field(default_factory=dict)  # option -> its valid values
 
 
 MODELS: dict[str, ModelSpec] = {}
@@ -77,8 +78,10 @@ def register_model(
     *,
     input_size: tuple[int, int],
     description: str,
+    choices: dict[str, tuple[str, ...]] | None = None,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator registering ``factory(*, num_attributes, [imagenet], **options)`` under ``name``."""
+    """Decorator registering ``factory(*, num_attributes, [imagenet], **options)`` under ``name``;
+    ``choices`` lists the valid values of options that take one of a few names (checked with the config)."""
 
     def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in MODELS:
@@ -86,7 +89,7 @@ def register_model(
         options, has_imagenet, _ = _factory_options(factory)
         MODELS[name] = ModelSpec(
             name=name, input_size=tuple(input_size), description=description, options=options,
-            factory=factory, supports_imagenet=has_imagenet,
+            factory=factory, supports_imagenet=has_imagenet, choices=dict(choices or {}),
         )
         return factory
 
