@@ -18,7 +18,8 @@ at a DCT scale) with TorchCodec's decode on the GPU (nvJPEG, full size, resample
 (202,599, full CelebA's size, of which the official fractions make 162,770 the training split) with
 ``data.cache=device`` at batch 512 (Adam's learning rate 0.008: 8x the recipe's 0.001 at 16x its batch 32,
 scaled linearly from there with ``--headline-batch``), a cosine schedule, no dropout, He-initialised convs
-and centred inputs (``model.init=kaiming``, ``data.normalize=imagenet``: as the learning test), and reports the time to fill the cache apart from the training time, and the test accuracy.
+and centred inputs (``model.init=kaiming``, ``data.normalize=imagenet``: as the learning test), and reports
+the time to fill the cache apart from the training time, and the test accuracy.
 
 Targets, each printed with its verdict: data wait < 0.02 for every model with cache=device; simple_cnn with
 cache=device >= 5x the img/s of the CPU loader (cache=none); the headline under 2 minutes of training on
