@@ -280,10 +280,10 @@ def test_simple_cnn_kaiming_init_is_he_normal_and_a_wrong_name_is_a_config_error
     for he, default in zip(convs["kaiming"], convs["pytorch"]):
         fan_out = he.out_channels * he.kernel_size[0] * he.kernel_size[1]
         fan_in = he.in_channels * he.kernel_size[0] * he.kernel_size[1]
-        assert float(he.weight.std()) == pytest.approx((2 / fan_out) ** 0.5, rel=0.1)
-        assert float(he.bias.abs().max()) == 0.0
-        assert float(default.weight.std()) == pytest.approx((1 / (3 * fan_in)) ** 0.5, rel=0.1)
-        assert float(default.bias.abs().max()) > 0.0
+        assert he.weight.detach().std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.1)
+        assert he.bias.detach().abs().max().item() == 0.0
+        assert default.weight.detach().std().item() == pytest.approx((1 / (3 * fan_in)) ** 0.5, rel=0.1)
+        assert default.bias.detach().abs().max().item() > 0.0
     assert load_config("smiling_simple_cnn", ["model.init=kaiming"]).model.options == {"init": "kaiming"}
     with pytest.raises(ConfigError, match=r"model\.init: unknown choice 'he'; valid: \['pytorch', 'kaiming'\]"):
         load_config("smiling_simple_cnn", ["model.init=he"])
