@@ -289,7 +289,11 @@ def acquire(run_dir: Path, *, stale_s: float, refresh_s: float | None = None,
     path = run_dir / user.lock_name
     me = this_process(environ)
     for _ in range(_ATTEMPTS):
-        _create(path, me)
+        try:
+            _create(path, me)
+        except FileNotFoundError:  # a refused submit that also found the folder new removed it, still empty
+            run_dir.mkdir(parents=True, exist_ok=True)
+            continue
         holder = read_holder(path)
         if holder is None:  # released between the two steps
             continue

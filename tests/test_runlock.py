@@ -311,6 +311,30 @@ def test_of_concurrent_takers_of_a_stale_lock_exactly_one_wins(tmp_path):
         assert list(run_dir.iterdir()) == []
 
 
+def test_a_new_folder_removed_by_a_refused_submit_before_the_lock_is_written_is_made_again(tmp_path, monkeypatch):
+    """Two submits make one new folder: the second, refused (no shards there), removes it while still empty as
+    the first writes its lock into it. The first makes it again and locks it, where it stopped with [Errno 2]."""
+    from celeba_dist import runlock
+
+    run_dir = tmp_path / "new" / "run"
+    real_write, removals = runlock._write_temp, []
+
+    def write_after_the_refused_submit_cleaned_up(path, holder):
+        if not removals:  # once: the other submit's remove_empty(), between this mkdir and this write
+            run_dir.rmdir()
+            run_dir.parent.rmdir()  # it made both
+            removals.append(path)
+        return real_write(path, holder)
+
+    monkeypatch.setattr(runlock, "_write_temp", write_after_the_refused_submit_cleaned_up)
+    lock = acquire(run_dir, stale_s=300, user=runlock.SUBMIT)
+    assert removals == [run_dir / ".submit.lock"]
+    assert read_holder(run_dir / ".submit.lock").pid == os.getpid()
+    assert [p.name for p in run_dir.iterdir()] == [".submit.lock"]  # no temporary file left beside it
+    lock.release()
+    assert list(run_dir.iterdir()) == []
+
+
 def test_lock_stale_s_is_validated():
     with pytest.raises(ConfigError, match=r"run.lock_stale_s must be >= 10"):
         load_config("default", ["run.lock_stale_s=5"])
