@@ -313,7 +313,7 @@ def test_of_concurrent_takers_of_a_stale_lock_exactly_one_wins(tmp_path):
 
 def test_a_new_folder_removed_by_a_refused_submit_before_the_lock_is_written_is_made_again(tmp_path, monkeypatch):
     """Two submits make one new folder: the second, refused (no shards there), removes it while still empty as
-    the first writes its lock into it. The first makes it again and locks it, where it stopped with [Errno 2]."""
+    the first writes its lock into it. The first makes it again and locks it (it used to stop with [Errno 2])."""
     from celeba_dist import runlock
 
     run_dir = tmp_path / "new" / "run"
